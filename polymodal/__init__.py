@@ -1,0 +1,1 @@
+"""polymodal: multimodal models over a functional core."""

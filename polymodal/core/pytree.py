@@ -1,0 +1,232 @@
+"""Parameter pytrees: nested ``dict``/``list`` of tensors, keyed like ``state_dict``.
+
+A :data:`Params` tree is a nested ``dict[str, Tensor | dict | list]``. Lists hold
+repeated blocks; their positions become integer segments in flat keys, so
+``flatten(params)`` yields exactly the keys an ``nn.Module.state_dict()`` of the
+same structure would.
+
+>>> import torch
+>>> p = {"blocks": [{"w": torch.zeros(2)}, {"w": torch.ones(2)}], "head": {"b": torch.zeros(1)}}
+>>> sorted(flatten(p))
+['blocks.0.w', 'blocks.1.w', 'head.b']
+>>> unflatten(flatten(p))["blocks"][1]["w"]
+tensor([1., 1.])
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, Union
+
+import torch
+from torch import Tensor
+
+Params = dict[str, Union[Tensor, "Params", list]]
+
+__all__ = [
+    "Params",
+    "flatten",
+    "unflatten",
+    "leaves",
+    "tree_map",
+    "num_params",
+    "num_bytes",
+    "cast",
+    "check_like",
+    "save",
+    "load",
+    "to_numpy",
+    "from_numpy",
+    "to_jax",
+    "from_jax",
+]
+
+
+def _items(tree: Any, prefix: str) -> Iterator[tuple[str, Any]]:
+    if isinstance(tree, Mapping):
+        for k, v in tree.items():
+            if not isinstance(k, str) or "." in k:
+                raise ValueError(f"param names must be strings without '.', got {k!r} under {prefix!r}")
+            yield from _items(v, f"{prefix}{k}.")
+    elif isinstance(tree, (list, tuple)):
+        for i, v in enumerate(tree):
+            yield from _items(v, f"{prefix}{i}.")
+    elif tree is None:
+        return
+    else:
+        yield prefix[:-1], tree
+
+
+def flatten(tree: Params) -> dict[str, Tensor]:
+    """Flat ``{"a.b.0.c": leaf}`` view of a tree (insertion order, ``None`` leaves skipped)."""
+    return dict(_items(tree, ""))
+
+
+def leaves(tree: Params) -> list[Tensor]:
+    """The leaves of ``tree`` in :func:`flatten` order."""
+    return [v for _, v in _items(tree, "")]
+
+
+def unflatten(flat: Mapping[str, Any]) -> Params:
+    """Inverse of :func:`flatten`: integer segments whose siblings are 0..n-1 become lists."""
+    root: dict = {}
+    for key, value in flat.items():
+        parts = key.split(".")
+        node = root
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"key {key!r} nests under a leaf")
+        if parts[-1] in node:
+            raise ValueError(f"duplicate key {key!r}")
+        node[parts[-1]] = value
+
+    def listify(node: Any) -> Any:
+        if not isinstance(node, dict):
+            return node
+        out = {k: listify(v) for k, v in node.items()}
+        if out and all(k.isdigit() for k in out):
+            idx = sorted(int(k) for k in out)
+            if idx == list(range(len(idx))):
+                return [out[str(i)] for i in idx]
+        return out
+
+    return listify(root)
+
+
+def tree_map(fn: Callable[..., Any], tree: Any, *rest: Any) -> Any:
+    """Apply ``fn`` leaf-wise over one or several trees of the same structure."""
+    if isinstance(tree, Mapping):
+        for r in rest:
+            if not isinstance(r, Mapping) or set(r) != set(tree):
+                raise ValueError(f"tree structures differ: keys {sorted(tree)} vs {sorted(r) if isinstance(r, Mapping) else type(r).__name__}")
+        return {k: tree_map(fn, tree[k], *(r[k] for r in rest)) for k in tree}
+    if isinstance(tree, (list, tuple)):
+        for r in rest:
+            if not isinstance(r, (list, tuple)) or len(r) != len(tree):
+                raise ValueError(f"tree structures differ: list of {len(tree)} vs {r!r:.60}")
+        return type(tree)(tree_map(fn, *xs) for xs in zip(tree, *rest))
+    if tree is None:
+        return None
+    return fn(tree, *rest)
+
+
+def num_params(tree: Params) -> int:
+    """Total number of scalar parameters."""
+    return sum(t.numel() for t in leaves(tree))
+
+
+def num_bytes(tree: Params) -> int:
+    """Total storage of the leaves in bytes."""
+    return sum(t.numel() * t.element_size() for t in leaves(tree))
+
+
+def cast(tree: Params, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> Params:
+    """Move/cast every leaf; only floating leaves change dtype (integer state keeps its type)."""
+
+    def f(t: Tensor) -> Tensor:
+        d = dtype if (dtype is not None and t.is_floating_point()) else None
+        return t.to(device=device, dtype=d)
+
+    return tree_map(f, tree)
+
+
+def check_like(flat: Mapping[str, Tensor], like: Params, what: str = "checkpoint") -> None:
+    """Raise ``ValueError`` naming every missing, unexpected and shape-mismatched key."""
+    expected = {k: tuple(v.shape) for k, v in flatten(like).items()}
+    got = {k: tuple(v.shape) for k, v in flat.items()}
+    missing = sorted(set(expected) - set(got))
+    unexpected = sorted(set(got) - set(expected))
+    mismatched = sorted(
+        f"{k}: expected {expected[k]}, got {got[k]}" for k in set(expected) & set(got) if expected[k] != got[k]
+    )
+    if missing or unexpected or mismatched:
+        lines = [f"{what} does not match the expected parameters:"]
+        if missing:
+            lines.append(f"  missing keys ({len(missing)}): {', '.join(missing)}")
+        if unexpected:
+            lines.append(f"  unexpected keys ({len(unexpected)}): {', '.join(unexpected)}")
+        if mismatched:
+            lines.append(f"  shape mismatches ({len(mismatched)}): {'; '.join(mismatched)}")
+        raise ValueError("\n".join(lines))
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """Run ``write(tmp_path)`` then atomically rename onto ``path``.
+
+    A crash mid-write leaves whatever was at ``path`` before intact.
+    """
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=directory)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save(path: str | os.PathLike, params: Params, metadata: Mapping[str, str] | None = None) -> None:
+    """Write ``params`` to a single safetensors file, atomically."""
+    from safetensors.torch import save_file
+
+    flat = {k: v.detach().contiguous().cpu() for k, v in flatten(params).items()}
+    atomic_write(path, lambda tmp: save_file(flat, tmp, metadata=dict(metadata or {})))
+
+
+def load(path: str | os.PathLike, like: Params | None = None, device: str | torch.device = "cpu") -> Params:
+    """Read a safetensors file written by :func:`save`.
+
+    Args:
+        path: the file.
+        like: optional expected tree; every missing, unexpected or mis-shaped key is named
+            in the ``ValueError``, and leaves are cast to the dtypes of ``like``.
+        device: where to put the tensors.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no checkpoint at {path!r}")
+    try:
+        flat = load_file(path, device=str(device))
+    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+        raise ValueError(f"{path!r} is not a readable safetensors file (truncated or corrupted?): {e}") from e
+    if like is not None:
+        check_like(flat, like, what=f"checkpoint {path!r}")
+        ref = flatten(like)
+        flat = {k: flat[k].to(ref[k].dtype) for k in ref}
+    return unflatten(flat)
+
+
+def to_numpy(tree: Params) -> Any:
+    """Leaves as numpy arrays (shares memory for CPU tensors)."""
+    return tree_map(lambda t: t.detach().cpu().numpy(), tree)
+
+
+def from_numpy(tree: Any) -> Params:
+    """numpy leaves to tensors (shares memory)."""
+    return tree_map(lambda a: torch.from_numpy(a), tree)
+
+
+def to_jax(tree: Params) -> Any:
+    """Leaves as JAX arrays through DLPack (no copy where the device allows)."""
+    import jax.dlpack
+
+    return tree_map(lambda t: jax.dlpack.from_dlpack(t.detach().contiguous()), tree)
+
+
+def from_jax(tree: Any) -> Params:
+    """JAX arrays back to tensors through DLPack (no copy where the device allows)."""
+    from torch.utils.dlpack import from_dlpack
+
+    return tree_map(lambda a: from_dlpack(a), tree)

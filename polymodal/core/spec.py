@@ -1,0 +1,90 @@
+"""The layer-spec contract and input checks shared by every spec.
+
+A spec is a frozen dataclass of static hyperparameters (hashable, no tensors) with
+
+* ``init(*, key) -> Params``: fresh parameters, split from ``key`` per sub-parameter;
+* ``__call__(params, *inputs, ...)``: the pure forward.
+
+Randomness at call time (dropout, drop-path, masking) takes a keyword ``key``;
+``key=None`` means deterministic inference. Stateful specs also define
+``init_state() -> Params`` and take ``state=`` / return ``(out, new_state)``.
+
+>>> from dataclasses import dataclass
+>>> import torch
+>>> @dataclass(frozen=True)
+... class Scale(Spec):
+...     dim: int  # size of the last axis
+...     def init(self, *, key):
+...         return {"weight": torch.ones(self.dim)}
+...     def __call__(self, params, x):
+...         return x * params["weight"]
+>>> s = Scale(3)
+>>> s(s.init(key=None), torch.ones(2, 3)).shape
+torch.Size([2, 3])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from .pytree import Params
+
+__all__ = ["Spec", "check_tensor", "check_last_dim", "check_ndim", "check_floating", "check_dtype"]
+
+
+class Spec:
+    """Base class of layer specs (subclasses are ``@dataclass(frozen=True)``)."""
+
+    def init(self, *, key: Tensor) -> Params:  # pragma: no cover - abstract
+        raise NotImplementedError(f"{type(self).__name__}.init")
+
+    def init_state(self) -> Params | None:
+        """Initial mutable state (running statistics, caches), or ``None`` if stateless."""
+        return None
+
+    def __call__(self, params: Params, *args, **kwargs):  # pragma: no cover - abstract
+        raise NotImplementedError(f"{type(self).__name__}.__call__")
+
+
+def _where(name: str, spec: object | None) -> str:
+    return f"{type(spec).__name__}: {name}" if spec is not None else name
+
+
+def check_tensor(x: object, name: str, spec: object | None = None) -> Tensor:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{_where(name, spec)} must be a torch.Tensor, got {type(x).__name__}")
+    return x
+
+
+def check_floating(x: Tensor, name: str, spec: object | None = None) -> Tensor:
+    check_tensor(x, name, spec)
+    if not (x.is_floating_point() or x.is_complex()):
+        raise TypeError(f"{_where(name, spec)} must be a floating-point tensor, got dtype {x.dtype}")
+    return x
+
+
+def check_ndim(x: Tensor, name: str, ndims: int | Sequence[int], shape_doc: str, spec: object | None = None) -> Tensor:
+    """``x.dim()`` must be one of ``ndims``; the error quotes ``shape_doc`` (e.g. ``"(B, C, H, W)"``)."""
+    check_tensor(x, name, spec)
+    allowed = (ndims,) if isinstance(ndims, int) else tuple(ndims)
+    if x.dim() not in allowed:
+        raise ValueError(f"{_where(name, spec)}: expected shape {shape_doc}, got {tuple(x.shape)}")
+    return x
+
+
+def check_last_dim(x: Tensor, name: str, size: int, spec: object | None = None, min_ndim: int = 1) -> Tensor:
+    """``x`` must end in an axis of ``size`` (e.g. features of a Linear)."""
+    check_tensor(x, name, spec)
+    if x.dim() < min_ndim or x.shape[-1] != size:
+        raise ValueError(f"{_where(name, spec)}: expected shape (..., {size}), got {tuple(x.shape)}")
+    return x
+
+
+def check_dtype(x: Tensor, name: str, dtypes: Sequence[torch.dtype], spec: object | None = None) -> Tensor:
+    check_tensor(x, name, spec)
+    if x.dtype not in dtypes:
+        raise TypeError(f"{_where(name, spec)}: expected dtype in {[str(d) for d in dtypes]}, got {x.dtype}")
+    return x

@@ -1,0 +1,15 @@
+"""``torch.nn.Module`` shells over the core specs (one generic mechanism: :class:`Shell`)."""
+
+from ..core import layers as _L
+from .shell import Shell, shell_class
+
+Linear = shell_class(_L.Linear)
+Embedding = shell_class(_L.Embedding)
+LayerNorm = shell_class(_L.LayerNorm)
+RMSNorm = shell_class(_L.RMSNorm)
+GroupNorm = shell_class(_L.GroupNorm)
+MLP = shell_class(_L.MLP)
+Dropout = shell_class(_L.Dropout)
+DropPath = shell_class(_L.DropPath)
+
+__all__ = ["Shell", "shell_class", "Linear", "Embedding", "LayerNorm", "RMSNorm", "GroupNorm", "MLP", "Dropout", "DropPath"]
