@@ -179,7 +179,7 @@ def save(path: str | os.PathLike, params: Params, metadata: Mapping[str, str] | 
     from safetensors.torch import save_file
 
     flat = {k: v.detach().contiguous().cpu() for k, v in flatten(params).items()}
-    atomic_write(path, lambda tmp: save_file(flat, tmp, metadata=dict(metadata or {})))
+    atomic_write(path, lambda tmp: save_file(flat, tmp, metadata=dict(metadata) if metadata else None))
 
 
 def load(path: str | os.PathLike, like: Params | None = None, device: str | torch.device = "cpu") -> Params:
@@ -219,8 +219,21 @@ def from_numpy(tree: Any) -> Params:
 
 
 def to_jax(tree: Params) -> Any:
-    """Leaves as JAX arrays through DLPack (no copy where the device allows)."""
+    """Leaves as JAX arrays through DLPack (no copy where the device allows).
+
+    64-bit leaves need ``jax.config.update("jax_enable_x64", True)``; without it JAX would
+    silently narrow them, so this raises instead.
+    """
+    import jax
     import jax.dlpack
+
+    if not jax.config.jax_enable_x64:
+        wide = [k for k, v in flatten(tree).items() if v.dtype in (torch.float64, torch.int64, torch.complex128)]
+        if wide:
+            raise TypeError(
+                f"64-bit leaves {wide} would be narrowed by JAX; enable x64 "
+                "(jax.config.update('jax_enable_x64', True)) or cast them first (pytree.cast)"
+            )
 
     return tree_map(lambda t: jax.dlpack.from_dlpack(t.detach().contiguous()), tree)
 
