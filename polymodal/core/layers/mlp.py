@@ -62,7 +62,8 @@ class MLP(Spec):
             return []
         if self.norm != "layer_norm":
             raise ValueError(f"MLP: unknown norm {self.norm!r}; expected None or 'layer_norm'")
-        return [LayerNorm(h) for h in self.hidden_dims]
+        gate = 2 if self.activation == "geglu" else 1
+        return [LayerNorm(h * gate) for h in self.hidden_dims]
 
     def init(self, *, key: Tensor) -> Params:
         lins = self._linears()
