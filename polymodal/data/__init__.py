@@ -1,1 +1,5 @@
 """polymodal.data"""
+
+from .captions import BadSampleError, CaptionPipeline, ImageTextFolder, load_image, webdataset_pipeline
+from . import synthetic
+from .synthetic import SyntheticCaptions
