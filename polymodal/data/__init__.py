@@ -3,3 +3,5 @@
 from .captions import BadSampleError, CaptionPipeline, ImageTextFolder, load_image, webdataset_pipeline
 from . import synthetic
 from .synthetic import SyntheticCaptions
+from .tokenizer import CLIPTokenizer, clean_text
+from .transforms import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, CLIPImageTransform, CLIPTransform
