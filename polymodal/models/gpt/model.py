@@ -1,0 +1,191 @@
+"""Multimodal GPT: one decoder-only transformer over a joint vocabulary of two modalities.
+
+The input modality (e.g. text ids) comes first, the output modality (e.g. a VQ-VAE's video
+codes) second; each has its own token embedding and per-axis broadcasted position embedding.
+Training right-shifts the concatenated sequence behind a learned start token (which receives
+gradients, unlike TorchMultimodal's). Logits cover the joint vocabulary
+``[0, num_in_tokens) + [num_in_tokens, num_in_tokens + num_out_tokens)`` and are masked so
+each position predicts only its own modality's tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from ...core import random as pr
+from ...core.layers import Embedding, LayerNorm, Linear
+from ...core.layers.position import BroadcastedPositionEmbedding
+from ...core.layers.transformer import TransformerDecoder, TransformerDecoderLayer, TransformerOutput
+from ...core.pytree import Params
+from ...core.spec import Spec, check_dtype, check_ndim
+
+__all__ = ["MultimodalGPT", "GPTOutput", "video_gpt"]
+
+_INT = (torch.int64, torch.int32)
+
+
+class GPTOutput(NamedTuple):
+    """``logits (B, T, num_in + num_out)`` (other modality masked to -inf-like), ``decoder`` output."""
+
+    logits: Tensor
+    decoder: TransformerOutput
+
+
+@dataclass(frozen=True)
+class MultimodalGPT(Spec):
+    """Decoder-only GPT over ``[in tokens, out tokens]``.
+
+    Params: ``in_embed``, ``out_embed`` (token tables; replace with a VQ-VAE's codebook via
+    ``in_lookup``/``out_lookup`` if desired), ``in_pos``, ``out_pos`` (broadcasted per-axis),
+    ``sos (d_model,)``, ``decoder``, ``norm``, ``to_logit`` (bias-free, zero-initialised as TMM).
+
+    >>> from polymodal.core import random as pr
+    >>> gpt = MultimodalGPT(num_in_tokens=10, num_out_tokens=6, in_shape=(4,), out_shape=(2, 2), d_model=16,
+    ...                     num_heads=2, num_layers=2)
+    >>> p = gpt.init(key=pr.key(0))
+    >>> gpt(p, torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 4, dtype=torch.long)).logits.shape
+    torch.Size([1, 8, 16])
+    """
+
+    num_in_tokens: int  # input-modality vocabulary
+    num_out_tokens: int  # output-modality vocabulary
+    in_shape: tuple[int, ...]  # latent shape of the input modality (e.g. (text_len,))
+    out_shape: tuple[int, ...]  # latent shape of the output modality (e.g. (T, H, W) of video codes)
+    d_model: int = 768  # transformer width
+    num_heads: int = 8  # attention heads
+    num_layers: int = 8  # decoder blocks
+    dim_feedforward: int | None = None  # MLP width (None: 4 * d_model)
+    dropout: float = 0.0  # residual / MLP dropout
+    attn_dropout: float = 0.0  # attention-probability dropout
+    activation: str = "gelu"  # MLP activation
+    in_dim: int | None = None  # input token embedding size before projection (None: d_model, no projection)
+    out_dim: int | None = None  # output token embedding size before projection (None: d_model)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "in_shape", tuple(self.in_shape))
+        object.__setattr__(self, "out_shape", tuple(self.out_shape))
+
+    @property
+    def in_len(self) -> int:
+        return int(torch.tensor(self.in_shape).prod())
+
+    @property
+    def out_len(self) -> int:
+        return int(torch.tensor(self.out_shape).prod())
+
+    @property
+    def vocab(self) -> int:
+        return self.num_in_tokens + self.num_out_tokens
+
+    def decoder(self) -> TransformerDecoder:
+        layer = TransformerDecoderLayer(self.d_model, self.num_heads, self.dim_feedforward or 4 * self.d_model,
+                                        dropout=self.dropout, attn_dropout=self.attn_dropout,
+                                        activation=self.activation, norm_first=True, cross_attention=False)
+        return TransformerDecoder(layer, self.num_layers, cross_attention_every=0)
+
+    def _parts(self):
+        d_in, d_out = self.in_dim or self.d_model, self.out_dim or self.d_model
+        return (Embedding(self.num_in_tokens, d_in, weight_init="normal", init_std=0.02),
+                Embedding(self.num_out_tokens, d_out, weight_init="normal", init_std=0.02),
+                BroadcastedPositionEmbedding(self.in_shape, self.d_model),
+                BroadcastedPositionEmbedding(self.out_shape, self.d_model))
+
+    def init(self, *, key: Tensor) -> Params:
+        ks = pr.split(key, 8)
+        ie, oe, ip, op = self._parts()
+        p = {"in_embed": ie.init(key=ks[0]), "out_embed": oe.init(key=ks[1]), "in_pos": ip.init(key=ks[2]),
+             "out_pos": op.init(key=ks[3]), "sos": pr.normal(ks[4], (self.d_model,)) * 0.02,
+             "decoder": self.decoder().init(key=ks[5]), "norm": LayerNorm(self.d_model).init(key=key),
+             "to_logit": {"weight": torch.zeros(self.vocab, self.d_model)}}
+        if self.in_dim is not None:
+            p["in_proj"] = Linear(self.in_dim, self.d_model, weight_init="normal").init(key=ks[6])
+        if self.out_dim is not None:
+            p["out_proj"] = Linear(self.out_dim, self.d_model, weight_init="normal").init(key=ks[7])
+        return p
+
+    # -- pieces ---------------------------------------------------------------------------
+    def embed(self, params: Params, ids: Tensor, modality: str, positions: Tensor | None = None) -> Tensor:
+        """Token + position embeddings of ``ids (B, L)`` for ``modality`` in {"in", "out"};
+        ``positions (L,)`` default ``0..L-1``."""
+        if modality not in ("in", "out"):
+            raise ValueError(f"modality must be 'in' or 'out', got {modality!r}")
+        check_dtype(ids, f"{modality}_ids", _INT, self)
+        ie, oe, ip, op = self._parts()
+        emb, pos = (ie, ip) if modality == "in" else (oe, op)
+        x = emb(params[f"{modality}_embed"], ids)
+        if f"{modality}_proj" in params:
+            x = Linear(x.shape[-1], self.d_model)(params[f"{modality}_proj"], x)
+        if positions is None:
+            positions = torch.arange(ids.shape[-1], device=ids.device)
+        return x + pos(params[f"{modality}_pos"], positions)
+
+    def logits_mask(self, num_in: int, num_out: int, device=None) -> Tensor:
+        """``(num_in + num_out, vocab)`` bool: position i may predict only its modality's tokens."""
+        is_in = torch.arange(self.vocab, device=device) < self.num_in_tokens
+        rows = torch.cat([is_in.expand(num_in, -1), (~is_in).expand(num_out, -1)])
+        return rows
+
+    def project(self, params: Params, hidden: Tensor, mask: Tensor | None) -> Tensor:
+        h = LayerNorm(self.d_model)(params["norm"], hidden)
+        logits = Linear(self.d_model, self.vocab, bias=False)(params["to_logit"], h)
+        if mask is not None:
+            logits = logits.masked_fill(~mask, torch.finfo(logits.dtype).min)
+        return logits
+
+    def right_shift(self, params: Params, x: Tensor) -> Tensor:
+        """Prepend the learned start token and drop the last position: ``(B, L, D) -> (B, L, D)``."""
+        sos = params["sos"].expand(*x.shape[:-2], 1, self.d_model)
+        return torch.cat([sos, x[..., :-1, :]], dim=-2)
+
+    # -- full pass ---------------------------------------------------------------------------
+    def __call__(self, params: Params, in_ids: Tensor, out_ids: Tensor | None = None, *, key: Tensor | None = None,
+                 return_hidden_states: bool = False) -> GPTOutput:
+        """Teacher-forced pass: logits at position t predict token t of ``[in_ids, out_ids]``.
+
+        Args:
+            in_ids: ``(B, L_in)`` input-modality ids in ``[0, num_in_tokens)``.
+            out_ids: ``(B, L_out)`` output-modality ids in ``[0, num_out_tokens)`` or None.
+        """
+        check_ndim(in_ids, "in_ids", (1, 2), "(B, L_in)", self)
+        parts = [self.embed(params, in_ids, "in")]
+        if out_ids is not None:
+            check_ndim(out_ids, "out_ids", (1, 2), "(B, L_out)", self)
+            parts.append(self.embed(params, out_ids, "out"))
+        x = self.right_shift(params, torch.cat(parts, dim=-2))
+        dec = self.decoder()(params["decoder"], x, key=key, return_hidden_states=return_hidden_states)
+        n_out = 0 if out_ids is None else out_ids.shape[-1]
+        mask = self.logits_mask(in_ids.shape[-1], n_out, device=x.device)
+        return GPTOutput(self.project(params, dec.last_hidden_state, mask), dec)
+
+    def targets(self, in_ids: Tensor, out_ids: Tensor) -> Tensor:
+        """Joint-vocabulary targets for the full pass: ``[in_ids, out_ids + num_in_tokens]``."""
+        return torch.cat([in_ids, out_ids + self.num_in_tokens], dim=-1)
+
+    # -- incremental decoding ------------------------------------------------------------------
+    def prefill(self, params: Params, in_ids: Tensor) -> tuple[Tensor, list[Params]]:
+        """Run ``[sos, in tokens]`` once; returns the logits predicting the first output token
+        ``(B, vocab)`` (masked to the output vocabulary) and the KV cache."""
+        x = torch.cat([params["sos"].expand(in_ids.shape[0], 1, self.d_model), self.embed(params, in_ids, "in")], 1)
+        dec = self.decoder()(params["decoder"], x, use_cache=True)
+        mask = self.logits_mask(0, 1, device=x.device)[0]
+        return self.project(params, dec.last_hidden_state[:, -1], mask), dec.cache
+
+    def step(self, params: Params, out_id: Tensor, position: int | Tensor, cache: list[Params]) -> tuple[Tensor, list[Params]]:
+        """Feed output token ``out_id (B,)`` at output position ``position``; returns the logits for
+        the next output token ``(B, vocab)`` and the grown cache."""
+        pos = torch.as_tensor(position, device=out_id.device).reshape(1)
+        x = self.embed(params, out_id[:, None], "out", positions=pos)
+        dec = self.decoder()(params["decoder"], x, cache=cache)
+        mask = self.logits_mask(0, 1, device=x.device)[0]
+        return self.project(params, dec.last_hidden_state[:, -1], mask), dec.cache
+
+
+def video_gpt(in_shape=(4, 32, 32), out_shape=(8, 32, 32), num_in_tokens=2048, num_out_tokens=2048) -> MultimodalGPT:
+    """VideoGPT-style configuration (TorchMultimodal's ``video_gpt``: d_model 576, 4 heads, 8 layers,
+    MLP 4x; conditioning frames' codes as the input modality)."""
+    return MultimodalGPT(num_in_tokens, num_out_tokens, in_shape, out_shape, d_model=576, num_heads=4, num_layers=8,
+                         dropout=0.2, attn_dropout=0.3)
