@@ -13,3 +13,13 @@ Dropout = shell_class(_L.Dropout)
 DropPath = shell_class(_L.DropPath)
 
 __all__ = ["Shell", "shell_class", "Linear", "Embedding", "LayerNorm", "RMSNorm", "GroupNorm", "MLP", "Dropout", "DropPath"]
+
+from ..core.encoders import swin3d as _swin3d  # noqa: E402
+from ..core.layers import window as _window  # noqa: E402
+
+ShiftedWindowAttention3d = shell_class(_window.ShiftedWindowAttention3d)
+PatchEmbed3d = shell_class(_swin3d.PatchEmbed3d)
+PatchMerging = shell_class(_swin3d.PatchMerging)
+SwinTransformerBlock3d = shell_class(_swin3d.SwinTransformerBlock3d)
+Swin3D = shell_class(_swin3d.Swin3D)
+__all__ += ["ShiftedWindowAttention3d", "PatchEmbed3d", "PatchMerging", "SwinTransformerBlock3d", "Swin3D"]
