@@ -23,3 +23,6 @@ PatchMerging = shell_class(_swin3d.PatchMerging)
 SwinTransformerBlock3d = shell_class(_swin3d.SwinTransformerBlock3d)
 Swin3D = shell_class(_swin3d.Swin3D)
 __all__ += ["ShiftedWindowAttention3d", "PatchEmbed3d", "PatchMerging", "SwinTransformerBlock3d", "Swin3D"]
+
+MultiHeadAttention = shell_class(_L.MultiHeadAttention)
+__all__ += ["MultiHeadAttention"]

@@ -13,3 +13,7 @@ __all__ = [
     "Embedding", "Identity", "Linear", "MLP",
     "GroupNorm", "LayerNorm", "RMSNorm",
 ]
+from .attention import AttentionOutput, MultiHeadAttention, attention, merge_heads, split_heads
+from .attention_kernel import sdpa
+
+__all__ += ["AttentionOutput", "MultiHeadAttention", "attention", "merge_heads", "split_heads", "sdpa"]
