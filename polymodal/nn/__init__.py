@@ -14,6 +14,12 @@ DropPath = shell_class(_L.DropPath)
 
 __all__ = ["Shell", "shell_class", "Linear", "Embedding", "LayerNorm", "RMSNorm", "GroupNorm", "MLP", "Dropout", "DropPath"]
 
+from ..core import losses as _losses  # noqa: E402
+
+Codebook = shell_class(_L.Codebook)
+ContrastiveLoss = shell_class(_losses.ContrastiveLoss)
+__all__ += ["Codebook", "ContrastiveLoss"]
+
 from ..core.encoders import swin3d as _swin3d  # noqa: E402
 from ..core.layers import window as _window  # noqa: E402
 

@@ -13,6 +13,9 @@ __all__ = [
     "Embedding", "Identity", "Linear", "MLP",
     "GroupNorm", "LayerNorm", "RMSNorm",
 ]
+from .codebook import Codebook, CodebookOutput
+
+__all__ += ["Codebook", "CodebookOutput"]
 from .attention import AttentionOutput, MultiHeadAttention, attention, merge_heads, split_heads
 from .attention_kernel import sdpa
 
