@@ -20,6 +20,28 @@ Codebook = shell_class(_L.Codebook)
 ContrastiveLoss = shell_class(_losses.ContrastiveLoss)
 __all__ += ["Codebook", "ContrastiveLoss"]
 
+BatchNorm = shell_class(_L.BatchNorm)
+BatchNorm1d = shell_class(_L.BatchNorm1d)
+BatchNorm2d = shell_class(_L.BatchNorm2d)
+BatchNorm3d = shell_class(_L.BatchNorm3d)
+Conv = shell_class(_L.Conv)
+Conv1d = shell_class(_L.Conv1d)
+Conv2d = shell_class(_L.Conv2d)
+Conv3d = shell_class(_L.Conv3d)
+ConvTranspose1d = shell_class(_L.ConvTranspose1d)
+ConvTranspose2d = shell_class(_L.ConvTranspose2d)
+ConvTranspose3d = shell_class(_L.ConvTranspose3d)
+SamePadConv3d = shell_class(_L.SamePadConv3d)
+SamePadConvTranspose3d = shell_class(_L.SamePadConvTranspose3d)
+PatchEmbedding = shell_class(_L.PatchEmbedding)
+LearnedPositionEmbedding = shell_class(_L.LearnedPositionEmbedding)
+BroadcastedPositionEmbedding = shell_class(_L.BroadcastedPositionEmbedding)
+__all__ += [
+    "BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "Conv", "Conv1d", "Conv2d", "Conv3d",
+    "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d", "SamePadConv3d", "SamePadConvTranspose3d",
+    "PatchEmbedding", "LearnedPositionEmbedding", "BroadcastedPositionEmbedding",
+]
+
 from ..core.encoders import swin3d as _swin3d  # noqa: E402
 from ..core.layers import window as _window  # noqa: E402
 

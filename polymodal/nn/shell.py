@@ -151,7 +151,10 @@ class Shell(_Node):
         with torch.no_grad():
             live = dict(self.named_buffers())
             for k, v in flatten(new_state).items():
-                live[k].copy_(v)
+                # An unchanged buffer (eval-mode BatchNorm) may be saved for backward: writing
+                # it in place would bump its version and break that backward.
+                if v is not live[k]:
+                    live[k].copy_(v)
         return out
 
     def _next_key(self) -> Tensor:

@@ -16,6 +16,25 @@ __all__ = [
 from .codebook import Codebook, CodebookOutput
 
 __all__ += ["Codebook", "CodebookOutput"]
+from .batchnorm import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
+from .conv import (
+    Conv, Conv1d, Conv2d, Conv3d, ConvTranspose, ConvTranspose1d, ConvTranspose2d, ConvTranspose3d,
+    SamePadConv3d, SamePadConvTranspose3d, same_padding, same_transpose_padding,
+)
+from .patch import PatchEmbedding, PatchEmbeddingOutput, RandomMaskingOutput, random_masking, random_masking_2d
+from .position import (
+    BroadcastedPositionEmbedding, LearnedPositionEmbedding, decode_idx, sincos_1d, sincos_2d, sincos_3d,
+    timestep_embedding,
+)
+
+__all__ += [
+    "BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d",
+    "Conv", "Conv1d", "Conv2d", "Conv3d", "ConvTranspose", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d",
+    "SamePadConv3d", "SamePadConvTranspose3d", "same_padding", "same_transpose_padding",
+    "PatchEmbedding", "PatchEmbeddingOutput", "RandomMaskingOutput", "random_masking", "random_masking_2d",
+    "BroadcastedPositionEmbedding", "LearnedPositionEmbedding", "decode_idx", "sincos_1d", "sincos_2d", "sincos_3d",
+    "timestep_embedding",
+]
 from .attention import AttentionOutput, MultiHeadAttention, attention, merge_heads, split_heads
 from .attention_kernel import sdpa
 
