@@ -54,3 +54,8 @@ __all__ += ["ShiftedWindowAttention3d", "PatchEmbed3d", "PatchMerging", "SwinTra
 
 MultiHeadAttention = shell_class(_L.MultiHeadAttention)
 __all__ += ["MultiHeadAttention"]
+
+from ..models.gpt import MultimodalGPT as _MultimodalGPT  # noqa: E402
+
+MultimodalGPT = shell_class(_MultimodalGPT)
+__all__ += ["MultimodalGPT"]
