@@ -60,6 +60,8 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=d.workers, help="DataLoader worker processes")
     p.add_argument("--skip-bad", action="store_true", help="skip and count unreadable samples instead of failing")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--stop-after", type=_positive_int, default=None, metavar="N",
+                   help="leave after N steps of this invocation, checkpointed (continue with --resume)")
     dp = p.add_argument_group("differential privacy (per-example losses only; see docs/privacy.md)")
     dp.add_argument("--dp", action="store_true", help="DP-SGD training")
     dp.add_argument("--max-grad-norm", type=float, default=1.0, help="per-example clipping bound C")
@@ -197,6 +199,8 @@ def _cmd_zero_shot(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .data.captions import BadSampleError
+
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     try:
@@ -205,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "eval":
             return _cmd_eval(args)
         return _cmd_zero_shot(args)
-    except (CLIError, FileNotFoundError) as e:
+    except (CLIError, FileNotFoundError, BadSampleError, FloatingPointError) as e:
         print(f"polymodal: error: {e}", file=sys.stderr)
         return 2
 

@@ -59,6 +59,7 @@ class TrainConfig:
     workers: int = 0  # DataLoader worker processes
     skip_bad: bool = False  # skip unreadable samples in real data instead of failing
     progress: bool = True  # show a progress bar
+    stop_after: int | None = None  # leave after this many steps of this invocation (time-sliced jobs; resume later)
 
 
 def _rank_world() -> tuple[int, int]:
@@ -194,8 +195,12 @@ def train(cfg: TrainConfig) -> dict:
                     if bar is not None:
                         bar.write(f"step {done}: " + "  ".join(f"{k[5:]} {v:.3f}" for k, v in metrics.items()))
                     plot_metrics(read_metrics(out), out / "curves.png", title=f"CLIP {cfg.preset} on {cfg.data}")
-            if (cfg.save_every and done % cfg.save_every == 0) or last:
+            stopping = cfg.stop_after is not None and done - start >= cfg.stop_after
+            if (cfg.save_every and done % cfg.save_every == 0) or last or stopping:
                 _save(runs, done, leaves, opt, cfg, mesh)
+            if stopping:
+                _say(f"stopping after {cfg.stop_after} steps at step {done}; continue with --resume")
+                break
     if bar is not None:
         bar.close()
     if rank == 0 and log is not None and not (out / "curves.png").exists():
