@@ -140,6 +140,17 @@ def test_item_shapes_dtypes_ranges(image_size):
     assert 0 <= item["label"] < len(ds.class_names()) == len(SHAPES) * len(COLORS)
 
 
+@given(seed=st.integers(0, 2**32))
+@settings(max_examples=5, deadline=None)
+def test_every_pixel_in_unit_range(seed):
+    n = 400  # background, ramp and noise are bounded by construction; shapes are clamped
+    g = torch.Generator().manual_seed(seed)
+    attrs = {a: torch.randint(0, k, (n,), generator=g) for a, k in (("shape", 5), ("color", 6), ("size", 2), ("position", 5))}
+    images = render(pr.key(seed), attrs, 20)
+    assert images.min() >= 0.0 and images.max() <= 1.0
+    assert images.min() < 0.2 and images.max() > 0.95  # and the range is used
+
+
 def test_normalize_matches_clip_statistics():
     plain = SyntheticCaptions(size=3, image_size=16)[2]["image"]
     normed = SyntheticCaptions(size=3, image_size=16, normalize=True)[2]["image"]
