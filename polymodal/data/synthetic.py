@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import functools
 import math
-import re
 import operator
+import re
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
@@ -280,7 +280,7 @@ class SyntheticCaptions(Dataset):
     once, so a ``DataLoader`` over this dataset renders batch by batch.
 
     >>> ds = SyntheticCaptions("heldout", size=8, image_size=32)
-    >>> batch = torch.utils.data.DataLoader(ds, batch_size=4).__iter__().__next__()
+    >>> batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=4)))
     >>> batch["image"].shape, len(batch["caption"])
     (torch.Size([4, 3, 32, 32]), 4)
     """
@@ -365,18 +365,20 @@ class SyntheticCaptions(Dataset):
         if not indices:
             return []
         keys, draws = self._draw(indices)
-        items, names = [], {a: [] for a in _ATTRS}
-        for pair, si, pi, ti in draws.tolist():
-            shape, color = self.pairs[pair]
-            attrs = {"shape": shape, "color": color, "size": self.sizes[si], "position": self.positions[pi]}
-            caption = _english(self.templates[ti].format(where=_WHERE[attrs["position"]], **attrs))
-            items.append({"caption": caption, "label": self.label(shape, color), "attributes": attrs})
-            for a in _ATTRS:
-                names[a].append(attrs[a])
-        images = render(keys, names, self.image_size, normalize=self.normalize)
-        for item, image in zip(items, images):
-            item["image"] = image if self.transform is None else self.transform(image)
-        return [{"image": it["image"], **{k: it[k] for k in ("caption", "label", "attributes")}} for it in items]
+        attrs = [
+            dict(zip(_ATTRS, (*self.pairs[pair], self.sizes[si], self.positions[pi])))
+            for pair, si, pi, _ in draws.tolist()
+        ]
+        images = render(keys, {a: [x[a] for x in attrs] for a in _ATTRS}, self.image_size, normalize=self.normalize)
+        return [
+            {
+                "image": image if self.transform is None else self.transform(image),
+                "caption": _english(self.templates[ti].format(where=_WHERE[x["position"]], **x)),
+                "label": self.label(x["shape"], x["color"]),
+                "attributes": x,
+            }
+            for image, x, ti in zip(images, attrs, draws[:, 3].tolist())
+        ]
 
     def __getitem__(self, index: int) -> dict:
         return self.__getitems__([index])[0]
