@@ -25,7 +25,7 @@ test: $(STAMP)
 	$(PY) -m pytest -n $(JOBS) tests
 
 bench: $(STAMP)
-	$(PY) -m benchmarks.run
+	$(PY) benchmarks/run.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) .hypothesis
