@@ -1,0 +1,26 @@
+"""CLIP (Radford et al. 2021): configs, specs, the published builders, checkpoint converters.
+
+>>> from polymodal.core import random as pr
+>>> clip = build("clip_tiny")
+>>> params = clip.init(key=pr.key(0))
+>>> sorted(params)
+['logit_scale', 'text', 'visual']
+"""
+
+from .builders import (
+    ALIASES, BUILDERS, build, canonical_name, clip_rn50, clip_rn50x4, clip_rn50x16, clip_rn50x64, clip_rn101, clip_small,
+    clip_tiny, clip_vit_b16, clip_vit_b32, clip_vit_l14, clip_vit_l14_336,
+)
+from .config import CLIPConfig, ModifiedResNetConfig, TextConfig, VisionTransformerConfig
+from .model import CLIP, CLIPOutput
+from .resnet import AttentionPool2d, Bottleneck, ModifiedResNet
+from .text import TextTransformer
+from .vision import VisionTransformer
+
+__all__ = [
+    "CLIP", "CLIPOutput", "CLIPConfig", "ModifiedResNetConfig", "TextConfig", "VisionTransformerConfig",
+    "VisionTransformer", "ModifiedResNet", "Bottleneck", "AttentionPool2d", "TextTransformer",
+    "build", "canonical_name", "BUILDERS", "ALIASES", "clip_vit_b16", "clip_vit_b32", "clip_vit_l14",
+    "clip_vit_l14_336", "clip_rn50", "clip_rn101", "clip_rn50x4", "clip_rn50x16", "clip_rn50x64", "clip_tiny",
+    "clip_small",
+]

@@ -1,0 +1,113 @@
+"""CLIP's text tower: a causal pre-norm transformer pooled at the end-of-text token.
+
+Token + learned position embeddings, causal QuickGELU blocks (through the block seam),
+``ln_final``, the hidden state at the end-of-text token (CLIP's highest id, found by argmax),
+and a linear projection (Radford et al. 2021, section 2.4). Params::
+
+    token_embedding: {weight (V, D)}, positional_embedding (T, D),
+    transformer: {layers: [torch.nn.TransformerEncoderLayer names] * L},
+    ln_final: {weight, bias}, text_projection (D, E)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ...core import random as pr
+from ...core.layers.embedding import Embedding
+from ...core.layers.norm import LayerNorm
+from ...core.layers.pooling import eot_pool
+from ...core.layers.transformer import TransformerEncoder, TransformerEncoderLayer
+from ...core.pytree import Params
+from ...core.spec import Spec, check_dtype
+from .config import TextConfig
+
+__all__ = ["TextTransformer", "openai_block_init"]
+
+_INT = (torch.int64, torch.int32)
+
+
+def openai_block_init(layers: list[Params], width: int, *, key: Tensor) -> list[Params]:
+    """OpenAI's ``initialize_parameters`` for a stack of blocks: ``N(0, std)`` weights with
+    ``attn_std = D**-0.5`` (qkv), ``proj_std = D**-0.5 * (2L)**-0.5`` (attention output and second
+    feed-forward), ``fc_std = (2D)**-0.5`` (first feed-forward); biases unchanged."""
+    n = len(layers)
+    attn_std, proj_std, fc_std = width**-0.5, width**-0.5 * (2 * n) ** -0.5, (2 * width) ** -0.5
+    out = []
+    for p, k in zip(layers, pr.split(key, n) if n else []):
+        kq, ko, k1, k2 = pr.split(k, 4)
+        p = dict(p)
+        sa = dict(p["self_attn"])
+        sa["in_proj_weight"] = pr.normal(kq, sa["in_proj_weight"].shape) * attn_std
+        sa["out_proj"] = {**sa["out_proj"], "weight": pr.normal(ko, sa["out_proj"]["weight"].shape) * proj_std}
+        p["self_attn"] = sa
+        p["linear1"] = {**p["linear1"], "weight": pr.normal(k1, p["linear1"]["weight"].shape) * fc_std}
+        p["linear2"] = {**p["linear2"], "weight": pr.normal(k2, p["linear2"]["weight"].shape) * proj_std}
+        out.append(p)
+    return out
+
+
+@dataclass(frozen=True)
+class TextTransformer(Spec):
+    """CLIP text encoder: ``tokens (B, T) int -> (B, embed_dim)`` (unnormalised features).
+
+    ``T`` must equal ``context_length`` (pad with :class:`~polymodal.data.CLIPTokenizer`).
+
+    >>> import torch
+    >>> from polymodal.core import random as pr
+    >>> enc = TextTransformer(TextConfig(context_length=8, vocab_size=100, width=32, heads=2, layers=2), 16)
+    >>> tokens = torch.tensor([[98, 5, 7, 99, 0, 0, 0, 0]])
+    >>> enc(enc.init(key=pr.key(0)), tokens).shape
+    torch.Size([1, 16])
+    """
+
+    config: TextConfig = TextConfig()  # the architecture
+    embed_dim: int = 512  # output size (the joint embedding)
+
+    def token_embedding(self) -> Embedding:
+        return Embedding(self.config.vocab_size, self.config.width)
+
+    def norm(self) -> LayerNorm:
+        return LayerNorm(self.config.width, eps=self.config.layer_norm_eps)
+
+    def transformer(self) -> TransformerEncoder:
+        c = self.config
+        layer = TransformerEncoderLayer(
+            c.width, c.heads, dim_feedforward=c.mlp_width, activation=c.activation, norm_first=True,
+            layer_norm_eps=c.layer_norm_eps, is_causal=True,
+        )
+        return TransformerEncoder(layer, c.layers)
+
+    def init(self, *, key: Tensor) -> Params:
+        c = self.config
+        k_tok, k_pos, k_tr, k_blocks, k_proj = pr.split(key, 5)
+        tr = self.transformer().init(key=k_tr)
+        tr["layers"] = openai_block_init(tr["layers"], c.width, key=k_blocks)
+        return {
+            "token_embedding": {"weight": pr.normal(k_tok, (c.vocab_size, c.width)) * 0.02},
+            "positional_embedding": pr.normal(k_pos, (c.context_length, c.width)) * 0.01,
+            "transformer": tr,
+            "ln_final": self.norm().init(key=key),
+            "text_projection": pr.normal(k_proj, (c.width, self.embed_dim)) * c.width**-0.5,
+        }
+
+    def check_tokens(self, tokens: Tensor) -> None:
+        name = type(self).__name__
+        check_dtype(tokens, f"{name}: tokens", _INT)
+        t = self.config.context_length
+        if tokens.dim() != 2 or tokens.shape[1] != t:
+            raise ValueError(f"{name}: tokens: expected shape (B, {t}) (context_length {t}), got {tuple(tokens.shape)}")
+
+    def hidden_states(self, params: Params, tokens: Tensor) -> Tensor:
+        """Per-token states after ``ln_final``: ``(B, T, D)``."""
+        self.check_tokens(tokens)
+        x = self.token_embedding()(params["token_embedding"], tokens) + params["positional_embedding"]
+        x = self.transformer()(params["transformer"], x).last_hidden_state
+        return self.norm()(params["ln_final"], x)
+
+    def __call__(self, params: Params, tokens: Tensor) -> Tensor:
+        """``tokens (B, T)`` -> ``(B, embed_dim)``: the end-of-text state, projected."""
+        return eot_pool(self.hidden_states(params, tokens), tokens) @ params["text_projection"]
