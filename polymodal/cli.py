@@ -70,6 +70,30 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     dp.add_argument("--delta", type=float, default=1e-5, help="delta of the (epsilon, delta) guarantee")
 
 
+def _classifier_args(p: argparse.ArgumentParser) -> None:
+    from .train.classify import ClassifyConfig
+    from .train.clip_task import PRESETS
+
+    d = ClassifyConfig()
+    p.add_argument("--preset", choices=sorted(PRESETS), default=d.preset, help="CLIP preset (default: %(default)s)")
+    p.add_argument("--init-from", default=None, metavar="RUN", help="start from a 'polymodal train clip' run")
+    p.add_argument("--steps", type=_positive_int, default=d.steps, help="optimizer steps (default: %(default)s)")
+    p.add_argument("--batch-size", type=_positive_int, default=d.batch_size,
+                   help="batch size; the expected one under --dp's Poisson sampling (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (default: %(default)s)")
+    p.add_argument("--out", default=d.out, help="run directory (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of every random draw")
+    p.add_argument("--train-size", type=_positive_int, default=d.train_size, help="training images")
+    p.add_argument("--eval-size", type=_positive_int, default=d.eval_size, help="evaluation images")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    dp = p.add_argument_group("differential privacy")
+    dp.add_argument("--dp", action="store_true", help="DP-SGD (Poisson sampling, per-example clipping, noise)")
+    dp.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm, help="per-example clipping bound C")
+    dp.add_argument("--noise-multiplier", type=float, default=None, help="Gaussian noise std / C")
+    dp.add_argument("--target-epsilon", type=float, default=None, help="pick the noise for this epsilon")
+    dp.add_argument("--delta", type=float, default=d.delta, help="delta of the (epsilon, delta) guarantee")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="polymodal", description="Train and use multimodal models built on polymodal's functional core.")
@@ -80,6 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Train CLIP with a warmup+cosine schedule; writes metrics.jsonl, curves.png and "
                                     "checkpoints to --out.")
     _train_args(c)
+    k = tsub.add_parser("classifier", help="fine-tune a CLIP image tower for classification, optionally with DP-SGD",
+                        description="Fine-tune a CLIP image tower + linear head on the synthetic shapes "
+                                    "(colour x shape labels); --dp trains with DP-SGD and logs epsilon.")
+    _classifier_args(k)
     e = sub.add_parser("eval", help="evaluate a run", description="Zero-shot accuracy and retrieval recall of a run.")
     e.add_argument("--run", required=True, help="run directory written by 'polymodal train'")
     e.add_argument("--eval-size", type=_positive_int, default=None, help="pairs per split (default: the run's)")
@@ -112,15 +140,35 @@ def _relaunch(argv: list[str], nproc: int) -> int:
     return 0
 
 
+def _cmd_classifier(args: argparse.Namespace) -> int:
+    from .train.classify import ClassifyConfig, train_classifier
+
+    if args.dp and (args.noise_multiplier is None) == (args.target_epsilon is None):
+        raise CLIError("--dp needs exactly one of --noise-multiplier S or --target-epsilon E")
+    if not args.dp and (args.noise_multiplier is not None or args.target_epsilon is not None):
+        raise CLIError("--noise-multiplier / --target-epsilon only apply with --dp")
+    fields = {f.name for f in dataclasses.fields(ClassifyConfig)}
+    cfg = ClassifyConfig(**{k: v for k, v in vars(args).items() if k in fields}, progress=not args.no_progress)
+    final = train_classifier(cfg)
+    print(f"\nrun directory: {cfg.out}")
+    for k, v in final.items():
+        print(f"  {k[5:] if k.startswith('eval/') else k:18s} {v:.4g}")
+    print(f"  metrics: {os.path.join(cfg.out, 'metrics.jsonl')}   plot: {os.path.join(cfg.out, 'curves.png')}")
+    return 0
+
+
 def _cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
     import torch.distributed as dist
+
+    if args.model == "classifier":
+        return _cmd_classifier(args)
 
     from .train.trainer import TrainConfig, train
 
     if args.dp:
         raise CLIError("--dp: CLIP's contrastive loss couples the examples of a batch, so per-example clipping does "
                        "not bound one example's influence (docs/privacy.md). DP-SGD applies to per-example losses: "
-                       "use polymodal.train.dp.dp_train_step for e.g. DP fine-tuning of the image tower.")
+                       "'polymodal train classifier --dp --init-from RUN' fine-tunes a CLIP image tower privately.")
     if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
         return _relaunch(argv, args.nproc)
     if args.shard and args.nproc == 1 and "LOCAL_RANK" not in os.environ:

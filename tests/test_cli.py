@@ -119,3 +119,26 @@ def test_two_processes_and_sharding(tmp_path):
     l1 = [x["loss"] for x in read_metrics(tmp_path / "ddp") if "loss" in x]
     l2 = [x["loss"] for x in read_metrics(tmp_path / "fsdp") if "loss" in x]
     torch.testing.assert_close(torch.tensor(l1), torch.tensor(l2), rtol=1e-4, atol=1e-5)
+
+
+def test_dp_classifier_logs_epsilon_and_non_dp_learns(tmp_path, capsys):
+    out = tmp_path / "dp"
+    args = ["train", "classifier", "--steps", "3", "--batch-size", "16", "--train-size", "128", "--eval-size", "32",
+            "--no-progress", "--out", str(out)]
+    assert main(args + ["--dp", "--target-epsilon", "2.0"]) == 0
+    recs = read_metrics(out)
+    eps = [r["epsilon"] for r in recs if "loss" in r]
+    assert len(eps) == 3 and eps == sorted(eps) and 0 < eps[-1] <= 2.0 + 1e-6
+    # the accountant's epsilon for the noise it picked, recomputed independently
+    from polymodal.train.privacy import epsilon
+
+    final = recs[-1]
+    assert abs(epsilon(final["noise_multiplier"], 16 / 128, 3, 1e-5) - final["epsilon"]) < 1e-9
+    assert main(args + ["--dp"]) == 2
+    assert "exactly one of" in capsys.readouterr().err
+    assert main(args + ["--noise-multiplier", "1.0"]) == 2
+    # without DP, a few more steps clearly beat chance (1/30)
+    out2 = tmp_path / "plain"
+    assert main(["train", "classifier", "--steps", "40", "--batch-size", "32", "--train-size", "512",
+                 "--eval-size", "120", "--lr", "3e-3", "--no-progress", "--out", str(out2)]) == 0
+    assert read_metrics(out2)[-1]["eval/accuracy"] > 0.1  # 3x chance
