@@ -59,3 +59,7 @@ from ..models.gpt import MultimodalGPT as _MultimodalGPT  # noqa: E402
 
 MultimodalGPT = shell_class(_MultimodalGPT)
 __all__ += ["MultimodalGPT"]
+
+from .clip import CLIP, CLIPModifiedResNet, CLIPTextTransformer, CLIPVisionTransformer  # noqa: E402
+
+__all__ += ["CLIP", "CLIPVisionTransformer", "CLIPModifiedResNet", "CLIPTextTransformer"]

@@ -90,7 +90,7 @@ class Shell(_Node):
                 key = pr.key(int(torch.randint(0, 2**62, ()).item()))
             params = spec.init(key=key)
         else:
-            check_like(flatten(params), spec.init(key=pr.key(0)), what=f"params for {type(spec).__name__}")
+            check_like(flatten(params), _template(spec), what=f"params for {type(spec).__name__}")
         if device is not None or dtype is not None:
             params = tree_map(lambda t: t.to(device=device, dtype=dtype if t.is_floating_point() else None), params)
         super().__init__(params)
@@ -165,6 +165,16 @@ class Shell(_Node):
 
     def extra_repr(self) -> str:
         return repr(self.spec)
+
+
+def _template(spec: Spec) -> Params:
+    """The spec's param tree for a shape check, on the meta device when its init allows (no
+    random numbers drawn: a full init of a large model takes minutes on CPU), else on CPU."""
+    try:
+        with torch.device("meta"):
+            return spec.init(key=pr.key(0))
+    except Exception:  # an init that needs real values (e.g. data-dependent): draw them
+        return spec.init(key=pr.key(0))
 
 
 def _rebuild(template: Any, prefix: str, live: dict[str, Tensor]) -> Any:
