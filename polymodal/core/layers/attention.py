@@ -1,9 +1,9 @@
 """Multi-head attention: :func:`attention` (masks, GQA, dropout, weights) and :class:`MultiHeadAttention`.
 
-:func:`attention` takes the fast path (``scaled_dot_product_attention``, vmap-batched on CPU,
-see :mod:`.attention_kernel`) unless per-head weights, a head mask or keyed dropout are asked
-for; then it computes the softmax explicitly. Rows whose keys are all masked give zeros (and
-zero weights), not NaN, on both paths.
+:func:`attention` takes the fast path (``scaled_dot_product_attention``, whose fused kernels
+:mod:`.attention_kernel` gives the vmap batching rules torch lacks) unless per-head weights, a
+head mask or keyed dropout are asked for; then it computes the softmax explicitly. Rows whose
+keys are all masked give zeros (and zero weights), not NaN, on both paths.
 
 >>> import torch
 >>> from polymodal.core import random as pr
