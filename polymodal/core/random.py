@@ -129,14 +129,16 @@ def uniform(
     return (low + (high - low) * u).to(dtype)
 
 
-def _open_uniform(k: Tensor, shape: tuple[int, ...]) -> Tensor:
-    return ((bits(k, shape) >> 8).to(torch.float32) + 0.5) * (2.0**-24)  # in (0, 1)
+def _signed_unit(k: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """Uniform on the open interval (-1, 1), float32, exact: odd multiples of 2**-24, so the
+    extremes are +-(1 - 2**-24) and ``erfinv`` of them is finite (|z| < 5.4)."""
+    m = bits(k, shape) >> 8
+    return (2 * m + 1 - (1 << 24)).to(torch.float32) * (2.0**-24)
 
 
 def normal(k: Tensor, shape: int | Sequence[int], dtype: torch.dtype = torch.float32) -> Tensor:
     """Standard normal draws (inverse-CDF of an open uniform)."""
-    u = _open_uniform(k, _shape(shape))
-    return (math.sqrt(2.0) * torch.erfinv(2.0 * u - 1.0)).to(dtype)
+    return (math.sqrt(2.0) * torch.erfinv(_signed_unit(k, _shape(shape)))).to(dtype)
 
 
 def truncated_normal(
@@ -151,7 +153,7 @@ def truncated_normal(
         raise ValueError(f"expected lower < upper, got lower={lower}, upper={upper}")
     cdf_lo = 0.5 * (1 + math.erf(lower / math.sqrt(2)))
     cdf_hi = 0.5 * (1 + math.erf(upper / math.sqrt(2)))
-    u = cdf_lo + (cdf_hi - cdf_lo) * _open_uniform(k, _shape(shape)).to(torch.float64)
+    u = cdf_lo + (cdf_hi - cdf_lo) * (0.5 + 0.5 * _signed_unit(k, _shape(shape)).to(torch.float64))
     x = math.sqrt(2.0) * torch.erfinv(2.0 * u - 1.0)
     return x.clamp(lower, upper).to(dtype)
 

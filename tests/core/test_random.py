@@ -101,3 +101,13 @@ def test_same_numbers_on_gpu():
     k = pr.key(5)
     assert torch.equal(pr.bits(k, (1000,)), pr.bits(k.cuda(), (1000,)).cpu())
     torch.testing.assert_close(pr.normal(k, (1000,)), pr.normal(k.cuda(), (1000,)).cpu())
+
+
+def test_extreme_bits_give_finite_normals(monkeypatch):
+    # The largest and smallest 32-bit words must map strictly inside (0, 1): erfinv(+-1) = inf.
+    for word in (0xFFFFFFFF, 0):
+        monkeypatch.setattr(pr, "bits", lambda k, shape, w=word: torch.full(tuple(shape), w, dtype=torch.int64))
+        z = pr.normal(pr.key(0), (4,))
+        assert torch.isfinite(z).all() and 5.0 < z.abs().min() < 5.5
+        t = pr.truncated_normal(pr.key(0), (4,), -2.0, 2.0)
+        assert torch.isfinite(t).all() and t.abs().max() <= 2.0
