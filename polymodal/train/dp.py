@@ -73,27 +73,37 @@ def gaussian_noise(key: Tensor, like: Params, std: float, *, noise: str = "gener
     """
     if noise not in ("generator", "portable"):
         raise ValueError(f"gaussian_noise: noise must be 'generator' or 'portable', got {noise!r}")
-    flat = {k: v for k, v in pytree.flatten(like).items()}
+    flat = pytree.flatten(like)
     keys = pr.split(key, max(len(flat), 1))
-    out = {}
-    for (name, t), k in zip(flat.items(), keys):
-        if noise == "portable":
-            z = pr.normal(k.to(t.device), t.shape, dtype=t.dtype)
-        else:
-            w0, w1 = pr.bits(k, (2,)).tolist()
-            gen = torch.Generator(device=t.device).manual_seed((w0 << 32 | w1) & ((1 << 63) - 1))
-            z = torch.randn(t.shape, generator=gen, device=t.device, dtype=t.dtype)
-        out[name] = z * std
-    return grads_tree(like, out)
+    return grads_tree(like, {name: _normal(k, t, noise).mul_(std) for (name, t), k in zip(flat.items(), keys)})
 
 
-def _vmap_clip(loss_fn, params, batch, max_grad_norm, trainable, key, mask, chunk_size, has_aux):
+def _normal(k: Tensor, like: Tensor, noise: str) -> Tensor:
+    """Standard normal draws shaped like ``like``, from the key ``k``."""
+    if noise == "portable":
+        return pr.normal(k.to(like.device), like.shape, dtype=like.dtype)
+    w0, w1 = pr.bits(k, (2,)).tolist()
+    gen = torch.Generator(device=like.device).manual_seed((w0 << 32 | w1) & ((1 << 63) - 1))
+    return torch.randn(like.shape, generator=gen, device=like.device, dtype=like.dtype)
+
+
+def _add_noise(sums: Any, key: Tensor, std: float, noise: str) -> Any:
+    """``sums + N(0, std^2)`` in place, with :func:`gaussian_noise`'s draws."""
+    flat = pytree.flatten(sums)
+    keys = pr.split(key, max(len(flat), 1))
+    for (name, s), k in zip(flat.items(), keys):
+        if std > 0:
+            s.add_(_normal(k, s, noise), alpha=std)
+    return sums
+
+
+def _vmap_clip(loss_fn, params, batch, max_grad_norm, trainable, key, mask, chunk_size, has_aux, scale):
     """The reference path: full per-example gradients (chunked vmap), then clip and sum."""
     names = trainable_names(params, trainable)
     parts = list(_chunks(loss_fn, params, names, batch, key, chunk_size, has_aux))
-    flat = {k: torch.cat([g[k] for g, _, _ in parts]) for k in names}
+    flat = parts[0][0] if len(parts) == 1 else {k: torch.cat([g[k] for g, _, _ in parts]) for k in names}
     norms = torch.stack([v.reshape(v.shape[0], -1).pow(2).sum(1) for v in flat.values()]).sum(0).sqrt()
-    c = clip_factors(norms, max_grad_norm, mask)
+    c = clip_factors(norms, max_grad_norm, mask) * scale
     sums = {k: torch.tensordot(c.to(v.dtype), v, dims=1) for k, v in flat.items()}
     losses = torch.cat([l for _, l, _ in parts])
     return grads_tree(params, sums), norms, losses, _cat_aux([a for _, _, a in parts]), ()
@@ -130,6 +140,8 @@ def dp_train_step(loss_fn: Callable, params: Params, batch: Any, *, max_grad_nor
         raise ValueError(f"dp_train_step: noise_multiplier must be >= 0, got {noise_multiplier!r}")
     if not expected_batch_size > 0:
         raise ValueError(f"dp_train_step: expected_batch_size must be > 0, got {expected_batch_size!r}")
+    if noise not in ("generator", "portable"):
+        raise ValueError(f"dp_train_step: noise must be 'generator' or 'portable', got {noise!r}")
     n = batch_size(batch)
     if mask is not None:
         if not isinstance(mask, Tensor) or mask.shape != (n,) or mask.dtype != torch.bool:
@@ -138,15 +150,15 @@ def dp_train_step(loss_fn: Callable, params: Params, batch: Any, *, max_grad_nor
     lk = None if loss_key is None else pr.fold_in(loss_key, step)
     if method == "ghost":
         res = ghost_clip(loss_fn, params, batch, max_grad_norm=max_grad_norm, trainable=trainable, key=lk, mask=mask,
-                         chunk_size=chunk_size, has_aux=has_aux)
+                         chunk_size=chunk_size, has_aux=has_aux, scale=1.0 / expected_batch_size)
         sums, norms, losses, aux, fallback = res.grads, res.norms, res.losses, res.aux, res.fallback
     elif method == "vmap":
         sums, norms, losses, aux, fallback = _vmap_clip(loss_fn, params, batch, max_grad_norm, trainable, lk, mask,
-                                                        chunk_size, has_aux)
+                                                        chunk_size, has_aux, 1.0 / expected_batch_size)
     else:
         raise ValueError(f"dp_train_step: method must be 'ghost' or 'vmap', got {method!r}")
-    noise_tree = gaussian_noise(pr.fold_in(key, step), sums, noise_multiplier * max_grad_norm, noise=noise)
-    grads = pytree.tree_map(lambda s, z: None if s is None else (s + z) / expected_batch_size, sums, noise_tree)
+    # the sums come divided by the expected batch size (folded into the clip factors)
+    grads = _add_noise(sums, pr.fold_in(key, step), noise_multiplier * max_grad_norm / expected_batch_size, noise)
     real = torch.ones(n, dtype=torch.bool, device=norms.device) if mask is None else mask.to(norms.device)
     count = max(int(real.sum()), 1)
     loss = (losses * real.to(losses.dtype)).sum() / count

@@ -81,6 +81,9 @@ class _PerExample:
             name, rows = target
             p = self.leaves[name]
             buf = self.dense.get(name)
+            if buf is None and rows is None:  # first contribution: keep it (it is ours)
+                self.dense[name] = value.reshape((self.n,) + tuple(p.shape))
+                return
             if buf is None:
                 buf = self.dense[name] = p.new_zeros((self.n,) + tuple(p.shape))
             if rows is None:
@@ -122,7 +125,8 @@ def _overlap(groups: dict) -> bool:
 
 def ghost_clip(loss_fn: Callable, params: Params, batch: Any, *, max_grad_norm: float | None,
                trainable: Trainable = None, key: Tensor | None = None, mask: Tensor | None = None,
-               chunk_size: int | None = None, has_aux: bool = False) -> GhostResult:
+               chunk_size: int | None = None, has_aux: bool = False, scale: float = 1.0,
+               materialize_all: bool = False) -> GhostResult:
     """Per-example gradient norms and (with ``max_grad_norm``) the sum of clipped per-example gradients.
 
     Args:
@@ -133,6 +137,9 @@ def ghost_clip(loss_fn: Callable, params: Params, batch: Any, *, max_grad_norm: 
         key: passed to ``loss_fn`` for the batch pass; the vmap fallback uses ``fold_in(key, i)``.
         mask: ``(B,)`` bool, False for Poisson padding rows (their clip factor is 0).
         chunk_size: examples per vmap call of the fallback.
+        scale: multiplies the clipped sum (folded into the clip factors: e.g. ``1 / batch size``).
+        materialize_all: return the full per-example gradients as ``grads`` (``(B, *p.shape)``
+            leaves, ``norms=None``) instead: per-sample gradients from the same trace.
 
     Returns:
         :class:`GhostResult` ``(grads, norms (B,), losses (B,), aux, fallback)``.
@@ -157,12 +164,19 @@ def ghost_clip(loss_fn: Callable, params: Params, batch: Any, *, max_grad_norm: 
         tap_grads = got[1:]
     losses = losses.detach()  # drops the forward graph (and whatever it saved) before the sums
     with torch.no_grad():
-        return _finish(loss_fn, params, batch, names, leaves, tracer, tap_grads, fallback, losses, aux,
-                       max_grad_norm, key, mask, chunk_size, has_aux)
+        per, groups = _collect(loss_fn, params, batch, names, leaves, tracer, tap_grads, fallback, key, chunk_size,
+                               has_aux, materialize_all)
+        if materialize_all:
+            for k in names:
+                if k not in per.dense:  # unused by the loss: zero gradients
+                    per.dense[k] = leaves[k].new_zeros((n,) + tuple(leaves[k].shape))
+            return GhostResult(grads_tree(params, per.dense), None, losses, aux, tuple(k for k in names if k in fallback))
+        return _finish(params, names, leaves, per, groups, tracer.n, fallback, losses, aux, max_grad_norm, mask, scale)
 
 
-def _finish(loss_fn, params, batch, names, leaves, tracer, tap_grads, fallback, losses, aux, max_grad_norm, key,
-            mask, chunk_size, has_aux) -> GhostResult:
+def _collect(loss_fn, params, batch, names, leaves, tracer, tap_grads, fallback, key, chunk_size, has_aux,
+             materialize_all) -> tuple[_PerExample, dict]:
+    """Sort the recorded sources: per-example tensors (``per``) and ghost groups ``{name: {rows: calls}}``."""
     n = tracer.n
     per = _PerExample(leaves, n)
     groups: dict[str, dict] = {}
@@ -188,40 +202,47 @@ def _finish(loss_fn, params, batch, names, leaves, tracer, tap_grads, fallback, 
         groups.pop(name, None)
         per.dense.pop(name, None)
     for name in list(groups):  # mixed sources or overlapping row slices: materialise those too
-        if name in per.dense or _overlap(groups[name]):
+        if materialize_all or name in per.dense or _overlap(groups[name]):
             for rows, calls in groups.pop(name).items():
                 per.add((name, rows), materialize(calls, *_dims(leaves[name], rows)))
     if fallback:
         fb = [k for k in names if k in fallback]
         parts = [g for g, _, _ in _chunks(loss_fn, params, fb, batch, key, chunk_size, has_aux)]
         for k in fb:
-            per.dense[k] = torch.cat([p[k] for p in parts])
+            per.dense[k] = parts[0][k] if len(parts) == 1 else torch.cat([p[k] for p in parts])
+    return per, groups
 
+
+def _finish(params, names, leaves, per, groups, n, fallback, losses, aux, max_grad_norm, mask, scale) -> GhostResult:
     sq = torch.zeros(n, dtype=torch.float64 if any(v.dtype == torch.float64 for v in leaves.values()) else torch.float32,
                      device=next(iter(leaves.values())).device)
     for v in per.dense.values():
         sq = sq + v.reshape(v.shape[0], -1).pow(2).sum(1).to(sq.dtype)
+    grams: dict = {}
     for name, by_rows in groups.items():
         for rows, calls in by_rows.items():
-            sq = sq + sq_norms(calls, *_dims(leaves[name], rows)).to(sq.dtype)
+            sq = sq + sq_norms(calls, *_dims(leaves[name], rows), grams).to(sq.dtype)
+    grams.clear()
     norms = sq.sqrt()
 
     grads = None
     if max_grad_norm is not None:
-        c = clip_factors(norms, max_grad_norm, mask)
+        c = clip_factors(norms, max_grad_norm, mask) * scale
         sums: dict[str, Tensor] = {}
+        scaled: dict = {}
         for name in names:
             p = leaves[name]
             if name in per.dense:
-                sums[name] = torch.tensordot(c.to(p.dtype), per.dense[name], dims=1)
+                sums[name] = torch.tensordot(c.to(p.dtype), per.dense.pop(name), dims=1)
+                continue
+            by_rows = groups.pop(name, {})
+            if list(by_rows) == [None]:
+                sums[name] = clipped_sum(by_rows[None], c, *_dims(p, None), scaled).reshape(p.shape)
                 continue
             out = p.new_zeros(p.shape)
-            for rows, calls in groups.get(name, {}).items():
-                m = clipped_sum(calls, c, *_dims(p, rows))
-                if rows is None:
-                    out += m.reshape(p.shape)
-                else:
-                    out[rows[0]:rows[1]] += m.reshape((rows[1] - rows[0],) + tuple(p.shape[1:]))
+            for rows, calls in by_rows.items():
+                m = clipped_sum(calls, c, *_dims(p, rows), scaled)
+                out[rows[0]:rows[1]] += m.reshape((rows[1] - rows[0],) + tuple(p.shape[1:]))
             sums[name] = out
         grads = grads_tree(params, sums)
     return GhostResult(grads, norms, losses, aux, tuple(k for k in names if k in fallback))

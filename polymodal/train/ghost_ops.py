@@ -113,6 +113,15 @@ def _gram_g(c: Call, gc: Tensor | None, d: Call, gd: Tensor | None) -> Tensor:
     return torch.bmm(gc, gd.transpose(1, 2))
 
 
+def _gram_a(c: Call, ac: Tensor, d: Call, ad: Tensor, cache: dict | None) -> Tensor:
+    """``A_c A_d^T`` ``(B, Tc, Td)``, shared through ``cache`` between calls that read the same input."""
+    if c is d and cache is not None and c.kind == "linear":
+        if id(c.x) not in cache:
+            cache[id(c.x)] = torch.bmm(ac, ac.transpose(1, 2))
+        return cache[id(c.x)]
+    return torch.bmm(ac, ad.transpose(1, 2))
+
+
 def _length(c: Call) -> int:
     """``T`` of the call's linear form, from shapes only."""
     if c.kind == "linear":
@@ -140,8 +149,10 @@ def materialize(calls: Sequence[Call], d_out: int, d_in: int, start: int = 0, st
     return out
 
 
-def sq_norms(calls: Sequence[Call], d_out: int, d_in: int) -> Tensor:
-    """Squared Frobenius norms ``(B,)`` of the per-example ``sum_c G_c^T A_c`` (see the module doc)."""
+def sq_norms(calls: Sequence[Call], d_out: int, d_in: int, cache: dict | None = None) -> Tensor:
+    """Squared Frobenius norms ``(B,)`` of the per-example ``sum_c G_c^T A_c`` (see the module doc).
+
+    ``cache`` (``id(x) -> A A^T``) shares the input Gram between calls that read the same tensor."""
     b = calls[0].batch
     t = sum(_length(c) for c in calls)
     if all(c.kind == "embedding" for c in calls):
@@ -158,7 +169,7 @@ def sq_norms(calls: Sequence[Call], d_out: int, d_in: int) -> Tensor:
         for i, c in enumerate(calls):
             for j in range(i, len(calls)):
                 gram_g = _gram_g(c, g[i], calls[j], g[j])
-                s = (_float(torch.bmm(a[i], a[j].transpose(1, 2))) * _float(gram_g)).sum((1, 2))
+                s = (_float(_gram_a(c, a[i], calls[j], a[j], cache)) * _float(gram_g)).sum((1, 2))
                 s = s if i == j else 2 * s
                 total = s if total is None else total + s
         return total
@@ -167,29 +178,43 @@ def sq_norms(calls: Sequence[Call], d_out: int, d_in: int) -> Tensor:
                       for s in range(0, b, step)])
 
 
-def clipped_sum(calls: Sequence[Call], factors: Tensor, d_out: int, d_in: int) -> Tensor:
-    """Book-keeping: ``sum_i factors_i * sum_c G_{c,i}^T A_{c,i}`` as ``(d_out, d_in)``, one matmul per call."""
+def clipped_sum(calls: Sequence[Call], factors: Tensor, d_out: int, d_in: int, cache: dict | None = None) -> Tensor:
+    """Book-keeping: ``sum_i factors_i * sum_c G_{c,i}^T A_{c,i}`` as ``(d_out, d_in)``, one matmul per call.
+
+    The factors scale the narrower of ``A``/``G``; ``cache`` (``id(x) -> c * A``) shares a scaled
+    input between calls that read the same tensor (``in_proj_weight[:n]`` and ``[n:]``)."""
     out = None
     for c in calls:
-        a = c.a()
-        w = factors.to(a.dtype).reshape(-1, 1, 1)
+        w = factors.to(c.x.dtype if c.x.is_floating_point() else c.g.dtype).reshape(-1, 1, 1)
         if c.kind == "embedding":
+            a = c.a()
             m = a.new_zeros(d_out, d_in).index_add_(0, c.ids().reshape(-1), (a * w).reshape(-1, d_in))
         else:
             g = c.gmat()
-            if g.shape[-1] <= a.shape[-1]:
+            if g.shape[-1] < d_in:
+                a = c.a()
                 g = g * w
+            elif cache is not None and c.kind == "linear" and id(c.x) in cache:
+                a = cache[id(c.x)]
             else:
-                a = a * w
+                a = c.a() * w
+                if cache is not None and c.kind == "linear":
+                    cache[id(c.x)] = a
             m = g.reshape(-1, d_out).T @ a.reshape(-1, d_in)
         out = m if out is None else out + m
     return out
 
 
 def _reduce(t: Tensor, keep_last: int) -> Tensor:
-    """Sum over the middle axes: ``(B, *mid, *last) -> (B, *last)``."""
-    axes = tuple(range(1, t.dim() - keep_last))
-    return t.sum(axes) if axes else t
+    """Sum over the middle axes: ``(B, *mid, *last) -> (B, *last)``.
+
+    One ``ones @ t_i`` (gemv) per example: on CPU several times faster than ``t.sum(1)``."""
+    if t.dim() - keep_last <= 1:
+        return t
+    last = tuple(t.shape[t.dim() - keep_last:])
+    t3 = t.reshape(t.shape[0], -1, math.prod(last))
+    ones = t3.new_ones(t3.shape[1])
+    return torch.stack([ones @ ti for ti in t3]).reshape((t.shape[0],) + last)
 
 
 # --- autograd functions: forward as usual, backward records G and returns no weight gradient --

@@ -13,7 +13,7 @@ from polymodal.core import pytree
 from polymodal.core import random as pr
 from polymodal.core.layers import BatchNorm2d, Conv, Linear
 from polymodal.train.ghost import clip_factors, ghost_clip
-from polymodal.train.per_sample import per_sample_grad_norms
+from polymodal.train.per_sample import per_sample_grad_norms, per_sample_grads
 from test_dp_models import CASES, Case, losses_of, loop_grads
 
 TOL = dict(rtol=1e-4, atol=1e-5)
@@ -48,6 +48,20 @@ def test_ghost_equals_exact(name, n, seed):
     torch.testing.assert_close(norms[0] if case.has_aux else norms, out.norms)
 
 
+@pytest.mark.parametrize("name", sorted(CASES))
+@settings(max_examples=2, deadline=None)
+@given(n=st.integers(1, 5), chunk=st.sampled_from([None, 2]))
+def test_trace_per_sample_grads_equal_loop(name, n, chunk):
+    case = CASES[name]
+    batch = case.batch(n, n)
+    out = per_sample_grads(case.loss, case.params, batch, method="trace", chunk_size=chunk, has_aux=case.has_aux)
+    got = pytree.flatten(out[0] if case.has_aux else out)
+    ref = loop_grads(case, batch)
+    assert sorted(got) == sorted(ref)
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], **TOL, msg=lambda m: f"{k}: {m}")
+
+
 @pytest.mark.parametrize("name", sorted(n for n, c in CASES.items() if c.uses_key))
 def test_ghost_with_dropout_equals_jacobian_of_the_batch(name):
     """With a key the batch pass draws one dropout mask for the batch; the reference is the
@@ -61,6 +75,9 @@ def test_ghost_with_dropout_equals_jacobian_of_the_batch(name):
     _check(case, batch, ref, out, 1.0)
     no_drop = ghost_clip(case.loss, case.params, batch, max_grad_norm=1.0)
     assert not torch.allclose(no_drop.norms, out.norms)
+    traced = pytree.flatten(per_sample_grads(case.loss, case.params, batch, key=key, method="trace"))
+    for k in ref:
+        torch.testing.assert_close(traced[k], ref[k], **TOL, msg=lambda m: f"{k}: {m}")
 
 
 def test_mask_zeroes_padding_rows_and_frozen_subtrees():
