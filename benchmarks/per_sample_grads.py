@@ -2,7 +2,7 @@
 
 Reproduce (writes ``benchmarks/results/per_sample_grads.md``)::
 
-    .venv/bin/python benchmarks/per_sample_grads.py            # ~2 minutes on 2 CPU cores
+    .venv/bin/python benchmarks/per_sample_grads.py            # ~4 minutes on 2 CPU cores
     .venv/bin/python benchmarks/per_sample_grads.py --quick    # fewer repetitions
     python benchmarks/per_sample_grads.py --device cuda --threads 0 --out /tmp/gpu.md
 
@@ -167,7 +167,7 @@ def check(args, b) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--batch", type=int, nargs="+", default=[16, 64])
-    ap.add_argument("--seq", type=int, default=32)
+    ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: leave torch's default)")
     ap.add_argument("--device", default="cpu")
