@@ -43,7 +43,7 @@ from torch import Tensor
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 
-from polymodal.core.pytree import Params, leaves, tree_map
+from polymodal.core.pytree import Params, flatten, leaves, tree_map
 from polymodal.core.layers.seam import Policy
 
 __all__ = [
@@ -329,8 +329,6 @@ def gather_rest(params: Params, mp_policy: MixedPrecision | None = None, *, stac
         return _gather_leaf(t, mp)
 
     if stacks is not None:
-        from polymodal.core.pytree import flatten
-
         known = {k.rsplit(".", n)[0] for k in flatten(params) for n in range(k.count(".") + 1)}
         unknown = sorted(s for s in keep if s not in known)
         if unknown:
