@@ -22,7 +22,7 @@ demo: $(STAMP)
 	$(PY) -m polymodal.demo
 
 test: $(STAMP)
-	$(PY) -m pytest -n $(JOBS) tests
+	$(PY) -m pytest -n $(JOBS) -q --durations=15 tests
 
 bench: $(STAMP)
 	$(PY) benchmarks/run.py $(ARGS)
