@@ -63,3 +63,12 @@ __all__ += ["MultimodalGPT"]
 from .clip import CLIP, CLIPModifiedResNet, CLIPTextTransformer, CLIPVisionTransformer  # noqa: E402
 
 __all__ += ["CLIP", "CLIPVisionTransformer", "CLIPModifiedResNet", "CLIPTextTransformer"]
+
+TransformerEncoderLayer = shell_class(_L.TransformerEncoderLayer)
+TransformerDecoderLayer = shell_class(_L.TransformerDecoderLayer)
+TransformerEncoder = shell_class(_L.TransformerEncoder)
+TransformerDecoder = shell_class(_L.TransformerDecoder)
+AttentionPooler = shell_class(_L.AttentionPooler)
+CascadedAttentionPooler = shell_class(_L.CascadedAttentionPooler)
+__all__ += ["TransformerEncoderLayer", "TransformerDecoderLayer", "TransformerEncoder", "TransformerDecoder",
+            "AttentionPooler", "CascadedAttentionPooler"]

@@ -236,3 +236,22 @@ def test_bad_inputs_name_what_was_expected():
         dec(dec.init(key=pr.key(0)), torch.ones(1, 2, 16))
     with pytest.raises(ValueError, match="cache with 2 layers"):
         dec(dec.init(key=pr.key(0)), torch.ones(1, 2, 16), torch.ones(1, 2, 16), cache=[{}])
+
+
+def test_stack_shells_state_dict_and_torch_parity():
+    from polymodal import nn as pnn
+
+    torch.manual_seed(0)
+    enc = pnn.TransformerEncoder(TransformerEncoderLayer(16, 4, 32, norm_first=True), 2, final_norm=True).eval()
+    ref = torch.nn.TransformerEncoder(torch.nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True,
+                                                                       norm_first=True),
+                                      2, norm=torch.nn.LayerNorm(16), enable_nested_tensor=False).eval()
+    assert sorted(enc.state_dict()) == sorted(ref.state_dict())
+    ref.load_state_dict(enc.state_dict())
+    x = rand(0, 2, 5, 16)
+    torch.testing.assert_close(enc(x).last_hidden_state, ref(x), rtol=1e-5, atol=1e-5)
+    dec = pnn.TransformerDecoder(TransformerDecoderLayer(16, 4, 32), 2, cross_attention_every=2)
+    assert "layers.0.multihead_attn.in_proj_weight" in dec.state_dict()
+    assert not any(k.startswith("layers.1.multihead_attn") for k in dec.state_dict())
+    pool = pnn.AttentionPooler(12, 16, 4, num_queries=3)
+    assert pool(rand(1, 2, 7, 12)).shape == (2, 3, 16)
