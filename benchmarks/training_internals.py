@@ -50,7 +50,7 @@ from polymodal.core import random as pr  # noqa: E402
 from polymodal.core.layers import Linear, PatchEmbedding  # noqa: E402
 from polymodal.core.layers.seam import use_policy  # noqa: E402
 from polymodal.core.layers.transformer import TransformerEncoder, TransformerEncoderLayer  # noqa: E402
-from polymodal.core.pytree import leaves, num_bytes, num_params  # noqa: E402
+from polymodal.core.pytree import leaves, num_params  # noqa: E402
 from polymodal.core.spec import Spec  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "training_internals.md"
