@@ -44,7 +44,7 @@ from polymodal.core import random as pr
 from polymodal.core.pytree import Params
 
 from .ghost import clip_factors, ghost_clip
-from .per_sample import Trainable, _cat_aux, _chunks, batch_size, grads_tree, trainable_names
+from .per_sample import Trainable, _cat_aux, _chunks, batch_size, grads_tree, sq_norms_of, trainable_names
 from .privacy import make_accountant, noise_multiplier_for_epsilon
 
 __all__ = ["dp_train_step", "DPSGD", "DPStepOutput", "gaussian_noise", "noise_multiplier_for"]
@@ -102,7 +102,7 @@ def _vmap_clip(loss_fn, params, batch, max_grad_norm, trainable, key, mask, chun
     names = trainable_names(params, trainable)
     parts = list(_chunks(loss_fn, params, names, batch, key, chunk_size, has_aux))
     flat = parts[0][0] if len(parts) == 1 else {k: torch.cat([g[k] for g, _, _ in parts]) for k in names}
-    norms = torch.stack([v.reshape(v.shape[0], -1).pow(2).sum(1) for v in flat.values()]).sum(0).sqrt()
+    norms = torch.stack([sq_norms_of(v) for v in flat.values()]).sum(0).sqrt()
     c = clip_factors(norms, max_grad_norm, mask) * scale
     sums = {k: torch.tensordot(c.to(v.dtype), v, dims=1) for k, v in flat.items()}
     losses = torch.cat([l for _, l, _ in parts])

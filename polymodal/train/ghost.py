@@ -43,11 +43,14 @@ import torch
 from torch import Tensor
 
 from polymodal.core import pytree
+from polymodal.core.layers.seam import compose, current_policy, use_policy
 from polymodal.core.pytree import Params
 
 from .ghost_ops import Call, clipped_sum, materialize, sq_norms
 from .ghost_trace import Tracer, reachable
-from .per_sample import Trainable, _check_losses, _chunks, batch_size, call_loss, grads_tree, trainable_names, with_leaves
+from .per_sample import (
+    Trainable, _check_losses, _chunks, batch_size, call_loss, grads_tree, sq_norms_of, trainable_names, with_leaves,
+)
 
 __all__ = ["ghost_clip", "GhostResult", "clip_factors"]
 
@@ -151,10 +154,17 @@ def ghost_clip(loss_fn: Callable, params: Params, batch: Any, *, max_grad_norm: 
         raise ValueError(f"ghost_clip: mask: expected a ({n},) tensor, got {getattr(mask, 'shape', type(mask).__name__)}")
     names = trainable_names(params, trainable)
     flat = pytree.flatten(params)
+    if n == 0:  # an empty (Poisson) batch: zero norms and sums, the model is not run
+        zeros = {k: flat[k].new_zeros(((0,) if materialize_all else ()) + tuple(flat[k].shape)) for k in names}
+        grads = grads_tree(params, zeros) if (max_grad_norm is not None or materialize_all) else None
+        empty = torch.zeros(0, device=flat[names[0]].device)
+        return GhostResult(grads, None if materialize_all else empty, empty, None, ())
     leaves = {k: flat[k].detach().requires_grad_() for k in names}
     tracer = Tracer(leaves, n)
     tracer.add_data(batch)
-    with tracer:
+    # inside the block seam's policies, so that blocks recomputed in backward (activation
+    # checkpointing) are traced again
+    with use_policy(compose(current_policy(), tracer.seam_policy)), tracer:
         losses, aux = call_loss(loss_fn, with_leaves(params, leaves), batch, key, has_aux)
     _check_losses(losses, n, "ghost_clip")
     fallback = reachable(losses, tracer.names)
@@ -205,6 +215,8 @@ def _collect(loss_fn, params, batch, names, leaves, tracer, tap_grads, fallback,
         if materialize_all or name in per.dense or _overlap(groups[name]):
             for rows, calls in groups.pop(name).items():
                 per.add((name, rows), materialize(calls, *_dims(leaves[name], rows)))
+                for call in calls:
+                    call.x = call.g = None
     if fallback:
         fb = [k for k in names if k in fallback]
         parts = [g for g, _, _ in _chunks(loss_fn, params, fb, batch, key, chunk_size, has_aux)]
@@ -217,12 +229,11 @@ def _finish(params, names, leaves, per, groups, n, fallback, losses, aux, max_gr
     sq = torch.zeros(n, dtype=torch.float64 if any(v.dtype == torch.float64 for v in leaves.values()) else torch.float32,
                      device=next(iter(leaves.values())).device)
     for v in per.dense.values():
-        sq = sq + v.reshape(v.shape[0], -1).pow(2).sum(1).to(sq.dtype)
-    grams: dict = {}
+        sq = sq + sq_norms_of(v).to(sq.dtype)
     for name, by_rows in groups.items():
+        grams: dict = {}  # input Grams shared by the row slices of one weight
         for rows, calls in by_rows.items():
             sq = sq + sq_norms(calls, *_dims(leaves[name], rows), grams).to(sq.dtype)
-    grams.clear()
     norms = sq.sqrt()
 
     grads = None
@@ -238,11 +249,15 @@ def _finish(params, names, leaves, per, groups, n, fallback, losses, aux, max_gr
             by_rows = groups.pop(name, {})
             if list(by_rows) == [None]:
                 sums[name] = clipped_sum(by_rows[None], c, *_dims(p, None), scaled).reshape(p.shape)
-                continue
-            out = p.new_zeros(p.shape)
-            for rows, calls in by_rows.items():
-                m = clipped_sum(calls, c, *_dims(p, rows), scaled)
-                out[rows[0]:rows[1]] += m.reshape((rows[1] - rows[0],) + tuple(p.shape[1:]))
-            sums[name] = out
+            else:
+                out = p.new_zeros(p.shape)
+                for rows, calls in by_rows.items():
+                    m = clipped_sum(calls, c, *_dims(p, rows), scaled)
+                    out[rows[0]:rows[1]] += m.reshape((rows[1] - rows[0],) + tuple(p.shape[1:]))
+                sums[name] = out
+            scaled.clear()
+            for calls in by_rows.values():  # free A and G as we go: the sums take their place
+                for call in calls:
+                    call.x = call.g = None
         grads = grads_tree(params, sums)
     return GhostResult(grads, norms, losses, aux, tuple(k for k in names if k in fallback))

@@ -20,6 +20,17 @@ Anything else that uses a parameter keeps its autograd edge; the DP step finds t
 parameters in the graph and computes them exactly with vmap (the fallback). The one
 assumption, shared with every per-sample method, is that axis 0 indexes examples and examples
 do not interact.
+
+>>> import torch
+>>> from polymodal.core import random as pr
+>>> from polymodal.core.layers import LayerNorm, Linear
+>>> lin, ln = Linear(3, 2), LayerNorm(2)
+>>> p = {"lin": lin.init(key=pr.key(0)), "ln": ln.init(key=None)}
+>>> leaves = {"lin.weight": p["lin"]["weight"].requires_grad_(), "ln.weight": p["ln"]["weight"].requires_grad_()}
+>>> with Tracer(leaves, batch_size=4) as t:
+...     y = ln(p["ln"], lin(p["lin"], torch.randn(4, 5, 3)))
+>>> [(target, call.kind) for target, call, _ in t.calls + t.norms]
+[(('lin.weight', None), 'linear'), (('ln.weight', None), 'layer_norm')]
 """
 
 from __future__ import annotations
@@ -102,6 +113,23 @@ class Tracer(TorchFunctionMode):
         self.taps: list[Tap] = []
         device = next(iter(leaves.values())).device if leaves else None
         self.anchor = torch.zeros(0, device=device, requires_grad=True)
+        self.depth = 0  # how many times this mode is entered (it must not stack on itself)
+
+    def __enter__(self):
+        self.depth += 1
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        self.depth -= 1
+        return super().__exit__(*exc)
+
+    def seam_policy(self, call, index, params, x, key, extra):
+        """A block-seam policy: run the block under this tracer if it is not active (as when
+        activation checkpointing recomputes the block during backward)."""
+        if self.depth:
+            return call(params, x, key, extra)
+        with self:
+            return call(params, x, key, extra)
 
     # -- classification --------------------------------------------------------------------
 
@@ -210,7 +238,7 @@ class Tracer(TorchFunctionMode):
         tw, tb = self.target(w), self.target(b)
         if (not self._batched(x, len(shape) + 1) or tw is False or tb is False or (tw is None and tb is None)):
             return NotImplemented
-        call = Call("layer_norm", x)
+        call = Call("layer_norm", None)  # keeps only the per-example affine gradients
         self.norms.append((tw, call, tb))
         return LayerNormFn.apply(self.anchor, x, None if w is None else w.detach(), None if b is None else b.detach(),
                                  call, shape, a["eps"])

@@ -51,7 +51,7 @@ from polymodal.core.pytree import Params
 
 __all__ = [
     "per_sample_grads", "per_sample_grad_norms", "trainable_names", "batch_size", "example_keys",
-    "call_loss", "with_leaves", "grads_tree", "Trainable",
+    "call_loss", "with_leaves", "grads_tree", "sq_norms_of", "Trainable",
 ]
 
 Trainable = Union[None, str, Sequence[str], Callable[[str], bool], Mapping[str, Any]]
@@ -175,6 +175,12 @@ def grads_tree(params: Params, flat: Mapping[str, Tensor]) -> Any:
     return _substitute(params, flat, "", lambda t: None)
 
 
+def sq_norms_of(per_example: Tensor) -> Tensor:
+    """``(B,)`` squared norms of per-example tensors ``(B, *shape)`` (any shape, any B including 0)."""
+    t = per_example.pow(2)
+    return t.sum(tuple(range(1, t.dim()))) if t.dim() > 1 else t
+
+
 def _slice(batch: Any, start: int, stop: int) -> Any:
     return tpt.tree_map(lambda t: t[start:stop], batch)
 
@@ -207,12 +213,22 @@ def _chunks(loss_fn: Callable, params: Params, names: Sequence[str], batch: Any,
         spec[:] = [tspec, [None if isinstance(v, Tensor) else v for v in leaves]]
         return losses[0], (losses[0].detach(), [v for v in leaves if isinstance(v, Tensor)])
 
+    if n == 0:  # an empty (Poisson) batch: nothing to run
+        yield {k: v.new_zeros((0,) + tuple(v.shape)) for k, v in train.items()}, torch.zeros(0), None
+        return
     fn = vmap(grad(one, has_aux=True), in_dims=(None, 0, None if key is None else 0))
     step = n if chunk_size is None else chunk_size
     for start in range(0, n, step):
         stop = min(n, start + step)
         keys = None if key is None else example_keys(key, start, stop)
-        g, (losses, tensors) = fn(train, _slice(batch, start, stop), keys)
+        try:
+            g, (losses, tensors) = fn(train, _slice(batch, start, stop), keys)
+        except RuntimeError as e:
+            if "saved tensor hooks" in str(e):
+                raise RuntimeError("per-sample gradients by vmap cannot run under activation checkpointing "
+                                   "(torch.func does not support saved tensor hooks); use method='trace' "
+                                   "or the norm-only DP step, which support the seam's checkpoint policy") from e
+            raise
         it = iter(tensors)
         aux = tpt.tree_unflatten([next(it) if v is None else v for v in spec[1]], spec[0]) if has_aux else None
         yield g, losses, aux
@@ -261,8 +277,8 @@ def per_sample_grads(loss_fn: Callable, params: Params, batch: Any, *, trainable
 
         _check_chunk(chunk_size)
         n = batch_size(batch)
-        step = n if chunk_size is None else chunk_size
-        for start in range(0, n, step):
+        step = max(n, 1) if chunk_size is None else chunk_size
+        for start in range(0, max(n, 1), step):
             k = key if key is None or step >= n else pr.fold_in(key, start)
             out = ghost_clip(loss_fn, params, _slice(batch, start, min(n, start + step)), max_grad_norm=None,
                              trainable=names.__contains__, key=k, has_aux=has_aux, materialize_all=True)
@@ -304,7 +320,7 @@ def per_sample_grad_norms(loss_fn: Callable, params: Params, batch: Any, *, trai
     names = trainable_names(params, trainable)
     norms, auxs = [], []
     for g, _, aux in _chunks(loss_fn, params, names, batch, key, chunk_size, has_aux):
-        norms.append(torch.stack([g[k].reshape(g[k].shape[0], -1).pow(2).sum(1) for k in names]).sum(0).sqrt())
+        norms.append(torch.stack([sq_norms_of(g[k]) for k in names]).sum(0).sqrt())
         auxs.append(aux)
     out = torch.cat(norms)
     return (out, _cat_aux(auxs)) if has_aux else out

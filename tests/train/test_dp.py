@@ -135,3 +135,93 @@ def test_errors():
         gaussian_noise(pr.key(0), {"w": torch.zeros(2)}, 1.0, noise="urandom")
     with pytest.raises(ValueError, match="exactly one of steps or epochs"):
         noise_multiplier_for(1.0, delta=1e-5, sample_rate=0.1)
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook")
+def test_norms_equal_opacus_on_the_same_vit():
+    """Our per-example norms (norm-only path) and gradients (vmap) equal Opacus's GradSampleModule
+    on the same ViT built from torch.nn layers, weights copied. (Attention is nn.Linear layers
+    around SDPA: opacus 1.6's DPMultiheadAttention(batch_first=True) views its (B*H, T, Dh)
+    output as (B, T, D), mixing heads and positions, and its sequence-first form feeds (T, B, D)
+    to Linear layers that GradSampleModule then reads batch-first.)"""
+    opacus = pytest.importorskip("opacus")
+    from torch import nn
+
+    from polymodal.train.per_sample import per_sample_grad_norms, per_sample_grads
+    from test_dp_models import vit_init, vit_loss, vit_parts
+
+    parts = vit_parts(image=16, patch=4, width=8, depth=2, heads=2, classes=3)
+    params, loss = vit_init(parts, pr.key(0)), vit_loss(parts)
+    d = 8
+
+    class ClsPos(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.cls = nn.Parameter(params["embed"]["cls_token"].clone())
+            self.pos = nn.Parameter(params["embed"]["position_embeddings"].clone())
+
+        def forward(self, x):
+            return torch.cat([self.cls.expand(x.shape[0], -1, -1), x], 1) + self.pos
+
+    class Attention(nn.Module):  # what opacus supports: nn.Linear layers around a parameter-free kernel
+        def __init__(self, p):
+            super().__init__()
+            self.qkv, self.out = nn.Linear(d, 3 * d), nn.Linear(d, d)
+            self.qkv.load_state_dict({"weight": p["in_proj_weight"], "bias": p["in_proj_bias"]})
+            self.out.load_state_dict(p["out_proj"])
+
+        def forward(self, x):
+            q, k, v = (t.unflatten(-1, (2, d // 2)).transpose(1, 2) for t in self.qkv(x).chunk(3, -1))
+            return self.out(nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2))
+
+    class Block(nn.Module):
+        def __init__(self, p):
+            super().__init__()
+            self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+            self.attn = Attention(p["self_attn"])
+            self.fc1, self.fc2 = nn.Linear(d, 16), nn.Linear(16, d)
+            for mod, name in ((self.ln1, "norm1"), (self.ln2, "norm2"), (self.fc1, "linear1"), (self.fc2, "linear2")):
+                mod.load_state_dict(p[name])
+
+        def forward(self, x):
+            x = x + self.attn(self.ln1(x))
+            return x + self.fc2(nn.functional.gelu(self.fc1(self.ln2(x))))
+
+    class ViT(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.patch = nn.Conv2d(3, d, 4, 4)
+            self.patch.load_state_dict(params["embed"]["conv_projection"])
+            self.clspos = ClsPos()
+            self.blocks = nn.Sequential(*[Block(p) for p in params["encoder"]["layers"]])
+            self.norm, self.head = nn.LayerNorm(d), nn.Linear(d, 3)
+            self.norm.load_state_dict(params["encoder"]["norm"])
+            self.head.load_state_dict(params["head"])
+
+        def forward(self, x):
+            return self.head(self.norm(self.blocks(self.clspos(self.patch(x).flatten(2).transpose(1, 2))))[:, 0])
+
+    batch = CASES["vit"].batch(4, 3)
+    gsm = opacus.GradSampleModule(ViT(), loss_reduction="sum")
+    theirs = nn.functional.cross_entropy(gsm(batch["image"]), batch["label"], reduction="none")
+    torch.testing.assert_close(theirs, loss(params, batch), **TOL)
+    theirs.sum().backward()
+    ref = torch.cat([p.grad_sample.reshape(4, -1) for p in gsm.parameters()], 1).norm(dim=1)
+    torch.testing.assert_close(per_sample_grad_norms(loss, params, batch), ref, **TOL)
+    ours = per_sample_grads(loss, params, batch)
+    torch.testing.assert_close(ours["head"]["weight"], gsm._module.head.weight.grad_sample, **TOL)
+    torch.testing.assert_close(ours["embed"]["position_embeddings"], gsm._module.clspos.pos.grad_sample, **TOL)
+
+
+@pytest.mark.parametrize("method", ["ghost", "vmap"])
+def test_empty_poisson_batch_is_pure_noise(method):
+    case = CASES["vit"]
+    empty = case.batch(0, 0)
+    kw = dict(max_grad_norm=1.0, expected_batch_size=4.0, key=pr.key(3), step=2, method=method)
+    out = dp_train_step(case.loss, case.params, empty, noise_multiplier=1.5, **kw)
+    zero = dp_train_step(case.loss, case.params, empty, noise_multiplier=0.0, **kw)
+    assert out.norms.shape == (0,) and float(out.loss) == 0.0
+    noise = gaussian_noise(pr.fold_in(pr.key(3), 2), zero.grads, 1.5 / 4.0)
+    for k, v in pytree.flatten(out.grads).items():
+        assert not pytree.flatten(zero.grads)[k].any()
+        torch.testing.assert_close(v, pytree.flatten(noise)[k], **TOL)

@@ -101,3 +101,11 @@ def test_trainable_and_batch_errors():
         per_sample_grad_norms(loss, p, torch.zeros(3, 2), method="hooks")
     with pytest.raises(ValueError, match="chunk_size"):
         per_sample_grads(lambda p, b: (Linear(2, 2)(p, b) ** 2).sum(-1), p, torch.zeros(3, 2), chunk_size=0)
+
+
+def test_vmap_under_activation_checkpointing_explains():
+    from polymodal.core.layers.seam import checkpoint_policy, use_policy
+
+    case = CASES["transformer"]
+    with use_policy(checkpoint_policy()), pytest.raises(RuntimeError, match="use method='trace'"):
+        per_sample_grads(case.loss, case.params, case.batch(2, 0))

@@ -130,3 +130,20 @@ def test_errors():
         ghost_clip(lambda p, b: lin(p["lin"], b)[:, 0], p, torch.randn(3, 2), max_grad_norm=0.0)
     with pytest.raises(ValueError, match=r"mask: expected a \(3,\) tensor"):
         ghost_clip(lambda p, b: lin(p["lin"], b)[:, 0], p, torch.randn(3, 2), max_grad_norm=1.0, mask=torch.ones(2))
+
+
+@pytest.mark.parametrize("name", ["transformer", "vit"])
+def test_activation_checkpointing_at_the_seam(name):
+    """Blocks recomputed in backward by the seam's checkpoint policy are traced again."""
+    from polymodal.core.layers.seam import checkpoint_policy, use_policy
+
+    case = CASES[name]
+    batch = case.batch(3, 4)
+    ref = loop_grads(case, batch)
+    with use_policy(checkpoint_policy()):
+        out = ghost_clip(case.loss, case.params, batch, max_grad_norm=1.0)
+        traced = pytree.flatten(per_sample_grads(case.loss, case.params, batch, method="trace"))
+    assert out.fallback == ()
+    _check(case, batch, ref, out, 1.0)
+    for k in ref:
+        torch.testing.assert_close(traced[k], ref[k], **TOL, msg=lambda m: f"{k}: {m}")
