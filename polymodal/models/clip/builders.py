@@ -127,8 +127,15 @@ ALIASES: dict[str, str] = {
 
 
 def canonical_name(name: str) -> tuple[str, bool | None]:
-    """``(builder name, quick_gelu)`` for a builder, OpenAI or open_clip name; open_clip's
-    ``-quickgelu`` suffix gives ``True``, its plain names ``False``, others ``None`` (builder default)."""
+    """``(builder name, quick_gelu)`` for a builder, OpenAI or open_clip name.
+
+    open_clip's ``-quickgelu`` suffix gives ``True``; its hyphenated ViT names (``"ViT-B-32"``)
+    ``False`` (open_clip builds those with GELU); builder names and OpenAI's names (``"ViT-B/32"``,
+    and ``"RN50"`` ... which both libraries use) ``None``: the builder's default, QuickGELU.
+
+    >>> canonical_name("ViT-B-32"), canonical_name("ViT-B/32"), canonical_name("RN50-quickgelu")
+    (('clip_vit_b32', False), ('clip_vit_b32', None), ('clip_rn50', True))
+    """
     quick = None
     if name.endswith("-quickgelu"):
         name, quick = name[: -len("-quickgelu")], True

@@ -225,12 +225,10 @@ def _from(state_dict: Mapping[str, Tensor], rename: Callable[..., str | None], b
     if unexpected:
         raise ValueError(f"{what}: unexpected keys ({len(unexpected)}), not part of a CLIP checkpoint of this "
                          f"layout: {', '.join(sorted(unexpected))}")
-    if default_logit_scale and "logit_scale" not in ours:
-        ours["logit_scale"] = None
     params_flat = {k: v for k, v in ours.items() if k.rsplit(".", 1)[-1] not in _STATS}
     state_flat = {k: v for k, v in ours.items() if k.rsplit(".", 1)[-1] in _STATS}
     spec = spec if spec is not None else CLIP(_config_from_ours(params_flat, quick_gelu, what))
-    if params_flat.get("logit_scale", 0) is None:
+    if default_logit_scale and "logit_scale" not in params_flat:
         params_flat["logit_scale"] = torch.tensor(float(spec.config.logit_scale_init))
     expected = _shapes(spec)
     template_state = spec.init_state()
