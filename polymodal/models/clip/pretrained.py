@@ -3,8 +3,9 @@
 ``load_pretrained(name, path=None, cache_dir=None)`` returns ``Pretrained(spec, params, state)``.
 With ``path`` it reads that file; otherwise it looks for the file in ``cache_dir`` (default
 ``$XDG_CACHE_HOME/polymodal/clip``, i.e. ``~/.cache/polymodal/clip``) and downloads it there
-from OpenAI's URL when missing. The URLs carry the file's sha256 in their path; it is checked
-after every download and on every cached file, and a mismatch is an error.
+from OpenAI's URL when missing (falling back to the storage origin behind OpenAI's CDN host).
+The URLs carry the file's sha256 in their path; it is checked after every download and on
+every cached file, and a mismatch is an error.
 
 Readable files: safetensors, ``torch.save`` files (read with ``weights_only=True``; a
 ``{"state_dict": ...}`` training checkpoint and DDP's ``module.`` prefix are fine), and OpenAI's
@@ -30,7 +31,7 @@ from .convert import detect_layout, from_open_clip, from_torchmultimodal, to_ope
 from .model import CLIP
 from .torchscript import is_torchscript, read_torchscript_tensors
 
-__all__ = ["OPENAI_URLS", "Pretrained", "load_pretrained", "download", "read_state_dict", "default_cache_dir"]
+__all__ = ["OPENAI_URLS", "Pretrained", "load_pretrained", "download", "mirrors", "read_state_dict", "default_cache_dir"]
 
 _BASE = "https://openaipublic.azureedge.net/clip/models"
 # clip.available_models() -> URL; the path segment before the file name is the file's sha256.
@@ -45,6 +46,13 @@ OPENAI_URLS: dict[str, str] = {
     "clip_vit_l14": f"{_BASE}/b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836/ViT-L-14.pt",
     "clip_vit_l14_336": f"{_BASE}/3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02/ViT-L-14-336px.pt",
 }
+
+
+def mirrors(url: str) -> list[str]:
+    """``url`` and, for OpenAI's CDN host, the storage origin behind it (the sha256 check makes
+    any source safe to use)."""
+    cdn, origin = "openaipublic.azureedge.net", "openaipublic.blob.core.windows.net"
+    return [url, url.replace(cdn, origin)] if cdn in url else [url]
 
 
 class Pretrained(NamedTuple):
@@ -155,7 +163,19 @@ def load_pretrained(name: str, path: str | os.PathLike | None = None, cache_dir:
             raise ValueError(f"load_pretrained: cached '{path}' has the wrong sha256 (expected {sha}); delete it "
                              "to download it again")
         if not path.is_file():
-            download(url, path, sha, progress)
+            errors = []
+            for source in mirrors(url):
+                try:
+                    download(source, path, sha, progress)
+                    break
+                except RuntimeError as e:
+                    errors.append(str(e.__cause__ or e))
+            else:
+                raise RuntimeError(
+                    f"load_pretrained: could not download {name!r} from {' or '.join(mirrors(url))} "
+                    f"({'; '.join(errors)}). Without network access, download it elsewhere (sha256 {sha}) and put "
+                    f"it at '{path}', or pass path=..."
+                )
     sd = read_state_dict(path)
     layout = detect_layout(sd)
     if layout == "polymodal":
