@@ -74,26 +74,29 @@ def gaussian_noise(key: Tensor, like: Params, std: float, *, noise: str = "gener
     if noise not in ("generator", "portable"):
         raise ValueError(f"gaussian_noise: noise must be 'generator' or 'portable', got {noise!r}")
     flat = pytree.flatten(like)
-    keys = pr.split(key, max(len(flat), 1))
-    return grads_tree(like, {name: _normal(k, t, noise).mul_(std) for (name, t), k in zip(flat.items(), keys)})
+    draws = _draws(key, list(flat.values()), noise)
+    return grads_tree(like, {name: z.mul_(std) for name, z in zip(flat, draws)})
 
 
-def _normal(k: Tensor, like: Tensor, noise: str) -> Tensor:
-    """Standard normal draws shaped like ``like``, from the key ``k``."""
+def _draws(key: Tensor, likes: list[Tensor], noise: str):
+    """One standard normal tensor shaped like each of ``likes``, each from its own sub-key of ``key``
+    (generated lazily, one at a time)."""
+    n = max(len(likes), 1)
     if noise == "portable":
-        return pr.normal(k.to(like.device), like.shape, dtype=like.dtype)
-    w0, w1 = pr.bits(k, (2,)).tolist()
-    gen = torch.Generator(device=like.device).manual_seed((w0 << 32 | w1) & ((1 << 63) - 1))
-    return torch.randn(like.shape, generator=gen, device=like.device, dtype=like.dtype)
+        for k, t in zip(pr.split(key, n), likes):
+            yield pr.normal(k.to(t.device), t.shape, dtype=t.dtype)
+        return
+    for (w0, w1), t in zip(pr.bits(key, (n, 2)).tolist(), likes):  # one 64-bit seed per leaf
+        gen = torch.Generator(device=t.device).manual_seed((w0 << 32 | w1) & ((1 << 63) - 1))
+        yield torch.randn(t.shape, generator=gen, device=t.device, dtype=t.dtype)
 
 
 def _add_noise(sums: Any, key: Tensor, std: float, noise: str) -> Any:
     """``sums + N(0, std^2)`` in place, with :func:`gaussian_noise`'s draws."""
-    flat = pytree.flatten(sums)
-    keys = pr.split(key, max(len(flat), 1))
-    for (name, s), k in zip(flat.items(), keys):
-        if std > 0:
-            s.add_(_normal(k, s, noise), alpha=std)
+    flat = list(pytree.flatten(sums).values())
+    if std > 0:
+        for s, z in zip(flat, _draws(key, flat, noise)):
+            s.add_(z, alpha=std)
     return sums
 
 

@@ -13,7 +13,7 @@ from polymodal.core import pytree
 from polymodal.core import random as pr
 from polymodal.core.layers import BatchNorm2d, Conv, Linear
 from polymodal.train.ghost import clip_factors, ghost_clip
-from polymodal.train.per_sample import per_sample_grad_norms, per_sample_grads
+from polymodal.train.per_sample import per_sample_grad_norms, per_sample_grads, trainable_names
 from test_dp_models import CASES, Case, losses_of, loop_grads
 
 TOL = dict(rtol=1e-4, atol=1e-5)
@@ -89,6 +89,18 @@ def test_mask_zeroes_padding_rows_and_frozen_subtrees():
     out = ghost_clip(case.loss, case.params, batch, max_grad_norm=0.5, mask=mask, trainable=trainable)
     _check(case, batch, ref, out, 0.5, mask)
     assert out.grads["encoder"]["layers"][0]["linear1"]["weight"] is None
+
+
+@pytest.mark.parametrize("trainable", [lambda k: k.endswith("bias"), "encoder.layers.1", ["embed.position_embeddings"]])
+def test_ghost_frozen_weights(trainable):
+    """Bias-only (BitFit), one block, or one broadcast parameter: the rest frozen."""
+    case = CASES["vit"]
+    batch = case.batch(3, 7)
+    names = set(trainable_names(case.params, trainable))
+    ref = {k: v for k, v in loop_grads(case, batch).items() if k in names}
+    out = ghost_clip(case.loss, case.params, batch, max_grad_norm=0.3, trainable=trainable)
+    assert out.fallback == ()
+    _check(case, batch, ref, out, 0.3)
 
 
 def test_shared_weights_and_row_slices():
