@@ -211,6 +211,15 @@ class TransformerDecoderLayer(_LayerBase):
         return x, tuple(weights), (new_cache if keep else None)
 
 
+def _stack_init(stack, key: Tensor) -> Params:
+    """``{"layers": [...], "norm"?}`` for an encoder or decoder stack (per-depth layer specs)."""
+    keys = pr.split(key, stack.num_layers)
+    p: Params = {"layers": [stack.layer_at(i).init(key=keys[i]) for i in range(stack.num_layers)]}
+    if stack.final_norm:
+        p["norm"] = stack.layer._norm().init(key=key)
+    return p
+
+
 def _hidden(auxs: list, x0: Tensor, want: bool) -> tuple[Tensor, ...] | None:
     return (x0,) + tuple(a[0] for a in auxs) if want else None
 
@@ -234,11 +243,7 @@ class TransformerEncoder(Spec):
         return dataclasses.replace(self.layer, drop_path=drop_path_rates(self.drop_path_max, self.num_layers)[i])
 
     def init(self, *, key: Tensor) -> Params:
-        keys = pr.split(key, self.num_layers)
-        p: Params = {"layers": [self.layer_at(i).init(key=keys[i]) for i in range(self.num_layers)]}
-        if self.final_norm:
-            p["norm"] = self.layer._norm().init(key=key)
-        return p
+        return _stack_init(self, key)
 
     def __call__(self, params: Params, x: Tensor, *, attn_mask: Tensor | None = None,
                  key_padding_mask: Tensor | None = None, return_hidden_states: bool = False,
@@ -279,11 +284,7 @@ class TransformerDecoder(Spec):
                                    drop_path=drop_path_rates(self.drop_path_max, self.num_layers)[i])
 
     def init(self, *, key: Tensor) -> Params:
-        keys = pr.split(key, self.num_layers)
-        p: Params = {"layers": [self.layer_at(i).init(key=keys[i]) for i in range(self.num_layers)]}
-        if self.final_norm:
-            p["norm"] = self.layer._norm().init(key=key)
-        return p
+        return _stack_init(self, key)
 
     def __call__(self, params: Params, x: Tensor, memory: Tensor | None = None, *, attn_mask: Tensor | None = None,
                  key_padding_mask: Tensor | None = None, memory_key_padding_mask: Tensor | None = None,
