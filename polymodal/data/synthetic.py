@@ -29,6 +29,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from polymodal.core import random as pr
+from polymodal.data.transforms import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 __all__ = [
     "SHAPES",
@@ -73,8 +74,7 @@ TEMPLATES: tuple[str, ...] = (
     "there is a {size} {color} {shape} {where}",
     "a drawing of a {color} {shape} on a noisy background",
 )
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP normalisation
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+CLIP_MEAN, CLIP_STD = OPENAI_CLIP_MEAN, OPENAI_CLIP_STD  # OpenAI CLIP normalisation
 
 _ATTRS = ("shape", "color", "size", "position")
 _VOCAB = {"shape": SHAPES, "color": tuple(COLORS), "size": tuple(SIZES), "position": tuple(POSITIONS)}
