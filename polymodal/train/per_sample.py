@@ -247,8 +247,9 @@ def per_sample_grads(loss_fn: Callable, params: Params, batch: Any, *, trainable
 
     ``method="trace"`` computes them from one batched forward/backward instead (the tracer of
     :mod:`.ghost_trace`: per-example ``G_i^T A_i`` for linear / conv / embedding weights,
-    direct sums for the rest, vmap only for parameters it cannot follow): about 1.1x the
-    ordinary gradient's time on ViT-B/16 against 1.3x for vmap. It assumes axis 0 of every
+    direct sums for the rest, vmap only for parameters it cannot follow): 1.2x the ordinary
+    gradient's time on ViT-B/16 at batch 8 (2-core CPU) against 1.2x CPU / 1.6x wall-clock for
+    vmap, see ``benchmarks/results/dp_vit.md``. It assumes axis 0 of every
     activation indexes examples (batch-first), the loss sees each chunk as a batch, and with
     ``key`` the dropout draws are the batched forward's (one key per chunk, ``fold_in(key, start)``).
 
