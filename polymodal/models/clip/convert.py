@@ -305,6 +305,7 @@ def from_open_clip(state_dict: Mapping[str, Tensor], spec: CLIP | None = None, *
     """OpenAI / open_clip ``state_dict`` -> params (``with_state``: ``(params, state)``).
 
     ``spec`` defaults to the architecture read off the shapes. A ``module.`` prefix (DDP) is stripped.
+    The leaves are the state dict's tensors (no copy): clone them if the source keeps changing.
     """
     sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state_dict.items()}
     return _from(sd, _oc_to_ours, _ours_to_oc, spec, quick_gelu, with_state, False, "from_open_clip", False)
