@@ -24,7 +24,7 @@ from polymodal.cli import main as cli
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--out", default="runs/demo")
     args = ap.parse_args(argv)
     if os.path.exists(os.path.join(args.out, "checkpoints")):
