@@ -2,7 +2,7 @@
 
 A :data:`Params` tree is a nested ``dict[str, Tensor | dict | list]``. Lists hold
 repeated blocks; their positions become integer segments in flat keys, so
-``flatten(params)`` yields exactly the keys an ``nn.Module.state_dict()`` of the
+``flatten(params)`` yields exactly the keys a torch module's ``state_dict()`` of the
 same structure would.
 
 >>> import torch

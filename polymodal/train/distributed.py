@@ -118,4 +118,4 @@ def run_ranks(fn: Callable[..., Any], world_size: int = 2, *args: Any, threads: 
         raise ValueError(f"run_ranks: expected world_size >= 1, got {world_size}")
     with tempfile.TemporaryDirectory(prefix="polymodal-ranks-") as out_dir:
         mp.spawn(_rank_main, args=(fn, world_size, free_port(), out_dir, threads, args), nprocs=world_size)
-        return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]
+        return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=True) for r in range(world_size)]
