@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from ..core import random as pr
 from ..core.pytree import Params
 
-__all__ = ["PRESETS", "build_model", "make_datasets", "StepBatches", "clip_loss", "evaluate", "recall_at_k", "Collate"]
+__all__ = ["PRESETS", "build_model", "make_datasets", "StepBatches", "clip_loss", "evaluate", "Collate"]
 
 # CLI preset -> CLIP builder (see polymodal.models.clip.builders).
 PRESETS = {"tiny": "clip_tiny", "small": "clip_small", "vit-b32": "clip_vit_b32", "vit-b16": "clip_vit_b16"}
@@ -124,18 +124,12 @@ def clip_loss(model, params: Params, batch: dict, key: Tensor | None, *, backpro
                                              backprop_type=backprop_type).loss
 
 
-def recall_at_k(sim: Tensor, ks: tuple[int, ...] = (1, 5)) -> dict[int, float]:
-    """Fraction of rows whose matching column (the diagonal) ranks in the top k of ``sim (N, N)``."""
-    target = sim.diagonal().unsqueeze(1)
-    rank = (sim > target).sum(1)  # 0 = best
-    return {k: float((rank < k).float().mean()) for k in ks}
-
-
 @torch.no_grad()
 def evaluate(model, params: Params, datasets: Datasets, *, batch_size: int = 128, context_length: int) -> dict:
     """Zero-shot accuracy over every class prompt on the eval split (seen attribute combinations)
     and on the held-out split, and image<->text recall@1/5 on the eval split."""
     from ..data import CLIPTokenizer
+    from ..eval.retrieval import recall_at_k
 
     metrics: dict[str, float] = {}
     if datasets.eval is None:
@@ -156,8 +150,7 @@ def evaluate(model, params: Params, datasets: Datasets, *, batch_size: int = 128
                 txt_all.append(model.encode_text(params, batch["tokens"]))
         metrics[f"eval/zero_shot_{name}"] = correct / max(total, 1)
         if name == "seen":
-            sim = torch.cat(img_all) @ torch.cat(txt_all).T
-            for direction, m in (("image_to_text", sim), ("text_to_image", sim.T)):
-                for k, v in recall_at_k(m).items():
-                    metrics[f"eval/{direction}_R@{k}"] = v
+            img, txt = torch.cat(img_all), torch.cat(txt_all)
+            r = recall_at_k(img, txt, torch.arange(len(img)), ks=(1, 5))
+            metrics |= {f"eval/{k}": v for k, v in r.items() if "_R@" in k}
     return metrics

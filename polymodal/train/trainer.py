@@ -103,7 +103,7 @@ def train(cfg: TrainConfig) -> dict:
     params = model.init(key=pr.fold_in(root, 0))
     runs = RunDir(out / "checkpoints", keep=2)
     start = 0
-    latest = runs.latest() if rank == 0 or world > 1 else None
+    latest = runs.latest()
     if latest is not None:
         saved = json.loads((out / "config.json").read_text()) if (out / "config.json").exists() else {}
         if saved and saved.get("preset") != cfg.preset:

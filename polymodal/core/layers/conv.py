@@ -230,7 +230,23 @@ def same_transpose_padding(
 
 
 @dataclass(frozen=True)
-class SamePadConv3d(Spec):
+class _SamePad3d(Spec):
+    """Fields shared by the TensorFlow-"SAME" 3-d (transposed) convolutions."""
+
+    in_channels: int  # C of the input
+    out_channels: int  # C of the output
+    kernel_size: int | tuple[int, int, int]  # int or (kd, kh, kw)
+    stride: int | tuple[int, int, int] = 1  # int or (sd, sh, sw)
+    bias: bool = True  # learn an additive bias
+    groups: int = 1  # channel groups
+
+    def __post_init__(self) -> None:
+        for f in ("kernel_size", "stride"):
+            object.__setattr__(self, f, _tuple(getattr(self, f), 3, f, type(self).__name__))
+
+
+@dataclass(frozen=True)
+class SamePadConv3d(_SamePad3d):
     """3-d convolution with TensorFlow "SAME" padding for any stride: ``(B, C, D, H, W) -> (B, out,
     ceil(D / s), ...)``; params ``conv.weight``/``conv.bias`` (TorchMultimodal's layout).
 
@@ -243,17 +259,6 @@ class SamePadConv3d(Spec):
     >>> c(c.init(key=pr.key(0)), torch.ones(1, 2, 4, 7, 8)).shape
     torch.Size([1, 4, 2, 4, 4])
     """
-
-    in_channels: int  # C of the input
-    out_channels: int  # C of the output
-    kernel_size: int | tuple[int, int, int]  # int or (kd, kh, kw)
-    stride: int | tuple[int, int, int] = 1  # int or (sd, sh, sw)
-    bias: bool = True  # learn an additive bias
-    groups: int = 1  # channel groups
-
-    def __post_init__(self) -> None:
-        for f in ("kernel_size", "stride"):
-            object.__setattr__(self, f, _tuple(getattr(self, f), 3, f, type(self).__name__))
 
     def conv(self) -> Conv:
         return Conv(3, self.in_channels, self.out_channels, self.kernel_size, self.stride, 0, 1, self.groups, self.bias)
@@ -268,7 +273,7 @@ class SamePadConv3d(Spec):
 
 
 @dataclass(frozen=True)
-class SamePadConvTranspose3d(Spec):
+class SamePadConvTranspose3d(_SamePad3d):
     """3-d transposed convolution whose output is the input size times the stride:
     ``(B, C, D, H, W) -> (B, out, D * s, H * s, W * s)``; params ``convt.weight``/``convt.bias``
     (TorchMultimodal's layout and padding rule).
@@ -279,17 +284,6 @@ class SamePadConvTranspose3d(Spec):
     >>> c(c.init(key=pr.key(0)), torch.ones(1, 4, 2, 3, 3)).shape
     torch.Size([1, 2, 4, 6, 6])
     """
-
-    in_channels: int  # C of the input
-    out_channels: int  # C of the output
-    kernel_size: int | tuple[int, int, int]  # int or (kd, kh, kw)
-    stride: int | tuple[int, int, int] = 1  # int or (sd, sh, sw)
-    bias: bool = True  # learn an additive bias
-    groups: int = 1  # channel groups
-
-    def __post_init__(self) -> None:
-        for f in ("kernel_size", "stride"):
-            object.__setattr__(self, f, _tuple(getattr(self, f), 3, f, type(self).__name__))
 
     def convt(self) -> ConvTranspose:
         return ConvTranspose(3, self.in_channels, self.out_channels, self.kernel_size, self.stride, 0, 0, self.groups, self.bias)

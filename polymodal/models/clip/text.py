@@ -20,10 +20,11 @@ from ...core import random as pr
 from ...core.layers.embedding import Embedding
 from ...core.layers.norm import LayerNorm
 from ...core.layers.pooling import eot_pool
-from ...core.layers.transformer import TransformerEncoder, TransformerEncoderLayer
+from ...core.layers.transformer import TransformerEncoder
 from ...core.pytree import Params
 from ...core.spec import Spec, check_dtype
 from .config import TextConfig
+from .vision import clip_blocks
 
 __all__ = ["TextTransformer", "openai_block_init"]
 
@@ -74,12 +75,7 @@ class TextTransformer(Spec):
         return LayerNorm(self.config.width, eps=self.config.layer_norm_eps)
 
     def transformer(self) -> TransformerEncoder:
-        c = self.config
-        layer = TransformerEncoderLayer(
-            c.width, c.heads, dim_feedforward=c.mlp_width, activation=c.activation, norm_first=True,
-            layer_norm_eps=c.layer_norm_eps, is_causal=True,
-        )
-        return TransformerEncoder(layer, c.layers)
+        return clip_blocks(self.config, is_causal=True)
 
     def init(self, *, key: Tensor) -> Params:
         c = self.config

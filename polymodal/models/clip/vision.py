@@ -39,6 +39,14 @@ def check_images(owner: str, images: Tensor, size: int) -> None:
         raise ValueError(f"{owner}: images: expected shape (B, 3, {size}, {size}), got {tuple(images.shape)}")
 
 
+def clip_blocks(c, is_causal: bool = False) -> TransformerEncoder:
+    """CLIP's pre-norm block stack for a tower config (width, heads, mlp_width, activation,
+    layer_norm_eps, layers); the text tower's is causal."""
+    layer = TransformerEncoderLayer(c.width, c.heads, dim_feedforward=c.mlp_width, activation=c.activation,
+                                    norm_first=True, layer_norm_eps=c.layer_norm_eps, is_causal=is_causal)
+    return TransformerEncoder(layer, c.layers)
+
+
 @dataclass(frozen=True)
 class VisionTransformer(Spec):
     """CLIP ViT: ``images (B, 3, S, S) -> (B, embed_dim)`` (unnormalised features).
@@ -67,12 +75,7 @@ class VisionTransformer(Spec):
         return LayerNorm(self.config.width, eps=self.config.layer_norm_eps)
 
     def transformer(self) -> TransformerEncoder:
-        c = self.config
-        layer = TransformerEncoderLayer(
-            c.width, c.heads, dim_feedforward=c.mlp_width, activation=c.activation, norm_first=True,
-            layer_norm_eps=c.layer_norm_eps,
-        )
-        return TransformerEncoder(layer, c.layers)
+        return clip_blocks(self.config)
 
     def init(self, *, key: Tensor) -> Params:
         c = self.config
