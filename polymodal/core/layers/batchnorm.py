@@ -23,6 +23,11 @@ __all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
 _SHAPES = {1: ("(B, C) or (B, C, L)", (2, 3)), 2: ("(B, C, H, W)", (4,)), 3: ("(B, C, T, H, W)", (5,))}
 
 
+def _untransformed(x: Tensor) -> bool:
+    """No torch.func transform (vmap, grad, jvp) is active around this call."""
+    return torch._C._functorch.maybe_current_level() is None
+
+
 @dataclass(frozen=True)
 class BatchNorm(Spec):
     """Normalise each channel (axis 1) over the batch and spatial axes.
@@ -96,6 +101,14 @@ class BatchNorm(Spec):
             raise ValueError(
                 f"{type(self).__name__}: expected more than 1 value per channel when training, got input {tuple(x.shape)}"
             )
+        if self.momentum is not None and _untransformed(x) and rm.dtype == rv.dtype == x.dtype:
+            # One pass: batch_norm updates fresh copies of the running statistics in place
+            # (outside autograd, as torch does its buffers); the input state stays untouched.
+            rm, rv = rm.detach().clone(), rv.detach().clone()
+            y = F.batch_norm(x, rm, rv, w, b, True, self.momentum, self.eps)
+            return y, {"running_mean": rm, "running_var": rv, "num_batches_tracked": nbt + 1}
+        # Under vmap / grad transforms (the statistics would be batched while the copies are
+        # not), with cumulative averaging or mixed dtypes: compute the statistics separately.
         y = F.batch_norm(x, None, None, w, b, True, 0.0, self.eps)
         # torch updates its buffers outside autograd: the statistics carry no gradient.
         var, mean = torch.var_mean(x.detach(), dim=axes, correction=1)

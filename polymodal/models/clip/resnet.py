@@ -212,6 +212,10 @@ class ModifiedResNet(Spec):
         train = training and not self.config.frozen_bn
         new: Params = {}
         x = images
+        if images.device.type == "cpu" and torch._C._functorch.maybe_current_level() is None:
+            # oneDNN's convolutions (and their backward) run ~1.3x faster on channels-last
+            # activations; outside vmap / grad transforms, where a memory format is meaningful.
+            x = images.contiguous(memory_format=torch.channels_last)
         for name, spec in self._stem():
             if name.startswith("conv"):
                 x = spec(params[name], x)
