@@ -207,12 +207,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from .train.clip_task import evaluate, make_datasets
     from .train.trainer import load_run
 
-    model, params, cfg = load_run(args.run)
+    model, params, cfg, state = load_run(args.run)
     if cfg.get("data", "synthetic") != "synthetic":
         raise CLIError("eval: only runs on the built-in synthetic data have an eval split")
     data = make_datasets("synthetic", model.image_size, seed=cfg["seed"], train_size=1,
                          eval_size=args.eval_size or cfg["eval_size"], image_root=None, skip_bad=False)
-    metrics = evaluate(model, params, data, context_length=model.context_length)
+    metrics = evaluate(model, params, data, context_length=model.context_length, state=state)
     for k, v in metrics.items():
         print(f"{k[5:]:24s} {v:.4f}")
     return 0
@@ -234,11 +234,11 @@ def _cmd_zero_shot(args: argparse.Namespace) -> int:
         image = load_image(args.image)
     except Exception as e:  # PIL raises many types for unreadable files
         raise CLIError(f"--image: cannot read {args.image!r} as an image ({e})") from None
-    model, params, _ = load_run(args.run)
+    model, params, _, state = load_run(args.run)
     x = CLIPImageTransform(model.image_size)(image)[None]
     prompts = [args.template.format(label) if "{}" in args.template else label for label in labels]
     with torch.no_grad():
-        img = model.encode_image(params, x)
+        img = model.encode_image(params, x, state=state)
         txt = model.encode_text(params, CLIPTokenizer(context_length=model.context_length)(prompts))
         probs = (params["logit_scale"].exp().clamp(max=100) * img @ txt.T).softmax(-1)[0]
     for i in probs.argsort(descending=True).tolist():

@@ -24,7 +24,7 @@ from polymodal.cli import main as cli
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=400)
+    ap.add_argument("--steps", type=int, default=700)
     ap.add_argument("--out", default="runs/demo")
     args = ap.parse_args(argv)
     if os.path.exists(os.path.join(args.out, "checkpoints")):
@@ -33,8 +33,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{torch.get_num_threads()} CPU threads\n", flush=True)
     t0 = time.perf_counter()
     rc = cli(["train", "clip", "--preset", "tiny", "--steps", str(args.steps), "--batch-size", "128",
-              "--lr", "2e-3", "--warmup", "20", "--eval-every", str(max(args.steps // 3, 1)), "--save-every", "0",
-              "--eval-size", "256", "--out", args.out])
+              "--lr", "3e-3", "--warmup", "20", "--eval-every", str(max(args.steps // 4, 1)), "--save-every", "0",
+              "--eval-size", "512", "--out", args.out])
     if rc:
         return rc
     minutes = (time.perf_counter() - t0) / 60

@@ -32,7 +32,7 @@ __all__ = ["ClassifyConfig", "train_classifier"]
 class ClassifyConfig:
     """A classification fine-tune on the synthetic shapes (label = colour x shape)."""
 
-    preset: str = "tiny"  # CLIP preset whose image tower is fine-tuned
+    preset: str = "tiny-vit"  # CLIP preset whose image tower is fine-tuned (a ViT: no batch statistics)
     init_from: str | None = None  # a 'polymodal train clip' run directory to start from
     steps: int = 100  # optimizer steps
     batch_size: int = 64  # (expected, under DP's Poisson sampling) batch size
@@ -60,10 +60,13 @@ def train_classifier(cfg: ClassifyConfig) -> dict:
     model = build_model(cfg.preset)
     root = pr.key(cfg.seed)
     if cfg.init_from:
-        model, clip_params, saved = load_run(cfg.init_from)
+        model, clip_params, saved, bn_state = load_run(cfg.init_from)
         visual = clip_params["visual"]
     else:
-        visual = model.init(key=pr.fold_in(root, 0))["visual"]
+        visual, bn_state = model.init(key=pr.fold_in(root, 0))["visual"], model.init_state()
+    # A ResNet tower normalises with fixed batch-norm statistics (the CLIP run's, or fresh ones):
+    # batch statistics would mix the examples of a batch, which per-example clipping forbids.
+    bn_state = None if bn_state is None else bn_state["visual"]
     train = SyntheticCaptions("train", size=cfg.train_size, image_size=model.image_size, seed=cfg.seed + 1,
                               heldout=(), normalize=True)
     evals = SyntheticCaptions("eval", size=cfg.eval_size, image_size=model.image_size, seed=cfg.seed + 1,
@@ -76,6 +79,8 @@ def train_classifier(cfg: ClassifyConfig) -> dict:
     opt = torch.optim.AdamW(leaves.values(), lr=cfg.lr, weight_decay=0.0)
 
     def logits(p, images):
+        if bn_state is not None:
+            return head(p["head"], model.visual()(p["visual"], images, bn_state)[0])
         return head(p["head"], model.visual()(p["visual"], images))
 
     def per_example_loss(p, batch):

@@ -17,6 +17,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -29,7 +30,9 @@ from .clip_task import Collate, StepBatches, build_model, clip_loss, evaluate, m
 from .metrics import MetricsLog, plot_metrics, read_metrics
 from .schedule import warmup_cosine
 
-__all__ = ["TrainConfig", "train", "load_run"]
+__all__ = ["TrainConfig", "train", "load_run", "Run", "BN_STATE"]
+
+BN_STATE = "bn_state"  # top-level key of a checkpoint's batch-norm statistics (ResNet image towers)
 
 
 @dataclass
@@ -76,7 +79,8 @@ def _optimizer(leaves: dict[str, torch.Tensor], cfg: TrainConfig) -> torch.optim
     decay = [t for n, t in leaves.items() if _decay_mask(n, t)]
     rest = [t for n, t in leaves.items() if not _decay_mask(n, t)]
     return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                              {"params": rest, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
+                              {"params": rest, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6,
+                             fused=not cfg.shard or None)  # one fused kernel over all leaves (not for DTensors)
 
 
 def _say(msg: str) -> None:
@@ -101,6 +105,7 @@ def train(cfg: TrainConfig) -> dict:
     steps = cfg.steps if cfg.epochs is None else max(1, math.ceil(cfg.epochs * len(data.train) / cfg.batch_size))
     root = pr.key(cfg.seed)
     params = model.init(key=pr.fold_in(root, 0))
+    state = model.init_state()  # batch-norm statistics of a ResNet image tower; None for a ViT
     runs = RunDir(out / "checkpoints", keep=2)
     start = 0
     latest = runs.latest()
@@ -126,8 +131,12 @@ def train(cfg: TrainConfig) -> dict:
             from .checkpoint import load_sharded
 
             start = load_sharded(runs.path / "sharded", pytree.unflatten(leaves), opt).step
+            if state is not None:  # the consolidated file of the same step holds them
+                state = runs.load(start, like=_saved_tree(pytree.unflatten(_full(leaves, mesh)), state)).params[BN_STATE]
         else:
-            start = runs.load(like=pytree.unflatten(leaves), optimizer=opt).step
+            ck = runs.load(like=_saved_tree(pytree.unflatten(leaves), state), optimizer=opt)
+            start = ck.step
+            state = ck.params.get(BN_STATE) if state is not None else None
         _say(f"resuming {out} from step {start}")
     log = MetricsLog(out, truncate_after=start) if rank == 0 else None
 
@@ -140,11 +149,11 @@ def train(cfg: TrainConfig) -> dict:
         policy = compose(checkpoint_policy(every=cfg.checkpointing), policy) if cfg.shard else checkpoint_policy(
             every=cfg.checkpointing)
 
-    def loss_fn(p, batch, key):
+    def loss_fn(p, batch, key, state):
         if cfg.shard:
             p = gather_rest(p)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
-            return clip_loss(model, p, batch, key, backprop_type="global" if world > 1 else "none")
+            return clip_loss(model, p, batch, key, state=state, backprop_type="global" if world > 1 else "none")
 
     if cfg.compile:
         loss_fn = torch.compile(loss_fn)
@@ -163,7 +172,9 @@ def train(cfg: TrainConfig) -> dict:
             lr = warmup_cosine(step, base_lr=cfg.lr, warmup=cfg.warmup, total=steps, min_lr=cfg.min_lr)
             for g in opt.param_groups:
                 g["lr"] = lr
-            loss = loss_fn(pytree.unflatten(leaves), batch, pr.fold_in(root, 1_000_000 + step))
+            loss, state = loss_fn(pytree.unflatten(leaves), batch, pr.fold_in(root, 1_000_000 + step), state)
+            if state is not None:
+                state = _sync_state(state, world)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if world > 1 and not cfg.shard:
@@ -189,7 +200,7 @@ def train(cfg: TrainConfig) -> dict:
             done = step + 1
             last = done == steps
             if (cfg.eval_every and done % cfg.eval_every == 0) or last:
-                metrics = _eval(model, leaves, data, cfg, ctx, mesh)
+                metrics = _eval(model, leaves, state, data, cfg, ctx, mesh)
                 if log is not None and metrics:
                     log.write({"step": done, **metrics})
                     if bar is not None:
@@ -197,7 +208,7 @@ def train(cfg: TrainConfig) -> dict:
                     plot_metrics(read_metrics(out), out / "curves.png", title=f"CLIP {cfg.preset} on {cfg.data}")
             stopping = cfg.stop_after is not None and done - start >= cfg.stop_after
             if (cfg.save_every and done % cfg.save_every == 0) or last or stopping:
-                _save(runs, done, leaves, opt, cfg, mesh)
+                _save(runs, done, leaves, state, opt, cfg, mesh)
             if stopping:
                 _say(f"stopping after {cfg.stop_after} steps at step {done}; continue with --resume")
                 break
@@ -216,15 +227,32 @@ def _full(leaves: dict, mesh) -> dict:
     return pytree.flatten(full_params(pytree.unflatten({k: v.detach() for k, v in leaves.items()})))
 
 
-def _eval(model, leaves, data, cfg, ctx, mesh) -> dict:
+def _sync_state(state, world: int):
+    """Detach the new batch-norm statistics; with several ranks, average them (each rank saw its
+    own slice of the batch), so every rank evaluates and saves the same statistics."""
+    state = pytree.tree_map(lambda t: t.detach(), state)
+    if world > 1:
+        for t in pytree.leaves(state):
+            if t.is_floating_point():
+                dist.all_reduce(t, op=dist.ReduceOp.AVG)
+    return state
+
+
+def _saved_tree(params, state):
+    """What a checkpoint file holds: the params, plus the batch-norm statistics of a ResNet tower
+    under ``BN_STATE`` (not trained by the optimizer, but needed to use the model)."""
+    return params if state is None else {**params, BN_STATE: state}
+
+
+def _eval(model, leaves, state, data, cfg, ctx, mesh) -> dict:
     params = pytree.unflatten(_full(leaves, mesh))
     if _rank_world()[0] != 0:
         return {}
     with use_policy(default_policy):
-        return evaluate(model, params, data, context_length=ctx)
+        return evaluate(model, params, data, context_length=ctx, state=state)
 
 
-def _save(runs, step, leaves, opt, cfg, mesh) -> None:
+def _save(runs, step, leaves, state, opt, cfg, mesh) -> None:
     rank, _ = _rank_world()
     if mesh is not None:
         from .checkpoint import save_sharded
@@ -232,14 +260,24 @@ def _save(runs, step, leaves, opt, cfg, mesh) -> None:
         save_sharded(runs.path / "sharded", pytree.unflatten(leaves), opt, step=step)  # swapped in atomically
         full = _full(leaves, mesh)
         if rank == 0:  # also a consolidated params file that eval / zero-shot read
-            runs.save(step, pytree.unflatten(full), None, extra={"preset": cfg.preset})
+            runs.save(step, _saved_tree(pytree.unflatten(full), state), None, extra={"preset": cfg.preset})
         return
     if rank == 0:
-        runs.save(step, pytree.unflatten(leaves), opt, extra={"preset": cfg.preset})
+        runs.save(step, _saved_tree(pytree.unflatten(leaves), state), opt, extra={"preset": cfg.preset})
 
 
-def load_run(run: str | os.PathLike):
-    """``(model spec, params, config dict)`` of a run directory's latest checkpoint."""
+class Run(NamedTuple):
+    """A trained run: the CLIP spec, its params, the run's config and the batch-norm statistics
+    of a ResNet image tower (``None`` for a ViT); pass them on as ``state=``."""
+
+    model: Any
+    params: dict
+    config: dict
+    state: dict | None
+
+
+def load_run(run: str | os.PathLike) -> Run:
+    """The :class:`Run` ``(model, params, config, state)`` of a run directory's latest checkpoint."""
     from .checkpoint import RunDir
 
     run = Path(run)
@@ -251,5 +289,9 @@ def load_run(run: str | os.PathLike):
     runs = RunDir(run / "checkpoints")
     if runs.latest() is None:
         raise FileNotFoundError(f"{run} has no checkpoint yet")
-    like = model.init(key=pr.key(0))
-    return model, runs.load(like=like).params, cfg
+    state = model.init_state()
+    params = runs.load(like=_saved_tree(model.init(key=pr.key(0)), state)).params
+    if state is not None:
+        params = dict(params)
+        state = params.pop(BN_STATE)
+    return Run(model, params, cfg, state)

@@ -9,7 +9,7 @@
 
 from .builders import (
     ALIASES, BUILDERS, build, canonical_name, clip_rn50, clip_rn50x4, clip_rn50x16, clip_rn50x64, clip_rn101, clip_small,
-    clip_tiny, clip_vit_b16, clip_vit_b32, clip_vit_l14, clip_vit_l14_336,
+    clip_tiny, clip_tiny_rn, clip_vit_b16, clip_vit_b32, clip_vit_l14, clip_vit_l14_336,
 )
 from .config import CLIPConfig, ModifiedResNetConfig, TextConfig, VisionTransformerConfig
 from .convert import (
@@ -27,7 +27,7 @@ __all__ = [
     "VisionTransformer", "ModifiedResNet", "Bottleneck", "AttentionPool2d", "TextTransformer",
     "build", "canonical_name", "BUILDERS", "ALIASES", "clip_vit_b16", "clip_vit_b32", "clip_vit_l14",
     "clip_vit_l14_336", "clip_rn50", "clip_rn101", "clip_rn50x4", "clip_rn50x16", "clip_rn50x64", "clip_tiny",
-    "clip_small", "from_open_clip", "to_open_clip", "from_torchmultimodal", "to_torchmultimodal",
+    "clip_tiny_rn", "clip_small", "from_open_clip", "to_open_clip", "from_torchmultimodal", "to_torchmultimodal",
     "config_from_open_clip", "config_from_torchmultimodal", "detect_layout", "load_pretrained", "Pretrained",
     "OPENAI_URLS",
 ]

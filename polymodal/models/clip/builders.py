@@ -1,4 +1,4 @@
-"""Named CLIP configurations: the nine published models and two small CPU presets.
+"""Named CLIP configurations: the nine published models and three small CPU presets.
 
 The published numbers are the CLIP paper's (Radford et al. 2021, arXiv:2103.00020), Table 19
 (CLIP-ResNet: embedding dim, input resolution, blocks per stage, width = 32 x stem width,
@@ -23,7 +23,7 @@ from .model import CLIP
 
 __all__ = [
     "clip_vit_b16", "clip_vit_b32", "clip_vit_l14", "clip_vit_l14_336", "clip_rn50", "clip_rn101", "clip_rn50x4",
-    "clip_rn50x16", "clip_rn50x64", "clip_tiny", "clip_small", "build", "BUILDERS", "ALIASES", "canonical_name",
+    "clip_rn50x16", "clip_rn50x64", "clip_tiny", "clip_tiny_rn", "clip_small", "build", "BUILDERS", "ALIASES", "canonical_name",
 ]
 
 
@@ -103,6 +103,18 @@ def clip_tiny(quick_gelu: bool = True) -> CLIP:
     return CLIP(CLIPConfig(embed_dim=128, vision=vision, text=text))
 
 
+def clip_tiny_rn(quick_gelu: bool = True) -> CLIP:
+    """CPU-sized preset (not a published model) with a ResNet image tower: 64 px, CLIP's modified
+    ResNet with one bottleneck per stage and stem width 16 (attention pool 512 wide, 8 heads);
+    text context 16, 2 x 64 (2 heads); embedding 64. About 1.4M params besides the 3.2M of the
+    token embedding. It learns shapes far faster per CPU second than :func:`clip_tiny`'s patch-8
+    ViT (the demo's preset: >= 95% zero-shot on the synthetic shapes in two minutes on two cores).
+    Train it with batch-norm state (``init_state()``, ``training=True``)."""
+    vision = ModifiedResNetConfig(image_size=64, layers=(1, 1, 1, 1), width=16, heads=8)
+    text = TextConfig(context_length=16, vocab_size=49408, width=64, heads=2, layers=2, activation=_act(quick_gelu))
+    return CLIP(CLIPConfig(embed_dim=64, vision=vision, text=text))
+
+
 def clip_small(quick_gelu: bool = True) -> CLIP:
     """CPU-sized preset (not a published model), a step above :func:`clip_tiny`: 64 px, patch 8,
     4 x 256 (4 heads); text context 32, 4 x 256 (4 heads); embedding 256."""
@@ -114,7 +126,7 @@ def clip_small(quick_gelu: bool = True) -> CLIP:
 
 BUILDERS: dict[str, Callable[..., CLIP]] = {
     f.__name__: f for f in (clip_vit_b16, clip_vit_b32, clip_vit_l14, clip_vit_l14_336, clip_rn50, clip_rn101,
-                            clip_rn50x4, clip_rn50x16, clip_rn50x64, clip_tiny, clip_small)
+                            clip_rn50x4, clip_rn50x16, clip_rn50x64, clip_tiny, clip_tiny_rn, clip_small)
 }
 
 # OpenAI's names (clip.available_models()) and open_clip's, for the same architectures.
