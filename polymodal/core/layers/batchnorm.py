@@ -106,7 +106,8 @@ class BatchNorm(Spec):
             # (outside autograd, as torch does its buffers); the input state stays untouched.
             rm, rv = rm.detach().clone(), rv.detach().clone()
             y = F.batch_norm(x, rm, rv, w, b, True, self.momentum, self.eps)
-            return y, {"running_mean": rm, "running_var": rv, "num_batches_tracked": nbt + 1}
+            # autograd keeps rm / rv for the backward: hand out copies, free to be modified
+            return y, {"running_mean": rm.clone(), "running_var": rv.clone(), "num_batches_tracked": nbt + 1}
         # Under vmap / grad transforms (the statistics would be batched while the copies are
         # not), with cumulative averaging or mixed dtypes: compute the statistics separately.
         y = F.batch_norm(x, None, None, w, b, True, 0.0, self.eps)
