@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from polymodal.cli import main
+from polymodal.core.pytree import flatten
 from polymodal.train.metrics import read_metrics
+from polymodal.train.trainer import load_run
 
 FAST = ["--preset", "tiny", "--batch-size", "16", "--train-size", "64", "--eval-size", "16", "--warmup", "1",
         "--no-progress"]
@@ -38,9 +40,10 @@ def test_train_writes_metrics_plot_checkpoint_and_resume_continues(tmp_path, cap
     assert [r["step"] for r in read_metrics(out) if "loss" in r] == [1, 2, 3, 4, 5]
 
 
-def test_resume_reproduces_the_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("preset", ["tiny", "tiny-vit"])  # ResNet tower (batch-norm state) and ViT tower
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, preset):
     a, b = tmp_path / "a", tmp_path / "b"
-    common = [*FAST, "--eval-every", "0", "--save-every", "2"]
+    common = [*FAST, "--preset", preset, "--eval-every", "0", "--save-every", "2"]
     assert main(["train", "clip", *common, "--steps", "4", "--out", str(a)]) == 0
     assert main(["train", "clip", *common, "--steps", "4", "--stop-after", "3", "--out", str(b)]) == 0
     assert [r["step"] for r in read_metrics(b) if "loss" in r] == [1, 2, 3]
@@ -48,6 +51,14 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     la = [r["loss"] for r in read_metrics(a) if "loss" in r]
     lb = [r["loss"] for r in read_metrics(b) if "loss" in r]
     assert la == lb  # same data order, same keys, same optimizer state: the same losses exactly
+    ra, rb = load_run(a), load_run(b)
+    for x, y in ((ra.params, rb.params), (ra.state or {}, rb.state or {})):
+        fx, fy = flatten(x), flatten(y)
+        assert fx.keys() == fy.keys() and all(torch.equal(fx[k], fy[k]) for k in fx)
+    if preset == "tiny":  # the batch-norm running statistics were saved and resumed too
+        assert int(ra.state["visual"]["bn1"]["num_batches_tracked"]) == 4
+    else:
+        assert ra.state is None and rb.state is None
 
 
 def test_eval_and_zero_shot(tmp_path, capsys):
