@@ -163,6 +163,48 @@ def test_decoder_matches_torchmultimodal_cross_every_k():
     torch.testing.assert_close(spec(p, x, mem).last_hidden_state, want, rtol=1e-5, atol=1e-5)
 
 
+@given(st.booleans(), st.booleans(), st.booleans(), st.integers(1, 3), st.integers(1, 7), st.integers(1, 3), seeds)
+def test_select_equals_rows_of_the_full_output_values_and_grads(norm_first, causal, per_row, b, t, layers, seed):
+    layer = TransformerEncoderLayer(16, 4, 32, activation="gelu", norm_first=norm_first, is_causal=causal)
+    spec = TransformerEncoder(layer, layers, final_norm=True)
+    p = randomize(spec.init(key=pr.key(seed)), seed)
+    x = rand(seed + 99, b, t, 16)
+    pad = torch.zeros(b, t, dtype=torch.bool)
+    pad[:, t - 1:] = t > 1  # the last key is padding (when there is more than one)
+    g = torch.Generator().manual_seed(seed)
+    pos = torch.randint(0, max(t - 1, 1), (b,), generator=g) if per_row else int(torch.randint(0, t, (), generator=g))
+    pos_rows = pos if per_row else torch.full((b,), pos)
+
+    def both(p, x):
+        full = spec(p, x, key_padding_mask=pad).last_hidden_state
+        sel = spec(p, x, key_padding_mask=pad, select=pos).last_hidden_state
+        return full[torch.arange(b), pos_rows][:, None], sel
+
+    want, got = both(p, x)
+    assert got.shape == (b, 1, 16)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    gw = torch.func.grad(lambda p, x: both(p, x)[0].square().sum(), argnums=(0, 1))(p, x)
+    gg = torch.func.grad(lambda p, x: both(p, x)[1].square().sum(), argnums=(0, 1))(p, x)
+    assert_close(gg, gw, rtol=1e-4, atol=1e-5)
+    # per example under vmap (the unbatched path): the same rows
+    if per_row:
+        one = torch.func.vmap(lambda x1, m1, s1: spec(p, x1, key_padding_mask=m1, select=s1).last_hidden_state)
+        torch.testing.assert_close(one(x, pad, pos), want, rtol=1e-5, atol=1e-5)
+
+
+def test_select_errors():
+    spec = TransformerEncoder(TransformerEncoderLayer(8, 2, 16, norm_first=True), 2)
+    p, x = spec.init(key=pr.key(0)), torch.ones(2, 3, 8)
+    with pytest.raises(ValueError, match="return_hidden_states"):
+        spec(p, x, select=0, return_hidden_states=True)
+    with pytest.raises(ValueError, match=r"position in \[0, 3\), got 3"):
+        spec(p, x, select=3)
+    with pytest.raises(ValueError, match=r"integer positions of shape \(2,\), got torch.float32"):
+        spec(p, x, select=torch.zeros(2))
+    with pytest.raises(ValueError, match="attn_mask"):
+        spec(p, x, select=0, attn_mask=torch.ones(3, 3, dtype=torch.bool))
+
+
 def test_drop_path_rates_and_identity_at_zero():
     assert drop_path_rates(0.3, 4) == pytest.approx([0.0, 0.1, 0.2, 0.3])
     spec = TransformerEncoder(TransformerEncoderLayer(8, 2, 16, norm_first=True), 4, drop_path_max=0.3)

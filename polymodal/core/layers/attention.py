@@ -312,10 +312,17 @@ class MultiHeadAttention(Spec):
             kv = None if kv is None else kv[None]
             key_padding_mask = None if key_padding_mask is None else key_padding_mask[None]
             cache = None if cache is None else {n: t[None] for n, t in cache.items()}
-        q = split_heads(self._project_q(params, x), self.num_heads)
-        if cross and cache is not None:
+        if not cross and self.fused:  # self-attention: q, k and v from one matmul
+            b = params.get("in_proj_bias")
+            qkv = F.linear(x, params["in_proj_weight"], b).chunk(3, dim=-1)
+            q, k, v = (split_heads(t, self.num_heads) for t in qkv)
+            if cache is not None:
+                k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
+        elif cross and cache is not None:
+            q = split_heads(self._project_q(params, x), self.num_heads)
             k, v = cache["k"], cache["v"]
         else:
+            q = split_heads(self._project_q(params, x), self.num_heads)
             k, v = (split_heads(t, self.kv_heads) for t in self._project_kv(params, kv if cross else x))
             if cache is not None:
                 k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)

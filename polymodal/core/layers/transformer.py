@@ -95,6 +95,27 @@ class _LayerBase(Spec):
         return self._norm()(params[norm], _residual(x, fn(x), self.drop_path, self.dropout, keys))
 
 
+def _select_rows(x: Tensor, select: int | Tensor, causal: bool) -> tuple[Tensor, Tensor | None]:
+    """Rows ``select`` of ``x (..., T, D)`` as ``(..., 1, D)`` and, for causal attention, the bool
+    mask (True = attend) that lets each selected query see the keys up to its own position."""
+    t = x.shape[-2]
+    if isinstance(select, int):
+        if not -t <= select < t:
+            raise ValueError(f"select: expected a position in [0, {t}), got {select}")
+        select %= t
+        rows = x[..., select:select + 1, :]
+        pos = torch.arange(t, device=x.device)
+        return rows, ((pos <= select) if causal else None)
+    if select.dtype not in (torch.int32, torch.int64) or select.shape != x.shape[:-2]:
+        raise ValueError(f"select: expected an int or integer positions of shape {tuple(x.shape[:-2])}, "
+                         f"got {select.dtype} {tuple(select.shape)}")
+    rows = x.gather(-2, select[..., None, None].expand(*select.shape, 1, x.shape[-1]))
+    if not causal:
+        return rows, None
+    allowed = torch.arange(t, device=x.device) <= select[..., None]  # (..., T)
+    return rows, allowed[..., None, None, :]  # broadcasts against (B, H, 1, T)
+
+
 @dataclass(frozen=True)
 class TransformerEncoderLayer(_LayerBase):
     """Self-attention + feed-forward, each residual; ``(B, T, D) -> (B, T, D)`` (or unbatched ``(T, D)``).
@@ -120,16 +141,29 @@ class TransformerEncoderLayer(_LayerBase):
 
     def __call__(self, params: Params, x: Tensor, *, attn_mask: Tensor | None = None,
                  key_padding_mask: Tensor | None = None, need_weights: bool = False,
-                 key: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-        """Returns ``(y, attention weights or None)``."""
+                 key: Tensor | None = None, select: int | Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """Returns ``(y, attention weights or None)``.
+
+        ``select``: compute the output at one position only (a pooled token: CLIP's class or
+        end-of-text token), as an int or a ``(B,)`` tensor of positions; ``y`` is then
+        ``(B, 1, D)`` and equals those rows of the full output. Every position still serves as
+        a key, but the queries, the feed-forward and their backward shrink to one token.
+        """
         check_floating(x, "x", self)
         check_last_dim(x, "x", self.d_model, self)
         ks = pr.maybe_split(key, 6)
         weights = []
+        kv, mask = None, attn_mask
+        if select is not None:
+            if attn_mask is not None:
+                raise ValueError(f"{type(self).__name__}: select does not combine with attn_mask; use "
+                                 "key_padding_mask / is_causal, or select rows of the full output")
+            kv = self._norm()(params["norm1"], x) if self.norm_first else x
+            x, mask = _select_rows(x, select, self.is_causal)
 
         def sa(h: Tensor) -> Tensor:
-            out = self.attn()(params["self_attn"], h, attn_mask=attn_mask, key_padding_mask=key_padding_mask,
-                              need_weights=need_weights, key=ks[0])
+            out = self.attn()(params["self_attn"], h, kv, attn_mask=mask, key_padding_mask=key_padding_mask,
+                              is_causal=False if kv is not None else None, need_weights=need_weights, key=ks[0])
             weights.append(out.weights)
             return out.output
 
@@ -247,12 +281,20 @@ class TransformerEncoder(Spec):
 
     def __call__(self, params: Params, x: Tensor, *, attn_mask: Tensor | None = None,
                  key_padding_mask: Tensor | None = None, return_hidden_states: bool = False,
-                 return_attention_weights: bool = False, key: Tensor | None = None) -> TransformerOutput:
+                 return_attention_weights: bool = False, key: Tensor | None = None,
+                 select: int | Tensor | None = None) -> TransformerOutput:
+        """``select``: the last block computes only that position (an int, or ``(B,)`` positions),
+        so ``last_hidden_state`` is ``(B, 1, D)``: what a pooled (class / end-of-text) output needs."""
+        if select is not None and return_hidden_states:
+            raise ValueError("TransformerEncoder: select returns only the selected rows of the last block; "
+                             "it does not combine with return_hidden_states")
         x0 = x
+        last = len(params["layers"]) - 1
 
         def block(i, p, h, k, _):
             y, w = self.layer_at(i)(p, h, attn_mask=attn_mask, key_padding_mask=key_padding_mask,
-                                    need_weights=return_attention_weights, key=k)
+                                    need_weights=return_attention_weights, key=k,
+                                    select=select if i == last else None)
             return y, (y if return_hidden_states else None, w)
 
         x, auxs = run_layers(block, params["layers"], x, key=key)

@@ -19,7 +19,6 @@ from torch import Tensor
 from ...core import random as pr
 from ...core.layers.embedding import Embedding
 from ...core.layers.norm import LayerNorm
-from ...core.layers.pooling import eot_pool
 from ...core.layers.transformer import TransformerEncoder
 from ...core.pytree import Params
 from ...core.spec import Spec, check_dtype
@@ -106,4 +105,8 @@ class TextTransformer(Spec):
 
     def __call__(self, params: Params, tokens: Tensor) -> Tensor:
         """``tokens (B, T)`` -> ``(B, embed_dim)``: the end-of-text state, projected."""
-        return eot_pool(self.hidden_states(params, tokens), tokens) @ params["text_projection"]
+        self.check_tokens(tokens)
+        x = self.token_embedding()(params["token_embedding"], tokens) + params["positional_embedding"]
+        # the last block computes only the end-of-text token (the largest id, CLIP's convention)
+        x = self.transformer()(params["transformer"], x, select=tokens.argmax(-1)).last_hidden_state
+        return self.norm()(params["ln_final"], x[..., 0, :]) @ params["text_projection"]

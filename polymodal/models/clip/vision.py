@@ -104,5 +104,9 @@ class VisionTransformer(Spec):
 
     def __call__(self, params: Params, images: Tensor, *, key: Tensor | None = None) -> Tensor:
         """``images (B, 3, S, S)`` -> ``(B, embed_dim)``; ``key`` enables patch dropout (if configured)."""
-        x = self.features(params, images, key=key)
+        check_images(type(self).__name__, images, self.config.image_size)
+        x = self.embeddings()(params["embeddings"], images, key=key).embeddings
+        x = self.norm()(params["ln_pre"], x)
+        # the last block computes only the class token: the one row ln_post and proj read
+        x = self.transformer()(params["transformer"], x, select=0).last_hidden_state
         return self.norm()(params["ln_post"], cls_pool(x)) @ params["proj"]
