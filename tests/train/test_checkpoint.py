@@ -348,8 +348,14 @@ def test_sigkill_mid_write_leaves_latest_loadable(tmp_path):
             _wait(lambda: run.latest() is not None and run.latest().step > last, 120, proc)
 
             def writing() -> bool:  # a temp data file with bytes in it: the kill lands mid-write
-                return any(n.startswith(".tmp-") and n.endswith(".safetensors") and os.path.getsize(d / n) > 0
-                           for n in os.listdir(d) if (d / n).exists())
+                for n in os.listdir(d):
+                    if n.startswith(".tmp-") and n.endswith(".safetensors"):
+                        try:
+                            if os.path.getsize(d / n) > 0:
+                                return True
+                        except FileNotFoundError:  # renamed into place since listdir
+                            pass
+                return False
 
             _wait(writing, 60, proc)
         finally:
