@@ -67,20 +67,24 @@ def test_conv_transpose_matches_torch(dims, groups, k, s, pad, opad, dil, bias, 
     check_spec(spec, p, [x], compile=seed % 3 == 0, atol=1e-5)
 
 
+def _same_pad_matches(spec, ref, cin, size, seed):
+    """The spec and TorchMultimodal's module with the same weights agree; returns the output."""
+    p = spec.init(key=pr.key(seed))
+    copy_into(ref, p)
+    x = x_of(seed + 1, 2, cin, *size)
+    y = spec(p, x)
+    torch.testing.assert_close(y, ref(x), rtol=1e-5, atol=1e-6)
+    check_spec(spec, p, [x], compile=seed % 3 == 0, atol=1e-5)
+    return y
+
+
 @given(st.integers(1, 4), st.integers(1, 3), st.integers(1, 3), st.integers(1, 2), st.lists(st.integers(1, 7), min_size=3, max_size=3),
        st.booleans(), seeds)
 def test_same_pad_conv3d_matches_tmm(cin, cout, k, s, size, bias, seed):
     from torchmultimodal.modules.layers.conv import SamePadConv3d as Ref
 
-    spec = SamePadConv3d(cin, cout, k, s, bias)
-    p = spec.init(key=pr.key(seed))
-    ref = Ref(cin, cout, k, s, bias)
-    copy_into(ref, p)
-    x = x_of(seed + 1, 2, cin, *size)
-    y = spec(p, x)
-    torch.testing.assert_close(y, ref(x), rtol=1e-5, atol=1e-6)
+    y = _same_pad_matches(SamePadConv3d(cin, cout, k, s, bias), Ref(cin, cout, k, s, bias), cin, size, seed)
     assert y.shape[2:] == tuple(math.ceil(d / s) for d in size)  # TF "SAME": ceil(d / s)
-    check_spec(spec, p, [x], compile=seed % 3 == 0, atol=1e-5)
 
 
 @given(st.integers(1, 3), st.integers(1, 3), st.integers(1, 4), st.integers(1, 3), st.lists(st.integers(1, 5), min_size=3, max_size=3),
@@ -88,15 +92,8 @@ def test_same_pad_conv3d_matches_tmm(cin, cout, k, s, size, bias, seed):
 def test_same_pad_conv_transpose3d_matches_tmm(cin, cout, k, s, size, bias, seed):
     from torchmultimodal.modules.layers.conv import SamePadConvTranspose3d as Ref
 
-    spec = SamePadConvTranspose3d(cin, cout, k, s, bias)
-    p = spec.init(key=pr.key(seed))
-    ref = Ref(cin, cout, k, s, bias)
-    copy_into(ref, p)
-    x = x_of(seed + 1, 2, cin, *size)
-    y = spec(p, x)
-    torch.testing.assert_close(y, ref(x), rtol=1e-5, atol=1e-6)
+    y = _same_pad_matches(SamePadConvTranspose3d(cin, cout, k, s, bias), Ref(cin, cout, k, s, bias), cin, size, seed)
     assert y.shape[2:] == tuple(d * s for d in size)
-    check_spec(spec, p, [x], compile=seed % 3 == 0, atol=1e-5)
 
 
 def test_same_pad_follows_each_input_shape():
