@@ -130,6 +130,15 @@ def test_two_processes_and_sharding(tmp_path):
     l1 = [x["loss"] for x in read_metrics(tmp_path / "ddp") if "loss" in x]
     l2 = [x["loss"] for x in read_metrics(tmp_path / "fsdp") if "loss" in x]
     torch.testing.assert_close(torch.tensor(l1), torch.tensor(l2), rtol=1e-4, atol=1e-5)
+    # a sharded run stopped after one step and resumed: the same losses and batch-norm statistics
+    out = tmp_path / "fsdp_resumed"
+    for extra in (["--stop-after", "1"], ["--resume"]):
+        r = run_cli("train", "clip", *FAST, "--steps", "2", "--eval-every", "0", "--nproc", "2", "--out", str(out),
+                    "--shard", "--checkpointing", "1", *extra, env={"OMP_NUM_THREADS": "1"})
+        assert r.returncode == 0, r.stderr[-3000:]
+    assert [x["loss"] for x in read_metrics(out) if "loss" in x] == l2
+    a, b = flatten(load_run(tmp_path / "fsdp").state), flatten(load_run(out).state)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_dp_classifier_logs_epsilon_and_non_dp_learns(tmp_path, capsys):
