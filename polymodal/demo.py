@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import sys
@@ -33,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{torch.get_num_threads()} CPU threads\n", flush=True)
     t0 = time.perf_counter()
     rc = cli(["train", "clip", "--preset", "tiny", "--steps", str(args.steps), "--batch-size", "128",
-              "--lr", "3e-3", "--warmup", "20", "--eval-every", str(max(-(-args.steps // 4), 1)), "--save-every", "0",
+              "--lr", "3e-3", "--warmup", "20", "--eval-every", str(max(math.ceil(args.steps / 4), 1)), "--save-every", "0",
               "--eval-size", "512", "--out", args.out])
     if rc:
         return rc

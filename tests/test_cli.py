@@ -17,6 +17,11 @@ FAST = ["--preset", "tiny", "--batch-size", "16", "--train-size", "64", "--eval-
         "--no-progress"]
 
 
+def assert_same_tree(a, b):
+    fa, fb = flatten(a), flatten(b)
+    assert fa.keys() == fb.keys() and all(torch.equal(fa[k], fb[k]) for k in fa)
+
+
 def run_cli(*args, env=None):
     return subprocess.run([sys.executable, "-m", "polymodal.cli", *args], capture_output=True, text=True,
                           env={**os.environ, **(env or {})}, timeout=600)
@@ -52,9 +57,8 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, preset):
     lb = [r["loss"] for r in read_metrics(b) if "loss" in r]
     assert la == lb  # same data order, same keys, same optimizer state: the same losses exactly
     ra, rb = load_run(a), load_run(b)
-    for x, y in ((ra.params, rb.params), (ra.state or {}, rb.state or {})):
-        fx, fy = flatten(x), flatten(y)
-        assert fx.keys() == fy.keys() and all(torch.equal(fx[k], fy[k]) for k in fx)
+    assert_same_tree(ra.params, rb.params)
+    assert_same_tree(ra.state or {}, rb.state or {})
     if preset == "tiny":  # the batch-norm running statistics were saved and resumed too
         assert int(ra.state["visual"]["bn1"]["num_batches_tracked"]) == 4
     else:
@@ -137,8 +141,7 @@ def test_two_processes_and_sharding(tmp_path):
                     "--shard", "--checkpointing", "1", *extra, env={"OMP_NUM_THREADS": "1"})
         assert r.returncode == 0, r.stderr[-3000:]
     assert [x["loss"] for x in read_metrics(out) if "loss" in x] == l2
-    a, b = flatten(load_run(tmp_path / "fsdp").state), flatten(load_run(out).state)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert_same_tree(load_run(tmp_path / "fsdp").state, load_run(out).state)
 
 
 def test_dp_classifier_logs_epsilon_and_non_dp_learns(tmp_path, capsys):

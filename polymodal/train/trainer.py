@@ -135,8 +135,7 @@ def train(cfg: TrainConfig) -> dict:
                 state = runs.load(start, like=_saved_tree(pytree.unflatten(_full(leaves, mesh)), state)).params[BN_STATE]
         else:
             ck = runs.load(like=_saved_tree(pytree.unflatten(leaves), state), optimizer=opt)
-            start = ck.step
-            state = ck.params.get(BN_STATE) if state is not None else None
+            start, state = ck.step, ck.params.get(BN_STATE)
         _say(f"resuming {out} from step {start}")
     log = MetricsLog(out, truncate_after=start) if rank == 0 else None
 

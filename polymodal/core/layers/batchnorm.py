@@ -23,8 +23,9 @@ __all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
 _SHAPES = {1: ("(B, C) or (B, C, L)", (2, 3)), 2: ("(B, C, H, W)", (4,)), 3: ("(B, C, T, H, W)", (5,))}
 
 
-def _untransformed(x: Tensor) -> bool:
-    """No torch.func transform (vmap, grad, jvp) is active around this call."""
+def outside_func_transforms() -> bool:
+    """No torch.func transform (vmap, grad, jvp) is active around this call: tensors are plain,
+    so in-place updates of fresh tensors and memory formats mean what they say."""
     return torch._C._functorch.maybe_current_level() is None
 
 
@@ -101,7 +102,7 @@ class BatchNorm(Spec):
             raise ValueError(
                 f"{type(self).__name__}: expected more than 1 value per channel when training, got input {tuple(x.shape)}"
             )
-        if self.momentum is not None and _untransformed(x) and rm.dtype == rv.dtype == x.dtype:
+        if self.momentum is not None and outside_func_transforms() and rm.dtype == rv.dtype == x.dtype:
             # One pass: batch_norm updates fresh copies of the running statistics in place
             # (outside autograd, as torch does its buffers); the input state stays untouched.
             rm, rv = rm.detach().clone(), rv.detach().clone()

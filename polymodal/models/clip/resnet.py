@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ...core import random as pr
-from ...core.layers.batchnorm import BatchNorm2d
+from ...core.layers.batchnorm import BatchNorm2d, outside_func_transforms
 from ...core.layers.conv import Conv2d
 from ...core.layers.linear import Linear
 from ...core.layers.attention import attention, merge_heads, split_heads
@@ -212,9 +212,8 @@ class ModifiedResNet(Spec):
         train = training and not self.config.frozen_bn
         new: Params = {}
         x = images
-        if images.device.type == "cpu" and torch._C._functorch.maybe_current_level() is None:
-            # oneDNN's convolutions (and their backward) run ~1.3x faster on channels-last
-            # activations; outside vmap / grad transforms, where a memory format is meaningful.
+        if images.device.type == "cpu" and outside_func_transforms():
+            # oneDNN's convolutions (and their backward) run ~1.3x faster on channels-last activations
             x = images.contiguous(memory_format=torch.channels_last)
         for name, spec in self._stem():
             if name.startswith("conv"):

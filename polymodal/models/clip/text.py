@@ -96,17 +96,15 @@ class TextTransformer(Spec):
         if tokens.dim() != 2 or tokens.shape[1] != t:
             raise ValueError(f"{name}: tokens: expected shape (B, {t}) (context_length {t}), got {tuple(tokens.shape)}")
 
-    def hidden_states(self, params: Params, tokens: Tensor) -> Tensor:
-        """Per-token states after ``ln_final``: ``(B, T, D)``."""
+    def hidden_states(self, params: Params, tokens: Tensor, *, select: Tensor | None = None) -> Tensor:
+        """Per-token states after ``ln_final``: ``(B, T, D)``; with ``select`` (``(B,)`` positions)
+        the last block computes those positions only: ``(B, 1, D)``."""
         self.check_tokens(tokens)
         x = self.token_embedding()(params["token_embedding"], tokens) + params["positional_embedding"]
-        x = self.transformer()(params["transformer"], x).last_hidden_state
+        x = self.transformer()(params["transformer"], x, select=select).last_hidden_state
         return self.norm()(params["ln_final"], x)
 
     def __call__(self, params: Params, tokens: Tensor) -> Tensor:
         """``tokens (B, T)`` -> ``(B, embed_dim)``: the end-of-text state, projected."""
-        self.check_tokens(tokens)
-        x = self.token_embedding()(params["token_embedding"], tokens) + params["positional_embedding"]
-        # the last block computes only the end-of-text token (the largest id, CLIP's convention)
-        x = self.transformer()(params["transformer"], x, select=tokens.argmax(-1)).last_hidden_state
-        return self.norm()(params["ln_final"], x[..., 0, :]) @ params["text_projection"]
+        eot = tokens.argmax(-1)  # the end-of-text token has the largest id (CLIP's convention)
+        return self.hidden_states(params, tokens, select=eot)[..., 0, :] @ params["text_projection"]

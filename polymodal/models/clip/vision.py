@@ -95,18 +95,16 @@ class VisionTransformer(Spec):
             "proj": pr.normal(k_proj, (c.width, self.embed_dim)) * scale,
         }
 
-    def features(self, params: Params, images: Tensor, *, key: Tensor | None = None) -> Tensor:
-        """The final hidden states before ``ln_post``: ``(B, 1 + N_kept, D)`` (``key``: patch dropout)."""
+    def features(self, params: Params, images: Tensor, *, key: Tensor | None = None,
+                 select: int | None = None) -> Tensor:
+        """The final hidden states before ``ln_post``: ``(B, 1 + N_kept, D)`` (``key``: patch dropout);
+        with ``select`` the last block computes that position only: ``(B, 1, D)``."""
         check_images(type(self).__name__, images, self.config.image_size)
         x = self.embeddings()(params["embeddings"], images, key=key).embeddings
         x = self.norm()(params["ln_pre"], x)
-        return self.transformer()(params["transformer"], x).last_hidden_state
+        return self.transformer()(params["transformer"], x, select=select).last_hidden_state
 
     def __call__(self, params: Params, images: Tensor, *, key: Tensor | None = None) -> Tensor:
         """``images (B, 3, S, S)`` -> ``(B, embed_dim)``; ``key`` enables patch dropout (if configured)."""
-        check_images(type(self).__name__, images, self.config.image_size)
-        x = self.embeddings()(params["embeddings"], images, key=key).embeddings
-        x = self.norm()(params["ln_pre"], x)
-        # the last block computes only the class token: the one row ln_post and proj read
-        x = self.transformer()(params["transformer"], x, select=0).last_hidden_state
+        x = self.features(params, images, key=key, select=0)  # only the class token: what ln_post reads
         return self.norm()(params["ln_post"], cls_pool(x)) @ params["proj"]
