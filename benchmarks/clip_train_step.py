@@ -37,6 +37,7 @@ the best and the median step; ratios compare best steps (noise only ever adds ti
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import math
 import os
@@ -57,6 +58,11 @@ CONFIGS = {  # name -> (open_clip embed_dim, vision_cfg, text_cfg, polymodal bui
              dict(context_length=32, vocab_size=49408, width=128, heads=4, layers=2), "clip_tiny"),
 }
 LR, WD = 1e-4, 0.1
+AMP: dict = {"enabled": False}  # torch.autocast arguments for forward + loss (--precision bf16)
+
+
+def autocast():
+    return torch.autocast(**AMP) if AMP["enabled"] else contextlib.nullcontext()
 
 
 def sync(device: torch.device) -> None:
@@ -111,8 +117,9 @@ def make_open_clip(cfg: str, sd: dict, device: torch.device, compile_: bool = Fa
     fwd, update = (torch.compile(model) if compile_ else model), _update(opt, compile_)
 
     def step(images, tokens):
-        img, txt, scale = fwd(images, tokens)
-        loss = loss_fn(img, txt, scale)
+        with autocast():
+            img, txt, scale = fwd(images, tokens)
+            loss = loss_fn(img, txt, scale)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         update()
@@ -146,8 +153,9 @@ def make_torchmultimodal(cfg: str, sd: dict, device: torch.device, compile_: boo
     fwd, update = (torch.compile(model) if compile_ else model), _update(opt, compile_)
 
     def step(images, tokens):
-        out = fwd(images, tokens)
-        loss = loss_fn(out.embeddings_a, out.embeddings_b)
+        with autocast():
+            out = fwd(images, tokens)
+            loss = loss_fn(out.embeddings_a, out.embeddings_b)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         update()
@@ -182,7 +190,8 @@ def make_polymodal(cfg: str, sd: dict, device: torch.device, shell: bool, compil
     update = _update(opt, compile_)
 
     def step(images, tokens):
-        loss = loss_of(images, tokens)
+        with autocast():
+            loss = loss_of(images, tokens)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         update()
@@ -273,9 +282,16 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--compile-peers", action="store_true", help="also time open_clip and TMM under torch.compile")
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "tf32", "bf16"],
+                    help="fp32; tf32 matmuls (CUDA); bf16: torch.autocast(bfloat16) around forward and loss, "
+                         "fp32 weights and optimizer (open_clip's --precision amp_bf16)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
     device = torch.device(args.device)
+    if args.precision == "tf32":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if args.precision == "bf16":
+        AMP.update(enabled=True, device_type=device.type, dtype=torch.bfloat16)
     if args.threads:
         torch.set_num_threads(args.threads)
     import logging
@@ -300,6 +316,7 @@ def main() -> None:
         "excluded). Ratios compare the best step (the least disturbed by other load) with open_clip's.\n"
         f"Command: `python benchmarks/clip_train_step.py --device {device.type} --configs {' '.join(args.configs)} "
         f"--batch-vit {args.batch_vit} --batch-tiny {args.batch_tiny} --steps {args.steps} --threads {args.threads}"
+        f"{'' if args.precision == 'fp32' else ' --precision ' + args.precision}"
         f"{' --compile-peers' if args.compile_peers else ''}`\n"
         f"Machine: {where}; torch {torch.__version__}, open_clip {open_clip.__version__}, "
         f"torchmultimodal {getattr(torchmultimodal, '__version__', 'nightly')}{load}.\n\n"
