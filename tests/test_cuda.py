@@ -64,7 +64,7 @@ def test_vmap_grad_of_sdpa_on_cuda_kernels_equals_loop(dtype, causal):
     for i in range(n):
         want = grad(loss, argnums=(0, 1, 2))(q[i], k[i], v[i], ref)
         for j in range(3):
-            torch.testing.assert_close(got[j][i].double(), want[j], **tol, msg=f"example {i}, input {j}")
+            torch.testing.assert_close(got[j][i].double(), want[j], **tol, msg=lambda m, i=i, j=j: f"example {i}, input {j}: {m}")
 
 
 def test_clip_per_sample_gradients_on_cuda_equal_a_loop():

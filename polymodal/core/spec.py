@@ -27,6 +27,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import dataclasses
+
 import torch
 from torch import Tensor
 
@@ -37,6 +39,28 @@ __all__ = ["Spec", "check_tensor", "check_last_dim", "check_ndim", "check_floati
 
 class Spec:
     """Base class of layer specs (subclasses are ``@dataclass(frozen=True)``)."""
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if "__hash__" not in cls.__dict__:  # placed before @dataclass runs, which then keeps it
+            cls.__hash__ = Spec._field_hash
+
+    def _field_hash(self) -> int:
+        """The hash ``@dataclass(frozen=True)`` would give (the compared fields), except that a spec
+        whose fields are not all set yet raises ``TypeError`` ("unhashable"), not ``AttributeError``.
+
+        Why: torch.compile up to at least 2.11 hashes a spec that the traced code builds (``self.conv()``)
+        before its fields exist, to ask whether it is a random function, and is prepared only for
+        ``TypeError``; with the generated hash every such call failed to compile (InternalTorchDynamoError).
+        """
+        if not dataclasses.is_dataclass(self):
+            return object.__hash__(self)
+        try:
+            values = tuple(getattr(self, f.name) for f in dataclasses.fields(self)
+                           if (f.compare if f.hash is None else f.hash))
+        except AttributeError as e:
+            raise TypeError(f"{type(self).__name__} is not hashable before its fields are set ({e})") from None
+        return hash(values)
 
     def init(self, *, key: Tensor) -> Params:  # pragma: no cover - abstract
         raise NotImplementedError(f"{type(self).__name__}.init")

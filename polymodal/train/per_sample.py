@@ -224,7 +224,7 @@ def _chunks(loss_fn: Callable, params: Params, names: Sequence[str], batch: Any,
         try:
             g, (losses, tensors) = fn(train, _slice(batch, start, stop), keys)
         except RuntimeError as e:
-            if "saved tensor hooks" in str(e):
+            if "saved tensor hooks" in str(e) or "_NoopSaveInputs" in str(e):  # torch >= 2.12 / older
                 raise RuntimeError("per-sample gradients by vmap cannot run under activation checkpointing "
                                    "(torch.func does not support saved tensor hooks); use method='trace' "
                                    "or the norm-only DP step, which support the seam's checkpoint policy") from e

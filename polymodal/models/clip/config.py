@@ -13,7 +13,7 @@ or :class:`ModifiedResNetConfig`) and a :class:`TextConfig`. The published value
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 __all__ = ["VisionTransformerConfig", "ModifiedResNetConfig", "TextConfig", "CLIPConfig"]
 
@@ -132,8 +132,8 @@ class CLIPConfig:
     """A whole CLIP: joint embedding size, image tower, text tower, initial temperature."""
 
     embed_dim: int = 512  # size of the joint image-text embedding
-    vision: VisionTransformerConfig | ModifiedResNetConfig = VisionTransformerConfig()  # image tower
-    text: TextConfig = TextConfig()  # text tower
+    vision: VisionTransformerConfig | ModifiedResNetConfig = field(default_factory=VisionTransformerConfig)  # image tower
+    text: TextConfig = field(default_factory=TextConfig)  # text tower
     logit_scale_init: float = math.log(1 / 0.07)  # initial log inverse temperature (CLIP paper, section 2.5)
 
     def __post_init__(self) -> None:

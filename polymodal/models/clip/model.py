@@ -18,7 +18,7 @@ batch-norm running statistics as explicit state (``spec.init_state() = {"visual"
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
@@ -56,7 +56,7 @@ class CLIP(Spec):
     ``key`` enables the ViT's patch dropout when the config has one (the only randomness).
     """
 
-    config: CLIPConfig = CLIPConfig()  # the architecture (see builders.py for the published ones)
+    config: CLIPConfig = field(default_factory=CLIPConfig)  # the architecture (see builders.py for the published ones)
 
     @property
     def is_resnet(self) -> bool:

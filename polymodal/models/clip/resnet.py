@@ -21,7 +21,7 @@ exactly as ``torch.nn.BatchNorm2d`` in train mode, unless the config sets ``froz
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -59,7 +59,7 @@ class Bottleneck(Spec):
     inplanes: int  # input channels
     planes: int  # bottleneck channels (the output has 4 * planes)
     stride: int = 1  # downsampling factor (by average pooling)
-    cfg: ModifiedResNetConfig = ModifiedResNetConfig()  # batch-norm settings
+    cfg: ModifiedResNetConfig = field(default_factory=ModifiedResNetConfig)  # batch-norm settings
 
     @property
     def has_downsample(self) -> bool:
@@ -162,7 +162,7 @@ class ModifiedResNet(Spec):
     (torch.Size([2, 32]), True)
     """
 
-    config: ModifiedResNetConfig = ModifiedResNetConfig()  # the architecture
+    config: ModifiedResNetConfig = field(default_factory=ModifiedResNetConfig)  # the architecture
     embed_dim: int = 1024  # output size (the joint embedding)
 
     def _stem(self) -> list[tuple[str, Spec]]:

@@ -11,7 +11,7 @@ and a linear projection (Radford et al. 2021, section 2.4). Params::
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -64,7 +64,7 @@ class TextTransformer(Spec):
     torch.Size([1, 16])
     """
 
-    config: TextConfig = TextConfig()  # the architecture
+    config: TextConfig = field(default_factory=TextConfig)  # the architecture
     embed_dim: int = 512  # output size (the joint embedding)
 
     def token_embedding(self) -> Embedding:

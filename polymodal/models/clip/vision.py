@@ -16,7 +16,7 @@ names are TorchMultimodal's; ``convert.py`` maps OpenAI's ``conv1`` / ``class_em
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import Tensor
 
@@ -61,7 +61,7 @@ class VisionTransformer(Spec):
     torch.Size([2, 32])
     """
 
-    config: VisionTransformerConfig = VisionTransformerConfig()  # the architecture
+    config: VisionTransformerConfig = field(default_factory=VisionTransformerConfig)  # the architecture
     embed_dim: int = 512  # output size (the joint embedding)
 
     def embeddings(self) -> PatchEmbedding:

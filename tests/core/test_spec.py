@@ -1,0 +1,64 @@
+"""The spec base class: hashing, and the rules that keep specs traceable by torch.compile across
+torch releases (torch 2.11's dynamo cannot build a spec in traced code when a field's default is a
+dataclass instance, nor hash one whose fields are not set yet)."""
+
+import dataclasses
+import enum
+import importlib
+import pkgutil
+
+import pytest
+import torch
+
+import polymodal
+from polymodal.core.layers import Conv, Linear
+from polymodal.core.spec import Spec
+from polymodal.models.clip import build
+
+
+def all_dataclasses() -> list[type]:
+    found: dict[type, None] = {}
+    for info in pkgutil.walk_packages(polymodal.__path__, "polymodal."):
+        module = importlib.import_module(info.name)
+        for obj in vars(module).values():
+            if isinstance(obj, type) and dataclasses.is_dataclass(obj) and obj.__module__.startswith("polymodal"):
+                found[obj] = None
+    return list(found)
+
+
+def test_field_defaults_are_constants_or_factories():
+    """A dataclass instance as a default is a sourceless object to dynamo (torch 2.11 fails to
+    compile any code that builds such a spec); ``field(default_factory=...)`` traces everywhere."""
+    constant = (int, float, str, bool, type(None), tuple, frozenset, enum.Enum, torch.dtype)
+    classes = all_dataclasses()
+    assert len(classes) > 50  # the walk found the package's specs and configs
+    bad = [f"{c.__module__}.{c.__name__}.{f.name}" for c in classes for f in dataclasses.fields(c)
+           if f.default is not dataclasses.MISSING and not isinstance(f.default, constant)]
+    assert not bad, f"use field(default_factory=...) for: {bad}"
+
+
+def test_spec_hash_is_the_dataclass_hash_and_types_error_before_fields_exist():
+    conv = Conv(2, 3, 8, 3)
+    assert hash(conv) == hash(tuple(getattr(conv, f.name) for f in dataclasses.fields(conv)))
+    assert hash(conv) == hash(Conv(2, 3, 8, (3, 3))) and conv == Conv(2, 3, 8, (3, 3))
+    assert {build("clip_tiny"): 1}[build("clip_tiny")] == 1
+    blank = object.__new__(Linear)  # what dynamo holds while it traces a spec's __init__
+    with pytest.raises(TypeError, match="Linear is not hashable before its fields are set"):
+        hash(blank)
+
+
+def test_every_spec_dataclass_uses_the_field_hash():
+    specs = [c for c in all_dataclasses() if issubclass(c, Spec)]
+    assert specs and all(c.__hash__ is Spec._field_hash for c in specs), [
+        c.__name__ for c in specs if c.__hash__ is not Spec._field_hash]
+
+
+def test_specs_built_inside_compiled_code_trace():
+    """The pattern every spec uses: build a child spec in the traced function, then call it."""
+    def f(w, x):
+        return Linear(4, 3)({"weight": w, "bias": torch.zeros(3)}, x)
+
+    w, x = torch.randn(3, 4), torch.randn(2, 4)
+    torch._dynamo.reset()
+    got = torch.compile(f, fullgraph=True, backend="eager")(w, x)
+    torch.testing.assert_close(got, f(w, x))
