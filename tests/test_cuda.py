@@ -62,9 +62,12 @@ def test_vmap_grad_of_sdpa_on_cuda_kernels_equals_loop(dtype, causal):
 
     tol = dict(rtol=1e-3, atol=1e-3) if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2)
     for i in range(n):
+        looped = grad(loss, argnums=(0, 1, 2))(q[i], k[i], v[i], fast)  # the same kernel, one example
         want = grad(loss, argnums=(0, 1, 2))(q[i], k[i], v[i], ref)
         for j in range(3):
-            torch.testing.assert_close(got[j][i].double(), want[j], **tol, msg=lambda m, i=i, j=j: f"example {i}, input {j}: {m}")
+            where = f"example {i}, input {j}"
+            torch.testing.assert_close(got[j][i], looped[j], **tol, msg=lambda m, w=where: f"{w}, vmap vs loop: {m}")
+            torch.testing.assert_close(got[j][i].double(), want[j], **tol, msg=lambda m, w=where: f"{w}, vs fp64: {m}")
 
 
 def test_clip_per_sample_gradients_on_cuda_equal_a_loop():
