@@ -244,6 +244,8 @@ def run_config(cfg: str, batch: int, args, device: torch.device) -> list[tuple[s
     if args.compile_peers:
         compiled += [("open_clip + torch.compile", lambda: make_open_clip(cfg, sd, device, True)),
                      ("TorchMultimodal + torch.compile", lambda: make_torchmultimodal(cfg, sd, device, True))]
+    eager = [(n, m) for n, m in eager if not any(s in n for s in args.skip)]
+    compiled = [(n, m) for n, m in compiled if not any(s in n for s in args.skip)]
     times: dict[str, list[float]] = {}
     firsts: dict[str, float] = {}
     for name, make in eager + compiled + eager[::-1]:
@@ -285,6 +287,8 @@ def main() -> None:
     ap.add_argument("--precision", default="fp32", choices=["fp32", "tf32", "bf16"],
                     help="fp32; tf32 matmuls (CUDA); bf16: torch.autocast(bfloat16) around forward and loss, "
                          "fp32 weights and optimizer (open_clip's --precision amp_bf16)")
+    ap.add_argument("--skip", nargs="*", default=[], metavar="TEXT",
+                    help="leave out the rows whose name contains TEXT (e.g. 'shell + torch.compile')")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
     device = torch.device(args.device)
