@@ -5,8 +5,11 @@ Reproduce (writes ``benchmarks/results/clip_train_step.md``)::
 
     .venv/bin/python benchmarks/clip_train_step.py                 # ~10 minutes on 2 CPU cores
     .venv/bin/python benchmarks/clip_train_step.py --configs tiny   # ~1 minute
-    python benchmarks/clip_train_step.py --device cuda --batch-vit 256 --batch-tiny 1024 \\
-        --out benchmarks/results/clip_train_step_cuda.md
+    # on a GPU (results/clip_train_step_cuda.md: H100, bf16 autocast as open_clip's amp_bf16)
+    python benchmarks/clip_train_step.py --device cuda --configs vit_b32 --batch-vit 256 \\
+        --precision bf16 --compile-peers --steps 10 --out /tmp/vit.md
+    python benchmarks/clip_train_step.py --device cuda --configs tiny --batch-tiny 1024 \\
+        --precision bf16 --compile-peers --steps 20 --warmup 3 --out /tmp/tiny.md
 
 Configurations: ``vit_b32`` is CLIP ViT-B/32 (224 px, text context 77, 151M parameters);
 ``tiny`` is ``clip_tiny`` (64 px, patch 8, 2 x 128 wide towers, context 32). Every
@@ -274,6 +277,19 @@ def table(cfg: str, batch: int, rows) -> str:
     return "\n".join(lines) + "\n"
 
 
+def command_line(args, device: torch.device) -> str:
+    """The flags that reproduce this run."""
+    parts = [f"--device {device.type}", "--configs " + " ".join(args.configs)]
+    parts += [f"--batch-vit {args.batch_vit}"] if "vit_b32" in args.configs else []
+    parts += [f"--batch-tiny {args.batch_tiny}"] if "tiny" in args.configs else []
+    parts += [f"--warmup {args.warmup} --steps {args.steps}"]
+    parts += [f"--threads {args.threads}"] if device.type == "cpu" else []
+    parts += [f"--precision {args.precision}"] if args.precision != "fp32" else []
+    parts += ["--compile-peers"] if args.compile_peers else []
+    parts += ["--skip " + " ".join(f"'{s}'" for s in args.skip)] if args.skip else []
+    return " ".join(parts)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--configs", nargs="+", default=["vit_b32", "tiny"], choices=sorted(CONFIGS))
@@ -318,10 +334,7 @@ def main() -> None:
         f"the compiled rows); {'CPU time of the process' if device.type == 'cpu' else 'wall time'} per step over "
         f"{args.steps} timed steps per run after {args.warmup} warm-up steps (+2 for compiled rows, compile time "
         "excluded). Ratios compare the best step (the least disturbed by other load) with open_clip's.\n"
-        f"Command: `python benchmarks/clip_train_step.py --device {device.type} --configs {' '.join(args.configs)} "
-        f"--batch-vit {args.batch_vit} --batch-tiny {args.batch_tiny} --steps {args.steps} --threads {args.threads}"
-        f"{'' if args.precision == 'fp32' else ' --precision ' + args.precision}"
-        f"{' --compile-peers' if args.compile_peers else ''}`\n"
+        f"Command: `python benchmarks/clip_train_step.py {command_line(args, device)}`\n"
         f"Machine: {where}; torch {torch.__version__}, open_clip {open_clip.__version__}, "
         f"torchmultimodal {getattr(torchmultimodal, '__version__', 'nightly')}{load}.\n\n"
     )
