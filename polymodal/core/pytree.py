@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Union
 
 import torch
@@ -35,6 +35,7 @@ __all__ = [
     "num_bytes",
     "cast",
     "check_like",
+    "mismatch_error",
     "save",
     "load",
     "to_numpy",
@@ -133,6 +134,17 @@ def cast(tree: Params, dtype: torch.dtype | None = None, device: torch.device | 
     return tree_map(f, tree)
 
 
+def mismatch_error(header: str, missing: Sequence[str], unexpected: Sequence[str],
+                   mismatched: Sequence[str]) -> ValueError:
+    """The error of a checkpoint that does not fit: ``header``, then each non-empty list of keys."""
+    lines = [header]
+    for label, keys, sep in (("missing keys", missing, ", "), ("unexpected keys", unexpected, ", "),
+                             ("shape mismatches", mismatched, "; ")):
+        if keys:
+            lines.append(f"  {label} ({len(keys)}): {sep.join(keys)}")
+    return ValueError("\n".join(lines))
+
+
 def check_like(flat: Mapping[str, Tensor], like: Params, what: str = "checkpoint") -> None:
     """Raise ``ValueError`` naming every missing, unexpected and shape-mismatched key."""
     expected = {k: tuple(v.shape) for k, v in flatten(like).items()}
@@ -143,14 +155,7 @@ def check_like(flat: Mapping[str, Tensor], like: Params, what: str = "checkpoint
         f"{k}: expected {expected[k]}, got {got[k]}" for k in set(expected) & set(got) if expected[k] != got[k]
     )
     if missing or unexpected or mismatched:
-        lines = [f"{what} does not match the expected parameters:"]
-        if missing:
-            lines.append(f"  missing keys ({len(missing)}): {', '.join(missing)}")
-        if unexpected:
-            lines.append(f"  unexpected keys ({len(unexpected)}): {', '.join(unexpected)}")
-        if mismatched:
-            lines.append(f"  shape mismatches ({len(mismatched)}): {'; '.join(mismatched)}")
-        raise ValueError("\n".join(lines))
+        raise mismatch_error(f"{what} does not match the expected parameters:", missing, unexpected, mismatched)
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:

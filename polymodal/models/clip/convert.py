@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from ...core import random as pr
-from ...core.pytree import Params, flatten, unflatten
+from ...core.pytree import Params, flatten, mismatch_error, unflatten
 from .config import CLIPConfig, ModifiedResNetConfig, TextConfig, VisionTransformerConfig
 from .model import CLIP
 
@@ -238,14 +238,8 @@ def _from(state_dict: Mapping[str, Tensor], rename: Callable[..., str | None], b
     bad = [f"{back(k)}: expected {s}, got {tuple(params_flat[k].shape)}" for k, s in expected.items()
            if k in params_flat and tuple(params_flat[k].shape) != s]
     if missing or extra or bad:
-        lines = [f"{what}: the checkpoint does not match {spec.config}:"]
-        if missing:
-            lines.append(f"  missing keys ({len(missing)}): {', '.join(back(k) for k in missing)}")
-        if extra:
-            lines.append(f"  unexpected keys ({len(extra)}): {', '.join(back(k) for k in extra)}")
-        if bad:
-            lines.append(f"  shape mismatches ({len(bad)}): {'; '.join(bad)}")
-        raise ValueError("\n".join(lines))
+        raise mismatch_error(f"{what}: the checkpoint does not match {spec.config}:", [back(k) for k in missing],
+                             [back(k) for k in extra], bad)
     params = _fill(unflatten(dict.fromkeys(expected)), params_flat)
     state = _fill(template_state, state_flat) if template_state is not None else None
     if with_state:
