@@ -25,9 +25,8 @@ torch.Size([2, 3])
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import dataclasses
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
