@@ -24,6 +24,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1024)
     ap.add_argument("--out", type=Path, default=Path("."), help="folder for the profiler tables")
     args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("clip_step_profile: needs a CUDA GPU; skipped")
+        return
     device = torch.device("cuda")
     bench.AMP.update(enabled=True, device_type="cuda", dtype=torch.bfloat16)
     sd = bench.reference(args.config)
@@ -47,8 +50,9 @@ def main() -> None:
             torch.cuda.synchronize()
         events = prof.key_averages()
         gpu = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]  # kernels, copies, memsets
-        print(f"{name:10s} wall {wall * 1e3:6.2f} ms/step   GPU {sum(e.self_device_time_total for e in gpu) / 3e3:6.2f} "
-              f"ms/step   {sum(e.count for e in gpu) / 3:.0f} launches/step", flush=True)
+        gpu_ms = sum(e.self_device_time_total for e in gpu) / 3e3
+        print(f"{name:10s} wall {wall * 1e3:6.2f} ms/step   GPU {gpu_ms:6.2f} ms/step   "
+              f"{sum(e.count for e in gpu) / 3:.0f} launches/step", flush=True)
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / f"{name}_{args.config}.txt").write_text(
             events.table(sort_by="self_device_time_total", row_limit=40)

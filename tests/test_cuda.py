@@ -67,7 +67,8 @@ def test_vmap_grad_of_sdpa_on_cuda_kernels_equals_loop(dtype, causal):
         for j in range(3):
             where = f"example {i}, input {j}"
             torch.testing.assert_close(got[j][i], looped[j], **tol, msg=lambda m, w=where: f"{w}, vmap vs loop: {m}")
-            torch.testing.assert_close(got[j][i].double(), want[j].double(), **tol, msg=lambda m, w=where: f"{w}, vs fp64: {m}")
+            torch.testing.assert_close(got[j][i].double(), want[j].double(), **tol,
+                                       msg=lambda m, w=where: f"{w}, vs fp64: {m}")
 
 
 def test_clip_per_sample_gradients_on_cuda_equal_a_loop():

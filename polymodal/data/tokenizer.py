@@ -282,15 +282,27 @@ class CLIPTokenizer:
         data = bytearray(self._byte_decoder[c] for c in text)
         return data.decode("utf-8", errors="replace").replace("</w>", " ")
 
-    def __call__(self, texts: str | Sequence[str]) -> torch.Tensor:
+    def __call__(self, texts: str | Sequence[str], *, padding: str = "max_length",
+                 pad_to_multiple_of: int | None = None) -> torch.Tensor:
         """Tokenize, add start/end tokens, truncate and pad.
 
         Args:
             texts: one string or a sequence of N strings.
+            padding: ``"max_length"`` pads every row to ``context_length`` (CLIP's and open_clip's
+                layout); ``"longest"`` to the longest row of this call, which polymodal's text tower
+                takes as it is (same embeddings, less work; see ``models.clip.trim_padding``).
+            pad_to_multiple_of: with ``"longest"``, round the length up to a multiple of this
+                (at most ``context_length``): fewer distinct shapes for ``torch.compile``.
 
         Returns:
-            ``LongTensor`` of shape ``(N, context_length)`` (``N = 1`` for a single string).
+            ``LongTensor`` of shape ``(N, context_length)``, or ``(N, T)`` with ``T <= context_length``
+            for ``"longest"`` (``N = 1`` for a single string).
         """
+        if padding not in ("max_length", "longest"):
+            raise ValueError(f"CLIPTokenizer: padding: expected 'max_length' or 'longest', got {padding!r}")
+        if pad_to_multiple_of is not None and (not isinstance(pad_to_multiple_of, int) or pad_to_multiple_of < 1):
+            raise ValueError(f"CLIPTokenizer: pad_to_multiple_of: expected a positive int or None, "
+                             f"got {pad_to_multiple_of!r}")
         if isinstance(texts, str):
             texts = [texts]
         if not isinstance(texts, Sequence) or not all(isinstance(t, str) for t in texts):
@@ -299,10 +311,15 @@ class CLIPTokenizer:
             )
             raise TypeError(f"CLIPTokenizer: texts: expected str or a list of str, got {got}")
         n = self.context_length
-        out = np.zeros((len(texts), n), dtype=np.int64)
         words = [pre_tokenize(clean_text(t)) for t in texts]
-        for row, ids in zip(out, self._encode_words(words)):
-            # open_clip: [sot] + ids + [eot], cut to context_length, last id set to eot.
-            ids = [self.sot_token_id, *ids[: n - 2], self.eot_token_id]
+        # open_clip: [sot] + ids + [eot], cut to context_length, last id set to eot.
+        rows = [[self.sot_token_id, *ids[: n - 2], self.eot_token_id] for ids in self._encode_words(words)]
+        width = n
+        if padding == "longest":
+            width = max((len(r) for r in rows), default=2)
+            if pad_to_multiple_of is not None:
+                width = min(n, -(-width // pad_to_multiple_of) * pad_to_multiple_of)
+        out = np.zeros((len(texts), width), dtype=np.int64)
+        for row, ids in zip(out, rows):
             row[: len(ids)] = ids
         return torch.from_numpy(out)

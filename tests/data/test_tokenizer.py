@@ -183,3 +183,23 @@ def test_download_verifies_sha256_then_caches(no_open_clip):
 
 def test_open_clip_copy_is_found_without_a_path():
     assert TOK.merges_path.samefile(open_clip.tokenizer.default_bpe())
+
+
+@settings(max_examples=100)
+@given(st.lists(texts, min_size=1, max_size=4), st.integers(2, 20), st.sampled_from([None, 1, 4, 8, 64]))
+def test_padding_longest_is_the_padded_batch_cut_after_its_longest_row(batch, n, multiple):
+    tok = tokenizer_with(n)
+    full = tok(batch)
+    got = tok(batch, padding="longest", pad_to_multiple_of=multiple)
+    longest = int(full.argmax(-1).max()) + 1  # through the last end-of-text token ("!" is id 0, as padding)
+    want = longest if multiple is None else min(n, -(-longest // multiple) * multiple)
+    assert got.shape == (len(batch), want) and got.dtype == torch.long
+    assert torch.equal(got, full[:, :want]) and not full[:, want:].any()
+
+
+def test_padding_arguments_are_checked():
+    with pytest.raises(ValueError, match="padding: expected 'max_length' or 'longest', got 'max'"):
+        TOK(["a"], padding="max")
+    with pytest.raises(ValueError, match="pad_to_multiple_of: expected a positive int or None, got 0"):
+        TOK(["a"], padding="longest", pad_to_multiple_of=0)
+    assert TOK(["a cat"], padding="longest").tolist() == [[49406, 320, 2368, 49407]]

@@ -15,7 +15,7 @@ from polymodal.core import random as pr
 from polymodal.core.losses import contrastive_loss_with_temperature
 from polymodal.models.clip import (
     CLIP, CLIPConfig, ModifiedResNet, ModifiedResNetConfig, TextConfig, TextTransformer, VisionTransformer,
-    VisionTransformerConfig, build,
+    VisionTransformerConfig, build, trim_padding,
 )
 from polymodal.train.per_sample import per_sample_grads
 
@@ -89,7 +89,8 @@ def test_bad_inputs_name_expected_and_got():
         spec.encode_image(p, torch.randn(2, 3, 32, 32))
     with pytest.raises(ValueError, match=r"images: expected shape \(B, 3, 64, 64\), got \(3, 64, 64\)"):
         spec.encode_image(p, torch.randn(3, 64, 64))
-    with pytest.raises(ValueError, match=r"tokens: expected shape \(B, 32\) \(context_length 32\), got \(2, 77\)"):
+    with pytest.raises(ValueError, match=r"tokens: expected shape \(B, T\) with 1 <= T <= 32 \(context_length 32\), "
+                                         r"got \(2, 77\)"):
         spec.encode_text(p, torch.zeros(2, 77, dtype=torch.long))
     with pytest.raises(TypeError, match="tokens: expected dtype"):
         spec.encode_text(p, torch.zeros(2, 32))
@@ -138,6 +139,35 @@ def test_resnet_training_mode_updates_state_and_shell_buffers():
     assert_close(shell.state["visual"]["bn3"]["running_mean"], s2["visual"]["bn3"]["running_mean"])
     shell.eval()
     assert_close(shell.encode_image(x), spec.encode_image(p, x, state=shell.state))
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 2**31), st.integers(1, 5), st.sampled_from([None, 1, 3, 8]))
+def test_trimmed_tokens_give_the_padded_embeddings_and_gradients(seed, b, multiple):
+    spec = tiny()
+    p = spec.init(key=pr.key(seed))
+    t = tokens(seed + 1, b)
+    eot = t.argmax(-1)
+    t = torch.where(torch.arange(8) > eot[:, None], 0, t)  # padding after each row's end-of-text token
+    short = trim_padding(t, multiple)
+    width = int(eot.max()) + 1
+    assert short.shape == (b, width if multiple is None else min(8, -(-width // multiple) * multiple))
+    assert torch.equal(short, t[:, :short.shape[1]]) and not t[:, short.shape[1]:].any()
+    assert_close(spec.encode_text(p, short), spec.encode_text(p, t), atol=1e-6)
+
+    def loss(params, toks):
+        return spec.encode_text(params, toks, normalize=False).square().sum()
+
+    p64 = pytree.cast(p, torch.float64)  # float64: equal to rounding (float32 gradients reach 1e2 here)
+    assert_close(torch.func.grad(loss)(p64, short), torch.func.grad(loss)(p64, t), atol=1e-9, rtol=1e-9)
+
+
+def test_trim_padding_errors_and_edges():
+    with pytest.raises(ValueError, match=r"trim_padding: tokens: expected shape \(B, T\), got \(8,\)"):
+        trim_padding(torch.zeros(8, dtype=torch.long))
+    with pytest.raises(ValueError, match="multiple_of: expected a positive int or None, got 0"):
+        trim_padding(torch.zeros(2, 8, dtype=torch.long), 0)
+    assert trim_padding(torch.zeros(0, 8, dtype=torch.long)).shape == (0, 8)
 
 
 @pytest.mark.parametrize("vision", [VIT, RESNET], ids=["vit", "resnet"])

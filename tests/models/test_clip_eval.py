@@ -118,4 +118,10 @@ def test_real_clip_end_to_end_spec_and_shell():
     assert got == pytest.approx(recall_at_k(img, txt, torch.arange(6).repeat_interleave(2)))
     shell = pnn.CLIP.from_params(spec, params).eval()
     assert retrieval_metrics(shell, None, loader) == pytest.approx(got)
+    widths, encode = [], shell.encode_text
+    shell.encode_text = lambda t: widths.append(t.shape[1]) or encode(t)  # what the classifier feeds the tower
+    assert_close(zero_shot_classifier(shell, None, tok, ["circle", "square", "ring"], OPENAI_IMAGENET_TEMPLATES_SUBSET),
+                 manual, atol=1e-6)
+    prompts = tok([t.format(c) for c in ("circle", "square", "ring") for t in OPENAI_IMAGENET_TEMPLATES_SUBSET])
+    assert widths == [int(prompts.argmax(-1).max()) + 1] and widths[0] < 32  # trimmed to the longest prompt
     assert_close(zero_shot_predict(shell, None, images, w).logits, zero_shot_predict(spec, params, images, w).logits)

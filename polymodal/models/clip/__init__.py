@@ -18,13 +18,13 @@ from .convert import (
 )
 from .model import CLIP, CLIPOutput
 from .resnet import AttentionPool2d, Bottleneck, ModifiedResNet
-from .text import TextTransformer
+from .text import TextTransformer, trim_padding
 from .pretrained import OPENAI_URLS, Pretrained, load_pretrained
 from .vision import VisionTransformer
 
 __all__ = [
     "CLIP", "CLIPOutput", "CLIPConfig", "ModifiedResNetConfig", "TextConfig", "VisionTransformerConfig",
-    "VisionTransformer", "ModifiedResNet", "Bottleneck", "AttentionPool2d", "TextTransformer",
+    "VisionTransformer", "ModifiedResNet", "Bottleneck", "AttentionPool2d", "TextTransformer", "trim_padding",
     "build", "canonical_name", "BUILDERS", "ALIASES", "clip_vit_b16", "clip_vit_b32", "clip_vit_l14",
     "clip_vit_l14_336", "clip_rn50", "clip_rn101", "clip_rn50x4", "clip_rn50x16", "clip_rn50x64", "clip_tiny",
     "clip_tiny_rn", "clip_small", "from_open_clip", "to_open_clip", "from_torchmultimodal", "to_torchmultimodal",

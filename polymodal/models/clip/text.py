@@ -25,9 +25,37 @@ from ...core.spec import Spec, check_dtype
 from .config import TextConfig
 from .vision import clip_blocks
 
-__all__ = ["TextTransformer", "openai_block_init"]
+__all__ = ["TextTransformer", "openai_block_init", "trim_padding"]
 
 _INT = (torch.int64, torch.int32)
+
+
+def trim_padding(tokens: Tensor, multiple_of: int | None = None) -> Tensor:
+    """``tokens (B, T)`` without the columns after the batch's last end-of-text token.
+
+    CLIP's text tower gives the same embeddings for the trimmed batch (attention is causal and
+    the output is the end-of-text state) at a cost that falls with the length: captions and
+    prompts use 10 to 20 of the 77 positions. The end-of-text token is each row's largest id, as
+    CLIP pools. The length is read on the host, so trim before moving tokens to a GPU (in a
+    ``DataLoader``'s ``collate_fn``, say); ``multiple_of`` rounds it up, which bounds the shapes
+    that ``torch.compile`` sees.
+
+    >>> trim_padding(torch.tensor([[49406, 320, 49407, 0, 0, 0], [49406, 49407, 0, 0, 0, 0]]))
+    tensor([[49406,   320, 49407],
+            [49406, 49407,     0]])
+    """
+    if not isinstance(tokens, Tensor) or tokens.dim() != 2:
+        got = tuple(tokens.shape) if isinstance(tokens, Tensor) else type(tokens).__name__
+        raise ValueError(f"trim_padding: tokens: expected shape (B, T), got {got}")
+    if multiple_of is not None and (not isinstance(multiple_of, int) or multiple_of < 1):
+        raise ValueError(f"trim_padding: multiple_of: expected a positive int or None, got {multiple_of!r}")
+    t = tokens.shape[1]
+    if tokens.shape[0] == 0 or t == 0:
+        return tokens
+    n = int(tokens.argmax(-1).max()) + 1
+    if multiple_of is not None:
+        n = min(t, -(-n // multiple_of) * multiple_of)
+    return tokens[:, :n]
 
 
 def openai_block_init(layers: list[Params], width: int, *, key: Tensor) -> list[Params]:
@@ -93,14 +121,20 @@ class TextTransformer(Spec):
         name = type(self).__name__
         check_dtype(tokens, f"{name}: tokens", _INT)
         t = self.config.context_length
-        if tokens.dim() != 2 or tokens.shape[1] != t:
-            raise ValueError(f"{name}: tokens: expected shape (B, {t}) (context_length {t}), got {tuple(tokens.shape)}")
+        if tokens.dim() != 2 or not 1 <= tokens.shape[1] <= t:
+            raise ValueError(f"{name}: tokens: expected shape (B, T) with 1 <= T <= {t} (context_length {t}), "
+                             f"got {tuple(tokens.shape)}")
 
     def hidden_states(self, params: Params, tokens: Tensor, *, select: Tensor | None = None) -> Tensor:
         """Per-token states after ``ln_final``: ``(B, T, D)``; with ``select`` (``(B,)`` positions)
-        the last block computes those positions only: ``(B, 1, D)``."""
+        the last block computes those positions only: ``(B, 1, D)``.
+
+        ``T`` may be below ``context_length`` (positions ``0..T-1``): attention is causal, so a row's
+        states up to its end-of-text token are the same whatever padding follows; see
+        :func:`trim_padding`."""
         self.check_tokens(tokens)
-        x = self.token_embedding()(params["token_embedding"], tokens) + params["positional_embedding"]
+        positions = params["positional_embedding"][: tokens.shape[1]]
+        x = self.token_embedding()(params["token_embedding"], tokens) + positions
         x = self.transformer()(params["transformer"], x, select=select).last_hidden_state
         return self.norm()(params["ln_final"], x)
 
