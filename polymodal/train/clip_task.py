@@ -34,10 +34,16 @@ def build_model(preset: str):
 
 
 class Collate:
-    """Batch dict items ``{"image", "caption", ...}`` into ``{"images", "tokens", "labels"?}`` (picklable)."""
+    """Batch dict items ``{"image", "caption", ...}`` into ``{"images", "tokens", "labels"?}`` (picklable).
 
-    def __init__(self, context_length: int) -> None:
-        self.context_length = context_length
+    ``trim``: tokens run to the batch's longest caption, rounded up to a multiple of 8 (at most
+    ``context_length``), instead of always ``context_length``: the text tower gives the same
+    embeddings for less work (captions fill 10 to 20 of 77 positions), and ``torch.compile``
+    sees at most ``context_length / 8`` shapes.
+    """
+
+    def __init__(self, context_length: int, trim: bool = True) -> None:
+        self.context_length, self.trim = context_length, trim
         self._tok = None
 
     def __call__(self, items: list) -> dict:
@@ -53,7 +59,8 @@ class Collate:
             images = torch.stack([it[0] for it in items])
             captions = [it[1] for it in items]
             labels = None
-        out = {"images": images, "tokens": self._tok(captions)}
+        pad = dict(padding="longest", pad_to_multiple_of=8) if self.trim else {}
+        out = {"images": images, "tokens": self._tok(captions, **pad)}
         if labels is not None:
             out["labels"] = labels
         return out
