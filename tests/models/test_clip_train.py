@@ -77,3 +77,20 @@ def test_usual_example_functional_and_shell_take_the_same_steps_and_learn():
     torch.testing.assert_close(torch.tensor(shell_losses), torch.tensor(losses), rtol=1e-4, atol=1e-5)
     assert after < before - 0.3, (before, after, losses)
     assert abs(shell_after - after) < 1e-3
+
+
+def test_training_batches_are_trimmed_to_the_longest_caption_with_the_same_loss():
+    from polymodal.train.clip_task import Collate, clip_loss
+
+    data = SyntheticCaptions("train", 32, image_size=64, seed=3)
+    items = [data[i] for i in range(8)]
+    full, trimmed = Collate(32, trim=False)(items), Collate(32)(items)
+    width = int(full["tokens"].argmax(-1).max()) + 1
+    assert full["tokens"].shape == (8, 32) and trimmed["tokens"].shape == (8, -(-width // 8) * 8) and width < 24
+    assert torch.equal(trimmed["tokens"], full["tokens"][:, :trimmed["tokens"].shape[1]])
+    assert torch.equal(trimmed["images"], full["images"]) and torch.equal(trimmed["labels"], full["labels"])
+    spec = build("clip_tiny")
+    params = spec.init(key=pr.key(0))
+    loss_full, _ = clip_loss(spec, params, full, None)
+    loss_trim, _ = clip_loss(spec, params, trimmed, None)
+    torch.testing.assert_close(loss_trim, loss_full, rtol=1e-5, atol=1e-6)
