@@ -31,14 +31,14 @@ _INT = (torch.int64, torch.int32)
 
 
 def trim_padding(tokens: Tensor, multiple_of: int | None = None) -> Tensor:
-    """``tokens (B, T)`` without the columns after the batch's last end-of-text token.
+    """``tokens (B, T)`` without the columns after the last position the text tower pools from.
 
-    CLIP's text tower gives the same embeddings for the trimmed batch (attention is causal and
-    the output is the end-of-text state) at a cost that falls with the length: captions and
-    prompts use 10 to 20 of the 77 positions. The end-of-text token is each row's largest id, as
-    CLIP pools. The length is read on the host, so trim before moving tokens to a GPU (in a
-    ``DataLoader``'s ``collate_fn``, say); ``multiple_of`` rounds it up, which bounds the shapes
-    that ``torch.compile`` sees.
+    CLIP pools each row at its end-of-text token, the first position of its largest id
+    (``argmax``), and attention is causal: the trimmed batch gives the same embeddings at a cost
+    that falls with the length (captions and prompts use 10 to 20 of the 77 positions). The
+    length is read on the host, so trim before moving tokens to a GPU (in a ``DataLoader``'s
+    ``collate_fn``, say); ``multiple_of`` rounds it up, which bounds the shapes that
+    ``torch.compile`` sees.
 
     >>> trim_padding(torch.tensor([[49406, 320, 49407, 0, 0, 0], [49406, 49407, 0, 0, 0, 0]]))
     tensor([[49406,   320, 49407],
