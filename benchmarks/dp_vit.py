@@ -194,7 +194,7 @@ def _method(name: str, cfg: dict, batch: dict):
         return run
 
     from polymodal.train.dp import dp_train_step
-    from polymodal.train.per_sample import per_sample_grad_norms, per_sample_grads
+    from polymodal.train.dp.per_sample import per_sample_grad_norms, per_sample_grads
 
     params, loss = polymodal_vit(cfg)
     leaves = pytree.leaves(params)

@@ -10,14 +10,14 @@ The model is a ViT-B/16 classifier over the polymodal core (``PatchEmbedding``, 
 768-wide pre-norm ``TransformerEncoder`` over the block seam, 197 tokens, a 1000-way head),
 fp32, trained with cross-entropy and ``torch.optim.AdamW``; a step is forward + backward + AdamW.
 
-1. Activation checkpointing (``polymodal.train.checkpointing``): every config runs in fresh
+1. Activation checkpointing (``polymodal.train.policy``): every config runs in fresh
    subprocesses, batch 8, AdamW state allocated up front. CPU memory: peak resident set
    (``ru_maxrss``) over two steps minus the resident set before the first (activations +
    gradients + workspace), with glibc told to mmap blocks over 64 KiB so that freed memory leaves
    the RSS at once; CPU time: a separate process with the default allocator, median over the
    timed steps after one warm-up step. CUDA: ``max_memory_allocated`` over the timed steps above
    the live memory before them, fused AdamW.
-2. Per-rank parameter + optimizer memory, 2 gloo ranks (``polymodal.train.sharding``): bytes each
+2. Per-rank parameter + optimizer memory, 2 gloo ranks (``polymodal.train.distributed.sharding``): bytes each
    rank holds after one AdamW step, sharded (``shard_params``) vs unsharded (every rank a full
    copy, as DDP).
 3. One step of each sharding route on 2 gloo ranks, global batch 8: the pytree route
@@ -114,7 +114,7 @@ def _preallocate_adamw(opt: torch.optim.AdamW) -> None:
 
 def child_checkpointing(every: int, small: bool, device: str, batch: int, steps: int, what: str) -> dict:
     """One config in this (fresh) process: ``what="memory"`` or ``"time"`` (CUDA measures both at once)."""
-    from polymodal.train.checkpointing import checkpoint_policy
+    from polymodal.train.policy import checkpoint_policy
 
     spec = _spec(small)
     params = spec.init(key=pr.key(0))
@@ -189,9 +189,9 @@ def _rank_bench(mesh, small: bool, batch: int, steps: int) -> dict:
     import torch.distributed as dist
 
     from polymodal.nn.shell import Shell
-    from polymodal.train.checkpointing import checkpoint_policy, training_policy
-    from polymodal.train.sharding import full_params, gather_rest, local_bytes, shard_params
-    from polymodal.train.sharding_fsdp import fully_shard_shell
+    from polymodal.train.policy import checkpoint_policy, training_policy
+    from polymodal.train.distributed.sharding import full_params, gather_rest, local_bytes, shard_params
+    from polymodal.train.distributed.fsdp import fully_shard_shell
 
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // mesh.size()))
     spec = _spec(small)

@@ -153,7 +153,7 @@ def test_dp_classifier_logs_epsilon_and_non_dp_learns(tmp_path, capsys):
     eps = [r["epsilon"] for r in recs if "loss" in r]
     assert len(eps) == 3 and eps == sorted(eps) and 0 < eps[-1] <= 2.0 + 1e-6
     # the accountant's epsilon for the noise it picked, recomputed independently
-    from polymodal.train.privacy import epsilon
+    from polymodal.train.dp import epsilon
 
     final = recs[-1]
     assert abs(epsilon(final["noise_multiplier"], 16 / 128, 3, 1e-5) - final["epsilon"]) < 1e-9

@@ -15,7 +15,7 @@ from polymodal.core.layers import sdpa
 from polymodal.core.layers.attention_kernel import math_sdpa
 from polymodal.core.pytree import tree_map
 from polymodal.models.clip import CLIP, CLIPConfig, TextConfig, VisionTransformerConfig, build
-from polymodal.train.per_sample import per_sample_grads
+from polymodal.train.dp.per_sample import per_sample_grads
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 CUDA = torch.device("cuda")

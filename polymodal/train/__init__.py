@@ -4,12 +4,12 @@ The submodules hold the full APIs; the names below are the common entry points.
 """
 
 from .checkpoint import CheckpointError, RunDir, load_checkpoint, save_checkpoint
-from .checkpointing import training_policy
+from .policy import training_policy
 from .dp import DPSGD, dp_train_step
-from .per_sample import per_sample_grad_norms, per_sample_grads
-from .privacy import PRVAccountant, RDPAccountant, epsilon, noise_multiplier_for_epsilon
-from .sampling import PoissonBatchSampler
-from .sharding import MixedPrecision, gather_policy, gather_rest, shard_params
+from .dp.per_sample import per_sample_grad_norms, per_sample_grads
+from .dp import PRVAccountant, RDPAccountant, epsilon, noise_multiplier_for_epsilon
+from .dp.sampling import PoissonBatchSampler
+from .distributed.sharding import MixedPrecision, gather_policy, gather_rest, shard_params
 
 __all__ = [
     "CheckpointError", "RunDir", "load_checkpoint", "save_checkpoint", "training_policy", "DPSGD", "dp_train_step",

@@ -52,7 +52,7 @@ class ClassifyConfig:
 def train_classifier(cfg: ClassifyConfig) -> dict:
     from ..data import SyntheticCaptions
     from .dp import DPSGD
-    from .sampling import PoissonBatchSampler
+    from .dp.sampling import PoissonBatchSampler
     from .trainer import load_run
 
     if cfg.dp and (cfg.noise_multiplier is None) == (cfg.target_epsilon is None):

@@ -120,7 +120,7 @@ def train(cfg: TrainConfig) -> dict:
     mesh = None
     if cfg.shard:
         from .distributed import mesh_from_env
-        from .sharding import shard_params
+        from .distributed.sharding import shard_params
 
         mesh = mesh_from_env()
         params = shard_params(params, mesh)
@@ -141,7 +141,7 @@ def train(cfg: TrainConfig) -> dict:
 
     policy = default_policy
     if cfg.shard:
-        from .sharding import gather_policy, gather_rest
+        from .distributed.sharding import gather_policy, gather_rest
 
         policy = gather_policy()
     if cfg.checkpointing:
@@ -221,7 +221,7 @@ def train(cfg: TrainConfig) -> dict:
 def _full(leaves: dict, mesh) -> dict:
     if mesh is None:
         return {k: v.detach() for k, v in leaves.items()}
-    from .sharding import full_params
+    from .distributed.sharding import full_params
 
     return pytree.flatten(full_params(pytree.unflatten({k: v.detach() for k, v in leaves.items()})))
 

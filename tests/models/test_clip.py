@@ -17,7 +17,7 @@ from polymodal.models.clip import (
     CLIP, CLIPConfig, ModifiedResNet, ModifiedResNetConfig, TextConfig, TextTransformer, VisionTransformer,
     VisionTransformerConfig, build, trim_padding,
 )
-from polymodal.train.per_sample import per_sample_grads
+from polymodal.train.dp.per_sample import per_sample_grads
 
 TEXT = TextConfig(context_length=8, vocab_size=60, width=32, heads=2, layers=2)
 VIT = VisionTransformerConfig(image_size=16, patch_size=4, width=32, layers=2, heads=2)

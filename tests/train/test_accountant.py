@@ -16,7 +16,7 @@ from opacus.accountants.utils import get_noise_multiplier
 from scipy.optimize import brentq
 from scipy.stats import norm
 
-from polymodal.train.privacy import (
+from polymodal.train.dp import (
     DEFAULT_ORDERS,
     PRVAccountant,
     RDPAccountant,
@@ -26,7 +26,7 @@ from polymodal.train.privacy import (
     noise_multiplier_for_epsilon,
     rdp_to_epsilon,
 )
-from polymodal.train.privacy import rdp as rdp_mod
+from polymodal.train.dp import rdp as rdp_mod
 
 pytestmark = pytest.mark.filterwarnings("ignore:(the best RDP order|Optimal order):UserWarning")
 

@@ -13,7 +13,7 @@ from polymodal.core.layers.seam import compose, run_layers, use_policy
 from polymodal.core.layers.transformer import TransformerEncoder, TransformerEncoderLayer
 from polymodal.core.pytree import leaves, tree_map
 from polymodal.nn.shell import Shell
-from polymodal.train.checkpointing import checkpoint_policy, training_policy
+from polymodal.train.policy import checkpoint_policy, training_policy
 
 
 def _encoder(depth: int) -> TransformerEncoder:

@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 from polymodal.core import pytree
 from polymodal.core import random as pr
 from polymodal.train.dp import DPSGD, dp_train_step, gaussian_noise, noise_multiplier_for
-from polymodal.train.ghost import clip_factors
-from polymodal.train.privacy import epsilon
+from polymodal.train.dp.ghost import clip_factors
+from polymodal.train.dp import epsilon
 from test_dp_models import CASES, loop_grads
 
 TOL = dict(rtol=1e-4, atol=1e-6)
@@ -147,7 +147,7 @@ def test_norms_equal_opacus_on_the_same_vit():
     opacus = pytest.importorskip("opacus")
     from torch import nn
 
-    from polymodal.train.per_sample import per_sample_grad_norms, per_sample_grads
+    from polymodal.train.dp.per_sample import per_sample_grad_norms, per_sample_grads
     from test_dp_models import vit_init, vit_loss, vit_parts
 
     parts = vit_parts(image=16, patch=4, width=8, depth=2, heads=2, classes=3)

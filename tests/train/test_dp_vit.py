@@ -16,8 +16,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from polymodal.core import pytree
 from polymodal.core import random as pr
 from polymodal.train.dp import DPSGD
-from polymodal.train.privacy import epsilon
-from polymodal.train.sampling import BucketCollate, PoissonBatchSampler
+from polymodal.train.dp import epsilon
+from polymodal.train.dp.sampling import BucketCollate, PoissonBatchSampler
 from test_dp_models import vit_init, vit_loss, vit_parts
 
 

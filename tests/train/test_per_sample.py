@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from polymodal.core import pytree
 from polymodal.core import random as pr
 from polymodal.core.layers import Linear
-from polymodal.train.per_sample import batch_size, per_sample_grad_norms, per_sample_grads, trainable_names
+from polymodal.train.dp.per_sample import batch_size, per_sample_grad_norms, per_sample_grads, trainable_names
 from test_dp_models import CASES, loop_grads
 
 TOL = dict(rtol=1e-4, atol=1e-5)

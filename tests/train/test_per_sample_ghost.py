@@ -12,8 +12,8 @@ from torch.func import jacrev
 from polymodal.core import pytree
 from polymodal.core import random as pr
 from polymodal.core.layers import BatchNorm2d, Conv, Linear
-from polymodal.train.ghost import clip_factors, ghost_clip
-from polymodal.train.per_sample import per_sample_grad_norms, per_sample_grads, trainable_names
+from polymodal.train.dp.ghost import clip_factors, ghost_clip
+from polymodal.train.dp.per_sample import per_sample_grad_norms, per_sample_grads, trainable_names
 from test_dp_models import CASES, Case, losses_of, loop_grads
 
 TOL = dict(rtol=1e-4, atol=1e-5)

@@ -10,8 +10,8 @@ from torch.func import grad, vmap
 from torch.utils.data import DataLoader, TensorDataset
 
 from polymodal.core import random as pr
-from polymodal.train import sampling
-from polymodal.train.sampling import BucketCollate, PoissonBatchSampler, pad_indices, pad_to_bucket
+from polymodal.train.dp import sampling
+from polymodal.train.dp.sampling import BucketCollate, PoissonBatchSampler, pad_indices, pad_to_bucket
 
 
 def test_empirical_inclusion_rate_is_sample_rate():

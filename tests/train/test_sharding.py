@@ -25,9 +25,9 @@ from polymodal.core.layers.transformer import TransformerEncoder, TransformerEnc
 from polymodal.core.losses.contrastive import contrastive_loss_with_temperature
 from polymodal.core.pytree import flatten, leaves, num_bytes, tree_map
 from polymodal.core.spec import Spec
-from polymodal.train.checkpointing import checkpoint_policy, training_policy
+from polymodal.train.policy import checkpoint_policy, training_policy
 from polymodal.train.distributed import mean_over_ranks, mesh_from_env, run_ranks
-from polymodal.train.sharding import (
+from polymodal.train.distributed.sharding import (
     MixedPrecision, block_stacks, full_params, gather, gather_rest, local_bytes, shard_params,
 )
 
@@ -119,7 +119,7 @@ def _pytree_run(mesh, spec, params, batches, policy, mp=None):
 
 def _fsdp_run(mesh, spec, params, batches, policy=None, mp=None):
     from polymodal.nn.shell import Shell
-    from polymodal.train.sharding_fsdp import fully_shard_shell
+    from polymodal.train.distributed.fsdp import fully_shard_shell
 
     shell = fully_shard_shell(Shell.from_params(spec, tree_map(torch.clone, params)), mesh, mp_policy=mp)
     opt = torch.optim.AdamW(shell.parameters(), lr=LR)
@@ -140,7 +140,7 @@ def _fsdp_run(mesh, spec, params, batches, policy=None, mp=None):
 
 def _without_redistribute_dtypes(run, *args):
     """Run as on a torch whose ``DTensor.redistribute`` has no forward_dtype/backward_dtype."""
-    from polymodal.train import sharding
+    from polymodal.train.distributed import sharding
 
     saved, sharding._HAS_DTYPES = sharding._HAS_DTYPES, False
     try:

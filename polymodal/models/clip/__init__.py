@@ -31,3 +31,15 @@ __all__ = [
     "config_from_open_clip", "config_from_torchmultimodal", "detect_layout", "load_pretrained", "Pretrained",
     "OPENAI_URLS",
 ]
+
+from ...registry import register_family  # noqa: E402
+
+# CLI preset -> builder. "tiny" has a ResNet image tower: on a CPU it learns the synthetic shapes
+# several times faster than the patch-8 ViT ("tiny-vit").
+register_family(
+    "clip",
+    builders=BUILDERS,
+    presets={"tiny": "clip_tiny_rn", "tiny-vit": "clip_tiny", "small": "clip_small", "vit-b32": "clip_vit_b32",
+             "vit-b16": "clip_vit_b16", "rn50": "clip_rn50"},
+    description="contrastive image-text pretraining (Radford et al. 2021)",
+)

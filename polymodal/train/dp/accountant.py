@@ -7,7 +7,7 @@ encoded: consecutive steps with the same noise multiplier and sample rate
 share one ``(noise_multiplier, sample_rate, num_steps)`` entry, exactly the
 layout Opacus keeps (so its ``state_dict()`` loads here and ours loads there).
 
->>> from polymodal.train.privacy import RDPAccountant
+>>> from polymodal.train.dp import RDPAccountant
 >>> acc = RDPAccountant()
 >>> acc.step(noise_multiplier=1.0, sample_rate=0.01, num_steps=10)
 >>> acc.step(noise_multiplier=1.0, sample_rate=0.01)

@@ -1,6 +1,6 @@
 """Poisson sampling for DP-SGD, and padding of variable batch sizes to a few fixed buckets.
 
-The privacy accountants (``polymodal.train.privacy``) assume *Poisson
+The privacy accountants (``polymodal.train.dp``) assume *Poisson
 sampling*: at every step each example joins the batch independently with
 probability ``sample_rate``, so batch sizes vary (Binomial). Shuffled
 fixed-size batches do not satisfy that analysis. ``PoissonBatchSampler`` draws

@@ -2,7 +2,7 @@
 
 :func:`fully_shard_shell` applies ``fully_shard`` to every block of every stack in a
 ``polymodal.nn`` shell (the ``_Node`` children of the list levels that the seam runs, see
-:func:`polymodal.train.sharding.block_stacks`) and then to the root. FSDP2 all-gathers a
+:func:`polymodal.train.distributed.sharding.block_stacks`) and then to the root. FSDP2 all-gathers a
 module's parameters in its forward pre-hook and reshards them after, so the core has to
 *call* each block's node: :func:`node_policy` is the seam policy that maps block ``i``'s
 params to its node and runs the block as ``node(fn, x, key, extra)``; ``fully_shard_shell``
@@ -31,7 +31,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from polymodal.core.layers.seam import Policy, compose, current_policy, use_policy
 from polymodal.nn.shell import _Node
-from polymodal.train.sharding import MixedPrecision, _check_mesh, block_stacks
+from polymodal.train.distributed.sharding import MixedPrecision, _check_mesh, block_stacks
 
 __all__ = ["fully_shard_shell", "node_policy", "block_nodes"]
 
@@ -115,9 +115,9 @@ def fully_shard_shell(
     Args:
         shell: a ``polymodal.nn`` shell (a ``Shell`` over a spec whose stacks use the seam).
         mesh: a 1-D DeviceMesh (:func:`polymodal.train.mesh_from_env`).
-        mp_policy: a :class:`~polymodal.train.sharding.MixedPrecision` or FSDP2 ``MixedPrecisionPolicy``.
+        mp_policy: a :class:`~polymodal.train.distributed.sharding.MixedPrecision` or FSDP2 ``MixedPrecisionPolicy``.
         reshard_after_forward: free each block's gathered params after its forward (FSDP2's option).
-        stacks: flat-key paths of the stacks (default :func:`~polymodal.train.sharding.block_stacks`).
+        stacks: flat-key paths of the stacks (default :func:`~polymodal.train.distributed.sharding.block_stacks`).
 
     Returns:
         ``shell`` itself, now an FSDP module: its parameters are sharded DTensors, except 0-d ones

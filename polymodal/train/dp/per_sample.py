@@ -9,7 +9,7 @@ A *loss function* here maps a batch to one loss per example::
 example axis ``B``. The same function serves the ordinary gradient (``losses.mean()``), the
 per-sample gradients below (each example is passed as a batch of one, so layers that need a
 batch axis, such as GroupNorm, work unchanged), and the norm-only DP step of
-:mod:`polymodal.train.ghost` (the whole batch at once).
+:mod:`polymodal.train.dp.ghost` (the whole batch at once).
 
 ``trainable`` selects the parameters that get gradients; the rest are frozen (passed through
 detached): ``None`` (every floating leaf), a predicate over flat names
@@ -305,7 +305,7 @@ def per_sample_grad_norms(loss_fn: Callable, params: Params, batch: Any, *, trai
 
     ``method="ghost"`` (default) never materialises the per-example gradients of the layers it
     knows (linear, conv, embedding, norms' affine parameters, broadcast parameters such as
-    position embeddings; see :mod:`polymodal.train.ghost`) and computes the rest exactly with
+    position embeddings; see :mod:`polymodal.train.dp.ghost`) and computes the rest exactly with
     vmap; ``method="vmap"`` computes every per-example gradient chunk by chunk and keeps only the
     norms. With ``key`` the two methods draw dropout differently (one key for the batch vs one
     per example), so compare them with ``key=None``. Returns ``norms`` or ``(norms, aux)``.

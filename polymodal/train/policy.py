@@ -26,7 +26,7 @@ True
 from __future__ import annotations
 
 from polymodal.core.layers.seam import Policy, checkpoint_policy, compose, default_policy, use_policy
-from polymodal.train.sharding import MixedPrecision, gather_policy
+from polymodal.train.distributed.sharding import MixedPrecision, gather_policy
 
 __all__ = ["checkpoint_policy", "training_policy", "use_policy"]
 
@@ -43,7 +43,7 @@ def training_policy(
 
     Args:
         mp_policy: dtypes of the gathered params and of the gradient reduction.
-        sharded: gather DTensor params per block (:func:`~polymodal.train.sharding.gather_policy`).
+        sharded: gather DTensor params per block (:func:`~polymodal.train.distributed.sharding.gather_policy`).
         checkpoint_every: checkpoint block ``i`` when ``(i - offset) % checkpoint_every == 0``; 0: never.
         offset: see ``checkpoint_every``.
         reshard_after_forward: blocks that are not checkpointed drop their gathered params

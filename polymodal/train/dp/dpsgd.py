@@ -45,7 +45,7 @@ from polymodal.core.pytree import Params
 
 from .ghost import clip_factors, ghost_clip
 from .per_sample import Trainable, _cat_aux, _chunks, batch_size, grads_tree, sq_norms_of, trainable_names
-from .privacy import make_accountant, noise_multiplier_for_epsilon
+from .accounting import make_accountant, noise_multiplier_for_epsilon
 
 __all__ = ["dp_train_step", "DPSGD", "DPStepOutput", "gaussian_noise", "noise_multiplier_for"]
 

@@ -18,7 +18,7 @@ so autograd turns the forward all-gather into a backward reduce-scatter that ave
 gradients of the ranks (each rank's loss is the mean over its share of the batch, so the
 sharded gradient is the gradient of the global-batch mean). Composed inside activation
 checkpointing (``compose(checkpoint_policy(), gather_policy())``, see
-``polymodal.train.checkpointing``) the gathered parameters are freed after each block's
+``polymodal.train.policy``) the gathered parameters are freed after each block's
 forward and gathered again for its recomputation.
 
 >>> import torch

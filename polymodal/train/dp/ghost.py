@@ -27,7 +27,7 @@ interact (no batch statistics).
 >>> batch = {"x": torch.randn(6, 5, 4), "y": torch.randn(6, 5, 3)}
 >>> loss = lambda p, b: ((mlp(p, b["x"]) - b["y"]) ** 2).sum((1, 2))
 >>> out = ghost_clip(loss, p, batch, max_grad_norm=1.0)
->>> from polymodal.train.per_sample import per_sample_grad_norms
+>>> from polymodal.train.dp.per_sample import per_sample_grad_norms
 >>> bool(torch.allclose(out.norms, per_sample_grad_norms(loss, p, batch, method="vmap"), rtol=1e-4))
 True
 >>> out.grads["layers"][0]["weight"].shape, out.fallback
