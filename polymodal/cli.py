@@ -30,7 +30,7 @@ def _positive_int(s: str) -> int:
 
 
 def _train_args(p: argparse.ArgumentParser) -> None:
-    from .train.clip_task import PRESETS
+    from .models.clip.task import PRESETS
     from .train.trainer import TrainConfig
 
     d = TrainConfig()
@@ -72,7 +72,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 
 def _classifier_args(p: argparse.ArgumentParser) -> None:
     from .train.classify import ClassifyConfig
-    from .train.clip_task import PRESETS
+    from .models.clip.task import PRESETS
 
     d = ClassifyConfig()
     p.add_argument("--preset", choices=sorted(PRESETS), default=d.preset, help="CLIP preset (default: %(default)s)")
@@ -204,7 +204,7 @@ def _summary(out: str, metrics: dict) -> None:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from .train.clip_task import evaluate, make_datasets
+    from .models.clip.task import evaluate, make_datasets
     from .train.trainer import load_run
 
     model, params, cfg, state = load_run(args.run)

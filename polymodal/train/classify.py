@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from ..core import pytree
 from ..core import random as pr
 from ..core.layers import Linear
-from .clip_task import build_model
+from ..models.clip.task import build_model
 from .metrics import MetricsLog, plot_metrics, read_metrics
 from .schedule import warmup_cosine
 

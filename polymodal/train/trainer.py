@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 from ..core import pytree
 from ..core import random as pr
 from ..core.layers.seam import checkpoint_policy, compose, default_policy, use_policy
-from .clip_task import Collate, StepBatches, build_model, clip_loss, evaluate, make_datasets
+from ..models.clip.task import Collate, StepBatches, build_model, clip_loss, evaluate, make_datasets
 from .metrics import MetricsLog, plot_metrics, read_metrics
 from .schedule import warmup_cosine
 

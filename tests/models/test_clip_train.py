@@ -80,7 +80,7 @@ def test_usual_example_functional_and_shell_take_the_same_steps_and_learn():
 
 
 def test_training_batches_are_trimmed_to_the_longest_caption_with_the_same_loss():
-    from polymodal.train.clip_task import Collate, clip_loss
+    from polymodal.models.clip.task import Collate, clip_loss
 
     data = SyntheticCaptions("train", 32, image_size=64, seed=3)
     items = [data[i] for i in range(8)]

@@ -14,8 +14,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ..core import random as pr
-from ..core.pytree import Params
+from ...core import random as pr
+from ...core.pytree import Params
 
 __all__ = ["PRESETS", "build_model", "make_datasets", "StepBatches", "clip_loss", "evaluate", "Collate"]
 
@@ -26,7 +26,7 @@ PRESETS = {"tiny": "clip_tiny_rn", "tiny-vit": "clip_tiny", "small": "clip_small
 
 
 def build_model(preset: str):
-    from ..models.clip import build
+    from . import build
 
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; expected one of {sorted(PRESETS)}")
@@ -48,7 +48,7 @@ class Collate:
 
     def __call__(self, items: list) -> dict:
         if self._tok is None:
-            from ..data import CLIPTokenizer
+            from ...data import CLIPTokenizer
 
             self._tok = CLIPTokenizer(context_length=self.context_length)
         if items and isinstance(items[0], dict):
@@ -107,8 +107,8 @@ class Datasets:
 def make_datasets(data: str, image_size: int, *, seed: int, train_size: int, eval_size: int, image_root: str | None,
                   skip_bad: bool) -> Datasets:
     """``data="synthetic"`` or a path to a JSONL/CSV of (image, caption) or WebDataset shards (``*.tar``)."""
-    from ..data import ImageTextFolder, SyntheticCaptions
-    from ..data.transforms import CLIPImageTransform
+    from ...data import ImageTextFolder, SyntheticCaptions
+    from ...data.transforms import CLIPImageTransform
 
     if data == "synthetic":
         mk = lambda split, n: SyntheticCaptions(split, size=n, image_size=image_size, seed=seed, normalize=True)  # noqa: E731
@@ -130,7 +130,7 @@ def clip_loss(model, params: Params, batch: dict, key: Tensor | None, *, state: 
     Returns ``(loss, new_state)``: with a ResNet image tower, ``state`` holds its batch-norm
     statistics (``model.init_state()``), the batch's statistics normalise and the running ones
     advance in ``new_state``; ViT towers have no state (``None`` in, ``None`` out)."""
-    from ..core.losses.contrastive import contrastive_loss_with_temperature
+    from ...core.losses.contrastive import contrastive_loss_with_temperature
 
     if state is None:
         out, new_state = model(params, batch["images"], batch["tokens"], key=key), None
@@ -148,8 +148,8 @@ def evaluate(model, params: Params, datasets: Datasets, *, batch_size: int = 128
     """Zero-shot accuracy over every class prompt on the eval split (seen attribute combinations)
     and on the held-out split, and image<->text recall@1/5 on the eval split. ``state``: the
     batch-norm statistics of a ResNet image tower (from training)."""
-    from ..data import CLIPTokenizer
-    from ..eval.retrieval import recall_at_k
+    from ...data import CLIPTokenizer
+    from ...eval.retrieval import recall_at_k
 
     metrics: dict[str, float] = {}
     if datasets.eval is None:
