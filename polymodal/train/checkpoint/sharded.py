@@ -4,7 +4,10 @@ Each rank writes its own shards; loading reshards to whatever placement and worl
 ``like`` tree has (a 2-rank checkpoint loads into 1 process with plain tensors, or into 4
 ranks with another sharding). The entries are the same as in a single-file checkpoint
 (``<param key>``, ``optim.state.<key>.<name>``, ...), plus ``polymodal.meta``: the metadata
-JSON as a uint8 tensor, so nothing in the payload needs pickle. Without an initialised
+JSON as a uint8 tensor, so nothing in the payload needs pickle. DCP's own index
+(``.metadata``) is a pickle: it is read with :class:`~polymodal.train.checkpoint.dcp_metadata.SafeFileSystemReader`,
+which admits only DCP's metadata types, so a crafted checkpoint cannot run code on load
+(:class:`~polymodal.train.checkpoint.dcp_metadata.UnsafeMetadataError`). Without an initialised
 process group everything runs in the one process.
 
 The save goes to ``<dir>.partial`` and is renamed to ``<dir>`` once DCP has written its
@@ -29,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pickle
 import shutil
 import warnings
 from collections.abc import Iterator, Mapping
@@ -41,6 +45,7 @@ from polymodal.core.pytree import Params, flatten
 from polymodal.train.checkpoint.file import (
     RESERVED, Checkpoint, CheckpointError, check_params, collect, fsync_dir, restore, write_entries,
 )
+from polymodal.train.checkpoint.dcp_metadata import SafeFileSystemReader
 
 __all__ = ["save_sharded", "load_sharded", "consolidate"]
 
@@ -112,9 +117,12 @@ def _checkpoint_dir(path: str) -> str:
 
 
 def _tensor_metadata(path: str) -> dict[str, Any]:
-    from torch.distributed.checkpoint import FileSystemReader, TensorStorageMetadata
+    from torch.distributed.checkpoint import TensorStorageMetadata
 
-    md = FileSystemReader(path).read_metadata().state_dict_metadata
+    try:
+        md = SafeFileSystemReader(path).read_metadata().state_dict_metadata
+    except (pickle.UnpicklingError, EOFError, AttributeError, KeyError, TypeError) as e:
+        raise CheckpointError(path, f"unreadable or unsafe .metadata: {e}") from None
     if _META not in md:
         raise CheckpointError(path, f"not a polymodal sharded checkpoint (no {_META!r} entry)")
     return {k: m for k, m in md.items() if isinstance(m, TensorStorageMetadata)}
@@ -125,7 +133,7 @@ def _read_meta(path: str, md: dict[str, Any], no_dist: bool) -> dict[str, str]:
 
     sd = {_META: torch.empty(tuple(md[_META].size), dtype=torch.uint8)}
     with _single_process_ok():
-        dcp.load(sd, storage_reader=dcp.FileSystemReader(path), no_dist=no_dist)
+        dcp.load(sd, storage_reader=SafeFileSystemReader(path), no_dist=no_dist)
     return json.loads(bytes(sd[_META].numpy()).decode())
 
 
@@ -165,7 +173,7 @@ def load_sharded(path: str | os.PathLike, like: Params, optimizer: torch.optim.O
         elif (k.startswith("optim.other.") and optimizer is not None) or k.startswith("extra."):
             targets[k] = torch.empty(tuple(m.size), dtype=m.properties.dtype)
     with torch.no_grad(), _single_process_ok():
-        dcp.load(targets, storage_reader=dcp.FileSystemReader(path), no_dist=not _dist()[0])
+        dcp.load(targets, storage_reader=SafeFileSystemReader(path), no_dist=not _dist()[0])
     return restore(path, targets, meta, like, optimizer)
 
 
@@ -181,6 +189,6 @@ def consolidate(sharded_dir: str | os.PathLike, out_file: str | os.PathLike) -> 
     md = _tensor_metadata(path)
     sd = {k: torch.empty(tuple(m.size), dtype=m.properties.dtype) for k, m in md.items()}
     with _single_process_ok():
-        dcp.load(sd, storage_reader=dcp.FileSystemReader(path), no_dist=True)
+        dcp.load(sd, storage_reader=SafeFileSystemReader(path), no_dist=True)
     meta = json.loads(bytes(sd.pop(_META).numpy()).decode())
     write_entries(out_file, sd, {k: v for k, v in meta.items() if not k.startswith("polymodal.sha256")})
