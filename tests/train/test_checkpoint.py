@@ -141,6 +141,35 @@ def test_file_round_trip_without_like_rebuilds_lists_and_extras(tmp_path):
     assert torch.equal(load_file(str(path))["blocks.1.w"], p["blocks"][1]["w"].detach())
 
 
+def test_state_is_a_tree_of_its_own_beside_the_params(tmp_path):
+    p = make_params(1)
+    opt = torch.optim.AdamW(leaves(p))
+    state = {"bn": {"running_mean": torch.arange(4.0), "num_batches_tracked": torch.tensor(3)}}
+    path = tmp_path / "s.safetensors"
+    save_checkpoint(path, p, opt, state=state, step=2)
+    from safetensors.torch import load_file
+
+    raw = load_file(str(path))  # the state sits under its own prefix, outside the params' keys
+    assert torch.equal(raw["state.bn.running_mean"], torch.arange(4.0)) and "bn.running_mean" not in raw
+    ck = load_checkpoint(path, like=p, optimizer=torch.optim.AdamW(leaves(p)),
+                         state_like={"bn": {"running_mean": torch.zeros(4, dtype=torch.float64),
+                                            "num_batches_tracked": torch.tensor(0)}})
+    assert sorted(flatten(ck.params)) == sorted(flatten(p))  # no state key leaked into the params
+    assert ck.state["bn"]["running_mean"].dtype == torch.float64  # placed like state_like
+    assert ck.state["bn"]["running_mean"].tolist() == [0.0, 1.0, 2.0, 3.0]
+    assert int(ck.state["bn"]["num_batches_tracked"]) == 3
+    assert load_checkpoint(path).state["bn"]["num_batches_tracked"].dtype == torch.int64
+    assert load_checkpoint(tmp_path / "s.safetensors").step == 2
+    with pytest.raises(CheckpointError, match="bn.running_var"):
+        load_checkpoint(path, like=p, state_like={"bn": {"running_mean": torch.zeros(4),
+                                                          "num_batches_tracked": torch.tensor(0),
+                                                          "running_var": torch.ones(4)}})
+    save_checkpoint(tmp_path / "n.safetensors", p)
+    assert load_checkpoint(tmp_path / "n.safetensors").state is None  # saved without state
+    with pytest.raises(ValueError, match="reserved"):
+        save_checkpoint(tmp_path / "r.safetensors", {"state": {"w": torch.ones(1)}})
+
+
 def test_mismatched_tree_names_every_key_and_changes_nothing(tmp_path):
     p = make_params(2)
     opt = torch.optim.AdamW(leaves(p))

@@ -3,6 +3,8 @@
 Layout of the file (all ordinary safetensors; the params alone load with any safetensors reader):
 
 - ``<param key>``: every leaf of the params tree under its flat key (``"blocks.0.w"``);
+- ``state.<state key>``: the model state (batch-norm statistics, ...), a tree of its own beside
+  the params (``state=``), listed in ``polymodal.state``;
 - ``optim.state.<param key>.<name>``: optimizer state tensors (``exp_avg``, ``step``, ...);
 - ``optim.param_groups.<i>`` / ``extra.<i>``: tensors found in hyperparameters / extras;
 - metadata ``polymodal.*``: format tag, step, optimizer class and param groups (JSON), extras
@@ -40,7 +42,8 @@ FORMAT = "polymodal.checkpoint/1"
 META_FORMAT, META_STEP, META_OPTIM, META_EXTRA = "polymodal.format", "polymodal.step", "polymodal.optim", "polymodal.extra"
 META_HASHES, META_META_HASH = "polymodal.sha256", "polymodal.sha256.metadata"
 META_PARAMS = "polymodal.params"  # JSON list of the param keys in tree order (safetensors sorts its entries)
-RESERVED = ("optim", "extra", "polymodal")  # top-level param names that would collide with entries
+META_STATE = "polymodal.state"  # JSON list of the model-state keys in tree order (absent: no state saved)
+RESERVED = ("optim", "extra", "polymodal", "state")  # top-level param names that would collide with entries
 
 
 class CheckpointError(ValueError):
@@ -52,11 +55,13 @@ class CheckpointError(ValueError):
 
 
 class Checkpoint(NamedTuple):
-    """What a load returns: the step (``None`` if not saved), the params tree and the extras."""
+    """What a load returns: the step (``None`` if not saved), the params tree, the extras and the
+    model state tree (``None`` when the file holds none)."""
 
     step: int | None
     params: Params
     extra: dict
+    state: Params | None = None
 
 
 # ---------------------------------------------------------------- integrity
@@ -181,7 +186,7 @@ def verify(path: str | os.PathLike) -> None:
 
 
 def collect(params: Params, optimizer: torch.optim.Optimizer | None = None, extra: Mapping[str, Any] | None = None,
-            step: int | None = None) -> tuple[dict[str, Tensor], dict[str, str]]:
+            step: int | None = None, state: Params | None = None) -> tuple[dict[str, Tensor], dict[str, str]]:
     """The entries and string metadata of a checkpoint (shared by the single-file and sharded writers)."""
     flat = flatten(params)
     clash = sorted(k for k in flat if k.split(".")[0] in RESERVED)
@@ -191,6 +196,10 @@ def collect(params: Params, optimizer: torch.optim.Optimizer | None = None, extr
     meta: dict[str, str] = {META_PARAMS: _dumps(list(flat))}
     if step is not None:
         meta[META_STEP] = str(int(step))
+    if state is not None:
+        flat_state = flatten(state)
+        entries.update({f"state.{k}": v for k, v in flat_state.items()})
+        meta[META_STATE] = _dumps(list(flat_state))
     if optimizer is not None:
         tensors, info = optimizer_entries(optimizer, params)
         entries.update(tensors)
@@ -215,10 +224,31 @@ def check_params(path: str, flat: Mapping[str, Tensor], like: Params) -> None:
         raise CheckpointError(path, str(e)) from None
 
 
+def _restore_state(path: str, entries: dict[str, Tensor], meta: Mapping[str, str],
+                   state_like: Params | None) -> Params | None:
+    """The ``state.*`` entries as a tree (checked against ``state_like`` and placed like it when given)."""
+    if META_STATE not in meta:
+        return None
+    try:
+        order = json.loads(meta[META_STATE])
+        flat = {k: entries[f"state.{k}"] for k in order}
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(path, f"malformed polymodal state metadata ({type(e).__name__}: {e})") from None
+    if state_like is None:
+        return unflatten(flat) if flat else {}
+    try:
+        check_like(flat, state_like, what="the saved state")
+    except ValueError as e:
+        raise CheckpointError(path, str(e)) from None
+    return unflatten({k: flat[k].to(device=ref.device, dtype=ref.dtype) for k, ref in flatten(state_like).items()})
+
+
 def restore(path: str, entries: dict[str, Tensor], meta: Mapping[str, str], like: Params | None,
-            optimizer: torch.optim.Optimizer | None) -> Checkpoint:
-    """Check ``entries`` against ``like`` / ``optimizer`` and build the :class:`Checkpoint` (shared by loaders)."""
+            optimizer: torch.optim.Optimizer | None, state_like: Params | None = None) -> Checkpoint:
+    """Check ``entries`` against ``like`` / ``optimizer`` / ``state_like`` and build the
+    :class:`Checkpoint` (shared by loaders)."""
     flat = {k: v for k, v in entries.items() if k.split(".")[0] not in RESERVED}
+    model_state = _restore_state(path, entries, meta, state_like)
     try:  # hashed, so only a file written by something else can fail here
         order = json.loads(meta.get(META_PARAMS, "[]"))
         extra = decode(json.loads(meta[META_EXTRA]), lambda name: entries[name]) if META_EXTRA in meta else {}
@@ -231,12 +261,12 @@ def restore(path: str, entries: dict[str, Tensor], meta: Mapping[str, str], like
         check_params(path, flat, like)
     if optimizer is None:
         if like is None:
-            return Checkpoint(step, unflatten(flat), extra)
+            return Checkpoint(step, unflatten(flat), extra, model_state)
         out = {}
         for k, ref in flatten(like).items():
             t = flat[k].to(device=ref.device, dtype=ref.dtype)
             out[k] = t.requires_grad_(ref.requires_grad) if t.is_floating_point() or t.is_complex() else t
-        return Checkpoint(step, unflatten(out), extra)
+        return Checkpoint(step, unflatten(out), extra, model_state)
     if like is None:
         raise ValueError("loading optimizer state needs like=<the params tree the optimizer was built over>")
     if META_OPTIM not in meta:
@@ -250,11 +280,12 @@ def restore(path: str, entries: dict[str, Tensor], meta: Mapping[str, str], like
         for k, ref in flatten(like).items():
             if flat[k] is not ref:
                 ref.copy_(flat[k])
-    return Checkpoint(step, like, extra)
+    return Checkpoint(step, like, extra, model_state)
 
 
 def save_checkpoint(path: str | os.PathLike, params: Params, optimizer: torch.optim.Optimizer | None = None, *,
-                    extra: Mapping[str, Any] | None = None, step: int | None = None) -> None:
+                    extra: Mapping[str, Any] | None = None, step: int | None = None,
+                    state: Params | None = None) -> None:
     """Write params (and optimizer state, extras, step) to one safetensors file, atomically.
 
     Args:
@@ -265,12 +296,14 @@ def save_checkpoint(path: str | os.PathLike, params: Params, optimizer: torch.op
             an optimizer whose params come in any order.
         extra: JSON values, tuples and tensors (config, random key, data position, ...).
         step: the training step, returned by :func:`load_checkpoint`.
+        state: the model state (batch-norm statistics, ...): a tree stored beside the params,
+            never mixed into them, and not touched by the optimizer.
     """
-    write_entries(path, *collect(params, optimizer, extra, step))
+    write_entries(path, *collect(params, optimizer, extra, step, state))
 
 
 def load_checkpoint(path: str | os.PathLike, like: Params | None = None, optimizer: torch.optim.Optimizer | None = None,
-                    *, device: str | torch.device = "cpu") -> Checkpoint:
+                    *, device: str | torch.device = "cpu", state_like: Params | None = None) -> Checkpoint:
     """Read a file written by :func:`save_checkpoint`, verifying every hash first.
 
     Args:
@@ -281,10 +314,11 @@ def load_checkpoint(path: str | os.PathLike, like: Params | None = None, optimiz
             loaded values are then copied *into* ``like``'s leaves (as ``load_state_dict`` does)
             so the optimizer keeps driving them, and ``like`` itself is returned as ``params``.
         device: where tensors go when ``like`` is not given.
+        state_like: the expected model-state tree (checked and placed like ``like``).
 
     Returns:
-        ``Checkpoint(step, params, extra)``. Nothing is modified unless every check passed.
+        ``Checkpoint(step, params, extra, state)``. Nothing is modified unless every check passed.
     """
     path = os.fspath(path)
     entries, meta = read_entries(path, device=device if like is None else "cpu")
-    return restore(path, entries, meta, like, optimizer)
+    return restore(path, entries, meta, like, optimizer, state_like)

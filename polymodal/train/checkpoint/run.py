@@ -83,7 +83,7 @@ class RunDir:
         return sorted(int(m.group(1)) for n in os.listdir(self.path) if (m := _NAME.match(n)))
 
     def save(self, step: int, params: Params, optimizer: torch.optim.Optimizer | None = None,
-             extra: Mapping[str, Any] | None = None) -> Path:
+             extra: Mapping[str, Any] | None = None, *, state: Params | None = None) -> Path:
         """Write ``ckpt-{step:08d}.safetensors``, then point ``latest.json`` at it, then prune.
 
         Args:
@@ -92,6 +92,7 @@ class RunDir:
             extra: what resuming needs besides params (``config``, ``rng_key``, ``data_state``):
                 JSON values, tuples and small tensors. Stored in the file and, inline, in
                 ``latest.json``.
+            state: the model state tree (batch-norm statistics), stored beside the params.
 
         Returns:
             The path of the checkpoint file.
@@ -102,7 +103,7 @@ class RunDir:
         extra = dict(extra or {})
         pointer = {"format": "polymodal.run/1", "step": step, "file": self.file(step).name,
                    "extra": encode(extra, inline)}  # validates extras before anything is written
-        save_checkpoint(self.file(step), params, optimizer, extra=extra, step=step)
+        save_checkpoint(self.file(step), params, optimizer, extra=extra, step=step, state=state)
         text = json.dumps(pointer, indent=1, sort_keys=True)
         _write_pointer(self.path / POINTER, text)
         self._prune(step)
@@ -130,8 +131,9 @@ class RunDir:
         return info
 
     def load(self, step: int | None = None, like: Params | None = None,
-             optimizer: torch.optim.Optimizer | None = None, *, device: str | torch.device = "cpu") -> Checkpoint:
-        """Load ``step`` (default: the latest); see :func:`load_checkpoint` for ``like`` / ``optimizer``."""
+             optimizer: torch.optim.Optimizer | None = None, *, device: str | torch.device = "cpu",
+             state_like: Params | None = None) -> Checkpoint:
+        """Load ``step`` (default: the latest); see :func:`load_checkpoint` for ``like`` / ``optimizer`` / ``state_like``."""
         if step is None:
             info = self.latest()
             if info is None:
@@ -141,7 +143,7 @@ class RunDir:
             path = self.file(step)
             if not path.is_file():
                 raise FileNotFoundError(f"no checkpoint for step {step} in {str(self.path)!r} (have {self.steps()})")
-        return load_checkpoint(path, like, optimizer, device=device)
+        return load_checkpoint(path, like, optimizer, device=device, state_like=state_like)
 
     def _prune(self, current: int) -> None:
         if self.keep is None:
