@@ -16,7 +16,7 @@ tensor([1., 1.])
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Union
 
@@ -161,15 +161,26 @@ def check_like(flat: Mapping[str, Tensor], like: Params, what: str = "checkpoint
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     """Run ``write(tmp_path)`` then atomically rename onto ``path``.
 
-    A crash mid-write leaves whatever was at ``path`` before intact.
+    A crash mid-write leaves whatever was at ``path`` before intact. The file gets the mode any
+    newly created file gets (``0o666`` less the umask), like ``open(path, "w")``: neither
+    ``tempfile.mkstemp``'s ``0o600`` nor that of a writer's own temp file (safetensors renames
+    one onto ``tmp_path``) survives the rename.
     """
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=directory)
-    os.close(fd)
+    while True:
+        tmp = os.path.join(directory, f".tmp-{secrets.token_hex(4)}{os.path.basename(path)}")
+        try:  # created like any new file, so its mode is 0o666 less the umask (no process-wide os.umask call)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+            break
+        except FileExistsError:
+            continue
     try:
+        mode = os.fstat(fd).st_mode & 0o777
+        os.close(fd)
         write(tmp)
+        os.chmod(tmp, mode)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

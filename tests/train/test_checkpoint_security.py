@@ -136,3 +136,41 @@ def test_two_rank_checkpoint_references_only_allowed_globals(tmp_path):
     torch.testing.assert_close(ck.params["w"], ref["w"].detach())
     torch.testing.assert_close(ck.params["s"], ref["s"].detach())
     assert torch.equal(ck.params["h"], torch.ones(2, dtype=torch.bfloat16))
+
+
+@pytest.fixture
+def umask_022():
+    old = os.umask(0o022)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
+def test_files_get_the_umask_mode_not_0600(tmp_path, umask_022):
+    from polymodal.core import pytree
+    from polymodal.train.checkpoint import RunDir, save_checkpoint
+
+    p = {"w": torch.ones(2, 3)}
+    with open(tmp_path / "plain", "w"):
+        pass  # what any other new file gets under this umask
+    expected = os.stat(tmp_path / "plain").st_mode & 0o777
+    assert expected == 0o644
+    pytree.save(tmp_path / "params.safetensors", p)
+    save_checkpoint(tmp_path / "ckpt.safetensors", p, step=1)
+    save_checkpoint(tmp_path / "ckpt.safetensors", p, step=2)  # overwriting too
+    save_sharded(str(tmp_path / "dcp"), p)
+    consolidate(str(tmp_path / "dcp"), str(tmp_path / "one.safetensors"))
+    run = RunDir(str(tmp_path / "run"))
+    run.save(1, p)
+    written = [tmp_path / n for n in ("params.safetensors", "ckpt.safetensors", "one.safetensors")]
+    written += [f for f in (tmp_path / "run").rglob("*") if f.is_file()]
+    assert len(written) >= 5
+    assert {str(f): oct(os.stat(f).st_mode & 0o777) for f in written} == {str(f): oct(expected) for f in written}
+    old = os.umask(0o077)
+    try:
+        pytree.save(tmp_path / "private.safetensors", p)  # a stricter umask is honoured as well
+    finally:
+        os.umask(old)
+    assert os.stat(tmp_path / "private.safetensors").st_mode & 0o777 == 0o600
