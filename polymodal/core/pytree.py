@@ -234,11 +234,29 @@ def from_numpy(tree: Any) -> Params:
     return tree_map(lambda a: torch.from_numpy(a), tree)
 
 
-def to_jax(tree: Params) -> Any:
+def to_jax(tree: Params, *, copy: bool = False) -> Any:
     """Leaves as JAX arrays through DLPack (no copy where the device allows).
+
+    .. warning::
+        By default the JAX arrays **share memory** with the tensors: an in-place torch update
+        (``optimizer.step()``, ``p.add_(...)``, a shell's ``load_state_dict``) changes the
+        supposedly immutable JAX arrays too, and JAX may have cached computations on the old
+        values. Pass ``copy=True`` for independent arrays (one copy of every leaf), or never
+        modify the tensors while the JAX arrays are alive.
 
     64-bit leaves need ``jax.config.update("jax_enable_x64", True)``; without it JAX would
     silently narrow them, so this raises instead.
+
+    Args:
+        tree: params tree of tensors.
+        copy: copy every leaf instead of sharing its memory.
+
+    >>> import torch
+    >>> t = {"w": torch.zeros(2)}
+    >>> shared, own = to_jax(t), to_jax(t, copy=True)
+    >>> _ = t["w"].add_(1.0)
+    >>> shared["w"].tolist(), own["w"].tolist()
+    ([1.0, 1.0], [0.0, 0.0])
     """
     import jax
     import jax.dlpack
@@ -251,11 +269,21 @@ def to_jax(tree: Params) -> Any:
                 "(jax.config.update('jax_enable_x64', True)) or cast them first (pytree.cast)"
             )
 
-    return tree_map(lambda t: jax.dlpack.from_dlpack(t.detach().contiguous()), tree)
+    return tree_map(lambda t: jax.dlpack.from_dlpack(t.detach().clone() if copy else t.detach().contiguous()), tree)
 
 
-def from_jax(tree: Any) -> Params:
-    """JAX arrays back to tensors through DLPack (no copy where the device allows)."""
+def from_jax(tree: Any, *, copy: bool = False) -> Params:
+    """JAX arrays back to tensors through DLPack (no copy where the device allows).
+
+    .. warning::
+        By default the tensors **share memory** with the JAX arrays: an in-place update of a
+        tensor (an optimizer step on it) silently changes the JAX array, which JAX treats as
+        immutable. Pass ``copy=True`` when the tensors will be modified in place.
+
+    Args:
+        tree: pytree of JAX arrays (nested dicts / lists).
+        copy: copy every leaf instead of sharing its memory.
+    """
     from torch.utils.dlpack import from_dlpack
 
-    return tree_map(lambda a: from_dlpack(a), tree)
+    return tree_map(lambda a: from_dlpack(a).clone() if copy else from_dlpack(a), tree)

@@ -132,3 +132,20 @@ def test_jax_roundtrip_through_dlpack():
     np.testing.assert_array_equal(np.asarray(j["a"]), t["a"].numpy())
     back = pytree.from_jax(j)
     assert torch.equal(back["a"], t["a"]) and back["b"][0].dtype == torch.float64
+
+
+def test_jax_shares_memory_unless_copy():
+    """The documented default shares memory both ways; copy=True gives independent leaves."""
+    pytest.importorskip("jax")
+    t = {"a": torch.zeros(3)}
+    shared, own = pytree.to_jax(t), pytree.to_jax(t, copy=True)
+    t["a"].add_(1.0)  # an in-place torch update, as an optimizer step does
+    np.testing.assert_array_equal(np.asarray(shared["a"]), [1.0, 1.0, 1.0])
+    np.testing.assert_array_equal(np.asarray(own["a"]), [0.0, 0.0, 0.0])
+    j = pytree.to_jax({"a": torch.arange(3.0)}, copy=True)
+    back_shared, back_own = pytree.from_jax(j), pytree.from_jax(j, copy=True)
+    back_own["a"].mul_(10.0)
+    np.testing.assert_array_equal(np.asarray(j["a"]), [0.0, 1.0, 2.0])
+    assert back_shared["a"].tolist() == [0.0, 1.0, 2.0]
+    back_shared["a"].mul_(2.0)  # the documented hazard of the default: the JAX array changes too
+    np.testing.assert_array_equal(np.asarray(j["a"]), [0.0, 2.0, 4.0])
