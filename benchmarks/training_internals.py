@@ -74,6 +74,9 @@ class ViT(Spec):
                                         norm_first=True, layer_norm_eps=1e-6)
         return TransformerEncoder(layer, self.depth, final_norm=True)
 
+    def block_stacks(self):
+        return [f"encoder.{s}" for s in self.encoder().block_stacks()]
+
     def init(self, *, key):
         k = pr.split(key, 3)
         return {"patch": self.patch().init(key=k[0]), "encoder": self.encoder().init(key=k[1]),
@@ -212,7 +215,7 @@ def _rank_bench(mesh, small: bool, batch: int, steps: int) -> dict:
     del full, opt
 
     def pytree_step(sharded, policy):
-        local = gather_rest(sharded)
+        local = gather_rest(sharded, stacks=spec)
         with use_policy(policy):
             loss = spec(local, *mine)
         loss.backward()

@@ -68,6 +68,20 @@ class Spec:
         """Initial mutable state (running statistics, caches), or ``None`` if stateless."""
         return None
 
+    def block_stacks(self) -> list[str]:
+        """Flat-key paths, in this spec's params, of the block lists its call runs through the seam
+        (``core.layers.seam.run_layers``): what sharded training gathers block by block.
+
+        Default: the stacks of the fields that are specs, under the field's name (a field
+        ``encoder: TransformerEncoder`` declares ``"encoder.layers"``). A spec that runs a stack
+        itself, or builds its sub-specs in methods, overrides this; ``seam.record_stacks`` checks
+        a declaration against what a call actually runs.
+        """
+        if not dataclasses.is_dataclass(self):
+            return []
+        return [f"{f.name}.{s}" for f in dataclasses.fields(self) if isinstance(getattr(self, f.name, None), Spec)
+                for s in getattr(self, f.name).block_stacks()]
+
     def __call__(self, params: Params, *args, **kwargs):  # pragma: no cover - abstract
         raise NotImplementedError(f"{type(self).__name__}.__call__")
 

@@ -150,7 +150,7 @@ def train(cfg: TrainConfig) -> dict:
 
     def loss_fn(p, batch, key, state):
         if cfg.shard:
-            p = gather_rest(p)
+            p = gather_rest(p, stacks=model)  # the stacks CLIP declares stay sharded for the seam
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
             return clip_loss(model, p, batch, key, state=state, backprop_type="global" if world > 1 else "none")
 

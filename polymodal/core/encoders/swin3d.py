@@ -281,6 +281,10 @@ class Swin3D(Spec):
     def head(self) -> Linear:
         return Linear(self.num_features, self.num_classes or 0, weight_init="trunc_normal")
 
+    def block_stacks(self) -> list[str]:
+        """Each stage's blocks run through the seam; the patch-merging layers between them do not."""
+        return [f"stages.{i}" for i in range(len(self.depths))]
+
     def init(self, *, key: Tensor) -> Params:
         n = len(self.depths)
         keys = pr.split(key, 2 * n + 1)

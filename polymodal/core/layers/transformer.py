@@ -279,6 +279,9 @@ class TransformerEncoder(Spec):
     def init(self, *, key: Tensor) -> Params:
         return _stack_init(self, key)
 
+    def block_stacks(self) -> list[str]:
+        return ["layers"]
+
     def __call__(self, params: Params, x: Tensor, *, attn_mask: Tensor | None = None,
                  key_padding_mask: Tensor | None = None, return_hidden_states: bool = False,
                  return_attention_weights: bool = False, key: Tensor | None = None,
@@ -327,6 +330,9 @@ class TransformerDecoder(Spec):
 
     def init(self, *, key: Tensor) -> Params:
         return _stack_init(self, key)
+
+    def block_stacks(self) -> list[str]:
+        return ["layers"]
 
     def __call__(self, params: Params, x: Tensor, memory: Tensor | None = None, *, attn_mask: Tensor | None = None,
                  key_padding_mask: Tensor | None = None, memory_key_padding_mask: Tensor | None = None,

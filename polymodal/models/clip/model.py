@@ -71,6 +71,9 @@ class CLIP(Spec):
     def text(self) -> TextTransformer:
         return TextTransformer(self.config.text, self.config.embed_dim)
 
+    def block_stacks(self) -> list[str]:
+        return [f"visual.{s}" for s in self.visual().block_stacks()] + [f"text.{s}" for s in self.text().block_stacks()]
+
     @property
     def image_size(self) -> int:
         return self.config.vision.image_size

@@ -171,6 +171,9 @@ class ModifiedResNet(Spec):
                 ("conv2", _conv(w // 2, w // 2, 3)), ("bn2", _bn(self.config, w // 2)),
                 ("conv3", _conv(w // 2, w, 3)), ("bn3", _bn(self.config, w))]
 
+    def block_stacks(self) -> list[str]:
+        return ["layer1", "layer2", "layer3", "layer4"]  # the stem and attnpool run outside the seam
+
     def block(self, stage: int, i: int) -> Bottleneck:
         """Block ``i`` of stage ``stage`` (0-based): the first changes width and stride."""
         w = self.config.width

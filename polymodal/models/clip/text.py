@@ -104,6 +104,9 @@ class TextTransformer(Spec):
     def transformer(self) -> TransformerEncoder:
         return clip_blocks(self.config, is_causal=True)
 
+    def block_stacks(self) -> list[str]:
+        return [f"transformer.{s}" for s in self.transformer().block_stacks()]
+
     def init(self, *, key: Tensor) -> Params:
         c = self.config
         k_tok, k_pos, k_tr, k_blocks, k_proj = pr.split(key, 5)

@@ -77,6 +77,9 @@ class VisionTransformer(Spec):
     def transformer(self) -> TransformerEncoder:
         return clip_blocks(self.config)
 
+    def block_stacks(self) -> list[str]:
+        return [f"transformer.{s}" for s in self.transformer().block_stacks()]
+
     def init(self, *, key: Tensor) -> Params:
         c = self.config
         k_conv, k_cls, k_pos, k_tr, k_proj = pr.split(key, 5)

@@ -87,6 +87,9 @@ class MultimodalGPT(Spec):
                                         activation=self.activation, norm_first=True, cross_attention=False)
         return TransformerDecoder(layer, self.num_layers, cross_attention_every=0)
 
+    def block_stacks(self) -> list[str]:
+        return [f"decoder.{s}" for s in self.decoder().block_stacks()]
+
     def _parts(self):
         d_in, d_out = self.in_dim or self.d_model, self.out_dim or self.d_model
         return (Embedding(self.num_in_tokens, d_in, weight_init="normal", init_std=0.02),

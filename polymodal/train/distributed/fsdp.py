@@ -1,8 +1,8 @@
 """The second sharding route: ``torch.distributed.fsdp.fully_shard`` (FSDP2) over a shell, block by block.
 
 :func:`fully_shard_shell` applies ``fully_shard`` to every block of every stack in a
-``polymodal.nn`` shell (the ``_Node`` children of the list levels that the seam runs, see
-:func:`polymodal.train.distributed.sharding.block_stacks`) and then to the root. FSDP2 all-gathers a
+``polymodal.nn`` shell (the ``_Node`` children of the list levels that the seam runs, as the shell's spec declares them in
+``block_stacks()``) and then to the root. FSDP2 all-gathers a
 module's parameters in its forward pre-hook and reshards them after, so the core has to
 *call* each block's node: :func:`node_policy` is the seam policy that maps block ``i``'s
 params to its node and runs the block as ``node(fn, x, key, extra)``; ``fully_shard_shell``
@@ -15,7 +15,7 @@ active (e.g. activation checkpointing), so plain ``shell(inputs)`` does the righ
 >>> stack = _Node([{"lin": {"w": torch.tensor([2.0])}}])
 >>> calls = []
 >>> _ = getattr(stack, "0").register_forward_pre_hook(lambda m, a: calls.append("hook"))
->>> with use_policy(node_policy(stack)):
+>>> with use_policy(node_policy(stack, stacks=[""])):  # the node itself is the stack
 ...     y, _ = run_layers(lambda i, p, x, k, e: (x * p["lin"]["w"], None), stack.params, torch.ones(1))
 >>> y.detach().tolist(), calls
 ([2.0], ['hook'])
@@ -30,21 +30,32 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from polymodal.core.layers.seam import Policy, compose, current_policy, use_policy
+from polymodal.core.spec import Spec
 from polymodal.nn.shell import _Node
 from polymodal.train.distributed.sharding import MixedPrecision, _check_mesh, block_stacks
 
 __all__ = ["fully_shard_shell", "node_policy", "block_nodes"]
 
 
+def _declared(shell: nn.Module, stacks: Iterable[str] | None) -> list[str]:
+    if stacks is not None:
+        return block_stacks(stacks)
+    if not isinstance(getattr(shell, "spec", None), Spec):
+        raise TypeError(f"expected a polymodal.nn shell (with a .spec declaring its block_stacks()) or explicit "
+                        f"stacks, got {type(shell).__name__}")
+    return block_stacks(shell.spec)
+
+
 def block_nodes(shell: nn.Module, stacks: Iterable[str] | None = None) -> list[nn.Module]:
-    """The block modules of ``shell``: the children of each stack's list node (default stacks: :func:`block_stacks`)."""
-    paths = block_stacks(shell.params) if stacks is None else list(stacks)
+    """The block modules of ``shell``: the children of each stack's list node (default: the stacks
+    its spec declares, ``shell.spec.block_stacks()``)."""
+    paths = _declared(shell, stacks)
     out = []
     for path in paths:
         try:
             node = shell.get_submodule(path)
         except AttributeError as e:
-            raise KeyError(f"block_nodes: no stack {path!r} in the shell (known stacks: {block_stacks(shell.params)})") from e
+            raise KeyError(f"block_nodes: no stack {path!r} in the shell (declared stacks: {paths})") from e
         if not (isinstance(node, _Node) and node._is_list):
             raise TypeError(f"block_nodes: {path!r} is not a list level of the shell's params")
         out.extend(node.children())
@@ -117,7 +128,7 @@ def fully_shard_shell(
         mesh: a 1-D DeviceMesh (:func:`polymodal.train.mesh_from_env`).
         mp_policy: a :class:`~polymodal.train.distributed.sharding.MixedPrecision` or FSDP2 ``MixedPrecisionPolicy``.
         reshard_after_forward: free each block's gathered params after its forward (FSDP2's option).
-        stacks: flat-key paths of the stacks (default :func:`~polymodal.train.distributed.sharding.block_stacks`).
+        stacks: flat-key paths of the stacks (default: those the shell's spec declares, ``spec.block_stacks()``).
 
     Returns:
         ``shell`` itself, now an FSDP module: its parameters are sharded DTensors, except 0-d ones
@@ -132,7 +143,7 @@ def fully_shard_shell(
     if isinstance(mp_policy, MixedPrecision):
         mp_policy = mp_policy.to_fsdp()
     mp_policy = mp_policy or MixedPrecisionPolicy()
-    stacks = block_stacks(shell.params) if stacks is None else list(stacks)
+    stacks = _declared(shell, stacks)
     # FSDP2 refuses 0-d parameters (CLIP's logit_scale): keep them replicated and average their grads.
     scalars = {p for p in shell.parameters() if p.dim() == 0}
     for p in scalars:

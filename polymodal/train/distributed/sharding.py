@@ -43,7 +43,8 @@ from torch import Tensor
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 
-from polymodal.core.pytree import Params, flatten, leaves, tree_map
+from polymodal.core.pytree import Params, leaves, tree_map
+from polymodal.core.spec import Spec
 from polymodal.core.layers.seam import Policy
 
 __all__ = [
@@ -271,53 +272,62 @@ def gather_policy(mp_policy: MixedPrecision | None = None, *, reshard_after_forw
     return policy
 
 
-def _is_block(t: Any) -> bool:
-    return isinstance(t, dict) and any(isinstance(v, (dict, list, tuple)) for v in t.values())
+def _subtree(params: Params, path: str) -> Any:
+    node: Any = params
+    for part in path.split(".") if path else ():
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, (list, tuple)) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return None
+    return node
 
 
-def block_stacks(params: Params) -> list[str]:
-    """Flat-key paths of the block stacks in ``params``: lists whose elements are composite dicts.
+def block_stacks(stacks: Spec | Iterable[str], params: Params | None = None) -> list[str]:
+    """The declared block stacks: flat-key paths of the param lists run through the seam.
 
-    A list of dicts that themselves hold sub-trees (``encoder.layers`` of a
-    ``TransformerEncoder``, each stage of a Swin) is a stack run through the seam; lists of flat
-    dicts (the Linears of an ``MLP``) are not. Lists of lists are searched inside.
+    Args:
+        stacks: a spec (its :meth:`~polymodal.core.spec.Spec.block_stacks` declaration: e.g. a
+            ``TransformerEncoder`` declares ``["layers"]``, a ``Swin3D`` its stages but not its
+            patch-merging layers) or the paths themselves.
+        params: when given, every path must name a list in it.
 
-    >>> block_stacks({"layers": [{"attn": {"w": torch.ones(1)}}], "mlp": {"layers": [{"w": torch.ones(1)}]}})
-    ['layers']
+    >>> from polymodal.core.encoders.swin3d import Swin3D
+    >>> block_stacks(Swin3D(depths=(1, 1), num_heads=(1, 2)))
+    ['stages.0', 'stages.1']
     """
-    out: list[str] = []
-
-    def walk(t: Any, path: str) -> None:
-        if isinstance(t, dict):
-            for k, v in t.items():
-                walk(v, f"{path}{k}.")
-        elif isinstance(t, (list, tuple)):
-            if t and all(_is_block(v) for v in t):
-                out.append(path[:-1])
-            else:
-                for i, v in enumerate(t):
-                    walk(v, f"{path}{i}.")
-
-    walk(params, "")
-    return out
+    paths = stacks.block_stacks() if isinstance(stacks, Spec) else list(stacks)
+    if isinstance(stacks, (str, bytes)) or not all(isinstance(s, str) for s in paths):
+        raise TypeError(f"block_stacks: expected a Spec or an iterable of flat-key paths, got {stacks!r:.80}")
+    if params is not None:
+        bad = [s for s in paths if not isinstance(_subtree(params, s), (list, tuple))]
+        if bad:
+            raise KeyError(f"block stacks {bad} are not lists in params (declared: {paths}; "
+                           f"top-level keys: {sorted(params) if isinstance(params, dict) else type(params).__name__})")
+    return paths
 
 
-def gather_rest(params: Params, mp_policy: MixedPrecision | None = None, *, stacks: Iterable[str] | None = None) -> Params:
+def gather_rest(params: Params, mp_policy: MixedPrecision | None = None, *,
+                stacks: Spec | Iterable[str] | None = None) -> Params:
     """Gather every leaf outside the block stacks, once per step; stacks stay sharded for the seam.
 
     Args:
         params: a tree from :func:`shard_params`.
         mp_policy: the mixed-precision policy (the same as the seam's).
-        stacks: flat-key paths of the lists run through the seam; default :func:`block_stacks`.
-            A list the model uses outside the seam (e.g. Swin's patch-merging layers) must not be
-            named here, or its DTensor leaves reach ordinary ops (torch raises "mixed
-            torch.Tensor and DTensor").
+        stacks: the spec whose params these are (its declared :meth:`Spec.block_stacks`), or the
+            flat-key paths of the lists it runs through the seam (see :func:`block_stacks`). A list
+            the model uses outside the seam (Swin's patch-merging layers) must not be named, or its
+            DTensor leaves reach ordinary ops (torch raises "mixed torch.Tensor and DTensor").
 
     Returns:
         The tree with plain tensors outside the stacks and the stacks' DTensors as they were.
     """
+    if stacks is None:
+        raise TypeError("gather_rest: stacks: expected the spec whose params these are (it declares its "
+                        "block_stacks()) or a list of flat-key stack paths, got None")
     mp = mp_policy or MixedPrecision()
-    keep = set(block_stacks(params) if stacks is None else stacks)
+    keep = set(block_stacks(stacks, params))
 
     def walk(t: Any, path: str) -> Any:
         if path[:-1] in keep:
@@ -328,9 +338,4 @@ def gather_rest(params: Params, mp_policy: MixedPrecision | None = None, *, stac
             return type(t)(walk(v, f"{path}{i}.") for i, v in enumerate(t))
         return _gather_leaf(t, mp)
 
-    if stacks is not None:
-        known = {k.rsplit(".", n)[0] for k in flatten(params) for n in range(k.count(".") + 1)}
-        unknown = sorted(s for s in keep if s not in known)
-        if unknown:
-            raise KeyError(f"gather_rest: stacks {unknown} are not paths in params (known stacks: {block_stacks(params)})")
     return walk(params, "")
