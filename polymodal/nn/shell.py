@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core import random as pr
+from ..core.convert import meta_init
 from ..core.pytree import Params, check_like, flatten, tree_map
 from ..core.spec import Spec
 
@@ -168,13 +169,9 @@ class Shell(_Node):
 
 
 def _template(spec: Spec) -> Params:
-    """The spec's param tree for a shape check, on the meta device when its init allows (no
-    random numbers drawn: a full init of a large model takes minutes on CPU), else on CPU."""
-    try:
-        with torch.device("meta"):
-            return spec.init(key=pr.key(0))
-    except Exception:  # an init that needs real values (e.g. data-dependent): draw them
-        return spec.init(key=pr.key(0))
+    """The spec's param tree for a shape check: the converters' one meta initialisation (no
+    random numbers drawn: a full init of a large model takes minutes on CPU)."""
+    return meta_init(spec)
 
 
 def _rebuild(template: Any, prefix: str, live: dict[str, Tensor]) -> Any:
