@@ -131,13 +131,29 @@ class _Shard:
                     self.keys.append(key)
                     self.members.append({})
                 self.members[-1][ext] = m
-        except (tarfile.TarError, OSError) as e:  # a truncated / corrupt shard: its readable prefix
-            self.error = f"{path}: cannot read shard after {len(self.keys)} samples: {type(e).__name__}: {e}"
+        except (tarfile.TarError, OSError) as e:  # a corrupt shard: its readable prefix, less the last sample
+            self._keep(len(self.keys) - 1)
+            self.error = f"{path}: truncated or corrupt shard: reading its first {len(self.keys)} samples only ({type(e).__name__}: {e})"
+            return
+        size = os.path.getsize(path)  # tarfile lists the headers of a cut file silently
+        cut = next((i for i, ms in enumerate(self.members) if any(m.offset_data + m.size > size for m in ms.values())), None)
+        if cut is not None:
+            self._keep(cut)
+            self.error = f"{path}: truncated or corrupt shard: reading its first {cut} samples only (the file ends at byte {size})"
+
+    def _keep(self, n: int) -> None:
+        self.keys, self.members = self.keys[:max(n, 0)], self.members[:max(n, 0)]
 
     def read(self, i: int) -> dict[str, Any]:
         out: dict[str, Any] = {"__key__": self.keys[i], "__url__": self.path}
         for ext, m in self.members[i].items():
-            out[ext] = self.tar.extractfile(m).read()
+            try:
+                out[ext] = self.tar.extractfile(m).read()
+            except (tarfile.TarError, OSError) as e:
+                raise BadSampleError(f"{self.path}: sample {self.keys[i]!r}: {ext}: cannot read: {type(e).__name__}: {e}") from None
+            if len(out[ext]) != m.size:
+                raise BadSampleError(f"{self.path}: sample {self.keys[i]!r}: {ext}: truncated shard: expected "
+                                     f"{m.size} bytes, got {len(out[ext])}")
         return out
 
     def close(self) -> None:
@@ -167,7 +183,8 @@ class ShardStream(IterableDataset):
             with a ``"caption"`` or ``"text"`` string).
         shuffle_in_shard: visit each shard's samples in a random order (else as stored).
         skip_bad: a sample without image or caption, with an undecodable image, or lost in a
-            truncated shard is counted in ``num_skipped`` (over all workers) and replaced by the
+            truncated shard is counted in ``num_skipped`` (over all workers; a truncated shard
+            counts once, its lost samples are not known) and replaced by the
             next good sample of the same rank batch, so batches keep their size (cross-rank
             gathers need equal sizes); otherwise it raises ``BadSampleError``.
     """
@@ -203,6 +220,7 @@ class ShardStream(IterableDataset):
         self.image_keys, self.caption_keys = tuple(image_keys), tuple(caption_keys)
         self.shuffle_in_shard, self.skip_bad = shuffle_in_shard, skip_bad
         self._counts = torch.zeros(257, dtype=torch.int64).share_memory_()  # skips; slot 0: main, 1+: workers
+        self._broken = torch.zeros(len(self.paths), dtype=torch.bool).share_memory_()  # truncated / corrupt shards
         self._reset()
 
     def _reset(self) -> None:
@@ -232,7 +250,9 @@ class ShardStream(IterableDataset):
             if self._shard.error:
                 if not self.skip_bad:
                     raise BadSampleError(self._shard.error)
-                logger.warning("ShardStream: %s", self._shard.error)
+                if not self._broken[i]:
+                    self._broken[i] = True
+                    logger.warning("ShardStream: %s", self._shard.error)
             known = self._known.get(self.paths[i])
             if known is not None and known != len(self._shard.keys) and not self._shard.error:
                 raise ValueError(f"ShardStream: sizes.json says {self.paths[i]} holds {known} samples, got "
@@ -338,8 +358,8 @@ class ShardStream(IterableDataset):
 
     @property
     def num_skipped(self) -> int:
-        """Bad samples met so far, in every worker process."""
-        return int(self._counts.sum())
+        """Bad samples met so far, in every worker process, plus truncated / corrupt shards (once each)."""
+        return int(self._counts.sum()) + int(self._broken.sum())
 
     def __iter__(self) -> Iterator[list]:
         info = get_worker_info()
