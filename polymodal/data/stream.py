@@ -53,7 +53,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from braceexpand import braceexpand
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ..core import random as pr
@@ -81,6 +80,10 @@ def expand_shards(urls: str | os.PathLike | Sequence[str | os.PathLike]) -> list
     FileNotFoundError: ShardStream: no shard matches '/nonexistent/s-{0..1}.tar' (2 paths expanded, none exists)
     """
     if isinstance(urls, (str, os.PathLike)):
+        try:
+            from braceexpand import braceexpand  # comes with webdataset (the "data" extra)
+        except ImportError:  # pragma: no cover
+            raise ImportError("ShardStream needs the braceexpand package: pip install 'polymodal[data]'") from None
         pattern = os.fspath(urls)
         paths = [p for part in pattern.split("::") for p in braceexpand(part.strip())]
     else:
@@ -182,6 +185,9 @@ class ShardStream(IterableDataset):
         caption_keys: tried in order for the caption: ``txt`` (UTF-8 text) or ``json`` (an object
             with a ``"caption"`` or ``"text"`` string).
         shuffle_in_shard: visit each shard's samples in a random order (else as stored).
+        seeded_transforms: run each sample's transform with torch's RNG seeded from ``(key, epoch,
+            position)`` (and restored after), so its random draws (``CLIPImageTransform``'s crops)
+            are reproducible on resume too, whatever the workers; ``False``: the worker's RNG.
         skip_bad: a sample without image or caption, with an undecodable image, or lost in a
             truncated shard is counted in ``num_skipped`` (over all workers; a truncated shard
             counts once, its lost samples are not known) and replaced by the
@@ -193,7 +199,7 @@ class ShardStream(IterableDataset):
                  start_step: int = 0, stop_step: int | None = None, rank: int = 0, world: int = 1,
                  transform: Callable | None = None, pair_transform: Callable | None = None,
                  image_keys: Sequence[str] = ("jpg", "jpeg", "png", "webp"), caption_keys: Sequence[str] = ("txt", "json"),
-                 shuffle_in_shard: bool = True, skip_bad: bool = False) -> None:
+                 shuffle_in_shard: bool = True, seeded_transforms: bool = True, skip_bad: bool = False) -> None:
         _check_transforms("ShardStream", transform, pair_transform)
         self.paths = expand_shards(urls)
         self.pattern = urls if isinstance(urls, str) else None
@@ -218,7 +224,7 @@ class ShardStream(IterableDataset):
         self.start_step, self.stop_step = start_step, stop_step
         self.transform, self.pair_transform = transform, pair_transform
         self.image_keys, self.caption_keys = tuple(image_keys), tuple(caption_keys)
-        self.shuffle_in_shard, self.skip_bad = shuffle_in_shard, skip_bad
+        self.shuffle_in_shard, self.seeded_transforms, self.skip_bad = shuffle_in_shard, seeded_transforms, skip_bad
         self._counts = torch.zeros(257, dtype=torch.int64).share_memory_()  # skips; slot 0: main, 1+: workers
         self._broken = torch.zeros(len(self.paths), dtype=torch.bool).share_memory_()  # truncated / corrupt shards
         self._reset()
@@ -310,7 +316,7 @@ class ShardStream(IterableDataset):
 
     # ------------------------------------------------------------------ decoding
 
-    def _decode(self, sample: dict) -> Any:
+    def _decode(self, sample: dict, seed: int | None = None) -> Any:
         where = f"{sample['__url__']}: sample {sample['__key__']!r}"
         got = sorted(k for k in sample if not k.startswith("__"))
         ext = next((k for k in self.image_keys if k in sample), None)
@@ -328,7 +334,12 @@ class ShardStream(IterableDataset):
                     raise BadSampleError(f"{where}: json: expected an object with a 'caption' or 'text' string, got {str(obj)[:80]}")
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise BadSampleError(f"{where}: {cap}: expected UTF-8 text{' holding JSON' if cap == 'json' else ''}, got {e}") from None
-        return _apply(load_image(sample[ext], f"{where}: {ext}"), text.strip(), self.transform, self.pair_transform)
+        image = load_image(sample[ext], f"{where}: {ext}")
+        if seed is None:
+            return _apply(image, text.strip(), self.transform, self.pair_transform)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return _apply(image, text.strip(), self.transform, self.pair_transform)
 
     def _item(self, epoch: int, q: int) -> Any:
         p, s, k = self.locate(epoch, q)
@@ -337,7 +348,7 @@ class ShardStream(IterableDataset):
         try:
             if i >= len(shard.keys):  # sizes.json counted samples a truncated shard lost
                 raise BadSampleError(f"{shard.error or shard.path}: sample {i} is missing")
-            return self._decode(shard.read(i))
+            return self._decode(shard.read(i), self._seed(epoch, q) if self.seeded_transforms else None)
         except BadSampleError as e:
             if not self.skip_bad:
                 raise
@@ -345,6 +356,10 @@ class ShardStream(IterableDataset):
             self._counts[0 if info is None else 1 + info.id % 256] += 1
             logger.warning("ShardStream: skipped %s", e)
             return e
+
+    def _seed(self, epoch: int, q: int) -> int:
+        a, b = pr.fold_in(self.key, epoch).tolist()  # 32-bit words
+        return ((a << 32 | b) ^ ((q + 1) * 0x9E3779B97F4A7C15)) & ((1 << 63) - 1)
 
     def batch(self, step: int) -> list:
         """This rank's items at ``step``."""

@@ -6,6 +6,7 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
@@ -25,15 +26,18 @@ def _colour(key: str) -> tuple[int, int, int]:
     return (n * 13 % 256, n * 29 % 256, n * 71 % 256)
 
 
-def _write(folder: Path, sizes=SIZES, name="shard-{:06d}.tar", bad=None) -> list[str]:
-    """Shards of tiny PNGs whose colour encodes the key; captions alternate .txt / .json."""
+def _write(folder: Path, sizes=SIZES, name="shard-{:06d}.tar", bad=None, noise=False) -> list[str]:
+    """Shards of tiny PNGs whose colour encodes the key (or noise); captions alternate .txt / .json."""
     urls, n = [], 0
     for s, size in enumerate(sizes):
         url = str(folder / name.format(s))
         with wds.TarWriter(url) as sink:
             for _ in range(size):
                 key = f"k{n:03d}"
-                fields = {"png": Image.new("RGB", (6, 4), _colour(key))}
+                image = Image.new("RGB", (6, 4), _colour(key))
+                if noise:
+                    image = Image.fromarray(np.random.default_rng(n).integers(0, 256, (12, 12, 3), dtype=np.uint8))
+                fields = {"png": image}
                 fields |= {"txt": f"caption {key}"} if n % 2 else {"json": {"caption": f"caption {key}"}}
                 fields = (bad or {}).get(key, fields)
                 sink.write({"__key__": key, **fields})
@@ -101,6 +105,19 @@ def test_items_decode_image_and_caption_from_txt_and_json(shards):
         assert im.getpixel((3, 2)) == _colour(cap.split()[-1])  # PNG: lossless
     clip = ShardStream(shards, batch_size=4, num_samples=16, key=0, transform=CLIPImageTransform(8, is_train=True))
     assert [tuple(x.shape) for x, _ in clip.batch(0)] == [(3, 8, 8)] * 4
+
+
+def test_random_crops_are_reproducible_on_resume(tmp_path):
+    _write(tmp_path, noise=True)
+    shards = str(tmp_path / "shard-{000000..000002}.tar")
+    crop = CLIPImageTransform(4, is_train=True, scale=(0.2, 0.5))
+    mk = lambda start, **kw: ShardStream(shards, batch_size=4, num_samples=16, key=5, start_step=start, stop_step=6,  # noqa: E731
+                                         transform=crop, **kw)
+    full = [torch.stack([x for x, _ in b]) for b in _loader(mk(0), workers=0)]
+    resumed = [torch.stack([x for x, _ in b]) for b in _loader(mk(3), workers=2)]
+    assert all(torch.equal(a, b) for a, b in zip(full[3:], resumed))
+    unseeded = [torch.stack([x for x, _ in b]) for b in _loader(mk(0, seeded_transforms=False), workers=0)]
+    assert not all(torch.equal(a, b) for a, b in zip(full, unseeded))  # the crops are random: the seed matters
 
 
 def test_shard_order_and_in_shard_order():
