@@ -30,128 +30,82 @@ True
 
 from __future__ import annotations
 
-import functools
 import re
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
 import torch
 from torch import Tensor
 
-from ...core import random as pr
-from ...core.pytree import Params, flatten, mismatch_error, unflatten
+from ...core.convert import Rule, Table, transpose, unsqueeze
+from ...core.pytree import Params, flatten
 from .config import CLIPConfig, ModifiedResNetConfig, TextConfig, VisionTransformerConfig
 from .model import CLIP
 
 __all__ = [
     "from_open_clip", "to_open_clip", "from_torchmultimodal", "to_torchmultimodal", "config_from_open_clip",
-    "config_from_torchmultimodal", "detect_layout",
+    "config_from_torchmultimodal", "detect_layout", "OPEN_CLIP", "OPEN_CLIP_RESNET", "TORCHMULTIMODAL",
+    "TORCHMULTIMODAL_RESNET",
 ]
 
 _STATS = ("running_mean", "running_var", "num_batches_tracked")
-_OPENAI_EXTRAS = ("input_resolution", "context_length", "vocab_size")
-_BLOCK = {"ln_1.": "norm1.", "ln_2.": "norm2.", "attn.": "self_attn.", "mlp.c_fc.": "linear1.", "mlp.c_proj.": "linear2."}
-_RESNET = re.compile(r"(conv[123]\.weight|bn[123]\..+|layer[1-4]\..+|attnpool\..+)")
-_TO_OURS_VIT = {"conv1.weight": "embeddings.conv_projection.weight", "class_embedding": "embeddings.cls_token",
-                "positional_embedding": "embeddings.position_embeddings"}
-_TMM_VIT = {"conv.weight": "embeddings.conv_projection.weight", "cls_token_embedding": "embeddings.cls_token",
-            "positional_embedding": "embeddings.position_embeddings", "projection": "proj"}
-_SAME_VIT = ("ln_pre.weight", "ln_pre.bias", "ln_post.weight", "ln_post.bias")
 
 
-def _swap_prefix(rest: str, table: Mapping[str, str]) -> str | None:
-    for a, b in table.items():
-        if rest.startswith(a):
-            return b + rest[len(a):]
-    return None
+# --- key tables (core/convert.py runs them both ways) --------------------------------------------------
+
+def _block(theirs: str, ours: str) -> tuple[Rule, ...]:
+    """open_clip's residual attention block <-> torch's ``TransformerEncoderLayer`` names."""
+    pairs = (("ln_1.{p}", "norm1.{p}"), ("ln_2.{p}", "norm2.{p}"), ("attn.{p*}", "self_attn.{p*}"),
+             ("mlp.c_fc.{p}", "linear1.{p}"), ("mlp.c_proj.{p}", "linear2.{p}"))
+    return tuple(Rule(f"{theirs}.{{i}}.{a}", f"{ours}.{{i}}.{b}") for a, b in pairs)
 
 
-def _inverse(table: Mapping[str, str]) -> dict[str, str]:
-    return {b: a for a, b in table.items()}
+# OpenAI's extra integer entries and TorchScript's causal-mask attributes: not parameters.
+_DROP = ("input_resolution", "context_length", "vocab_size", "attn_mask", "{m*}.attn_mask")
 
+_OC_TEXT = Table((
+    Rule("logit_scale", "logit_scale"),
+    *_block("transformer.resblocks", "text.transformer.layers"),
+    Rule("token_embedding.weight", "text.token_embedding.weight"),
+    Rule("positional_embedding", "text.positional_embedding"),
+    Rule("text_projection", "text.text_projection"),
+    Rule("ln_final.{p}", "text.ln_final.{p}"),
+), drop=_DROP, name="from_open_clip: the open_clip / OpenAI state dict")
 
-# --- key maps: one function per direction and layout; None = no counterpart ------------------------
+OPEN_CLIP = _OC_TEXT + Table((
+    *_block("visual.transformer.resblocks", "visual.transformer.layers"),
+    Rule("visual.conv1.weight", "visual.embeddings.conv_projection.weight"),
+    Rule("visual.class_embedding", "visual.embeddings.cls_token", unsqueeze(2)),
+    Rule("visual.positional_embedding", "visual.embeddings.position_embeddings", unsqueeze(1)),
+    Rule("visual.{n}.{p}", "visual.{n}.{p}"),  # ln_pre, ln_post
+    Rule("visual.proj", "visual.proj"),
+))
+"""open_clip / OpenAI CLIP with a ViT image tower."""
 
-def _oc_to_ours(key: str, resnet: bool = False) -> str | None:
-    if key == "logit_scale":
-        return key
-    if m := re.fullmatch(r"visual\.transformer\.resblocks\.(\d+)\.(.+)", key):
-        rest = _swap_prefix(m[2], _BLOCK)
-        return None if rest is None else f"visual.transformer.layers.{m[1]}.{rest}"
-    if m := re.fullmatch(r"transformer\.resblocks\.(\d+)\.(.+)", key):
-        rest = _swap_prefix(m[2], _BLOCK)
-        return None if rest is None else f"text.transformer.layers.{m[1]}.{rest}"
-    if key.startswith("visual."):
-        rest = key[len("visual."):]
-        if resnet:
-            return key if _RESNET.fullmatch(rest) else None
-        if rest in _TO_OURS_VIT:
-            return "visual." + _TO_OURS_VIT[rest]
-        return key if rest in _SAME_VIT or rest == "proj" else None
-    if key in ("token_embedding.weight", "positional_embedding", "text_projection", "ln_final.weight", "ln_final.bias"):
-        return "text." + key
-    return None
+OPEN_CLIP_RESNET = _OC_TEXT + Table((Rule("visual.{rest*}", "visual.{rest*}"),))
+"""open_clip / OpenAI CLIP with a ModifiedResNet image tower (same names; batch-norm statistics are state)."""
 
+_TMM_TEXT = Table((
+    Rule("logit_scale", "logit_scale"),  # not in TorchMultimodal's CLIP (its loss keeps it); read if merged in
+    Rule("encoder_b.encoder.layers.{i}.{p*}", "text.transformer.layers.{i}.{p*}"),
+    Rule("encoder_b.projection.weight", "text.text_projection", transpose()),
+    Rule("encoder_b.{n}.{p}", "text.{n}.{p}"),  # token_embedding, ln_final
+    Rule("encoder_b.positional_embedding", "text.positional_embedding"),
+), drop=_DROP, defaults=(("logit_scale", lambda spec: torch.tensor(float(spec.config.logit_scale_init))),),
+    name="from_torchmultimodal: the TorchMultimodal state dict")
 
-def _ours_to_oc(key: str) -> str:
-    if m := re.fullmatch(r"(visual\.|text\.)transformer\.layers\.(\d+)\.(.+)", key):
-        pre = "visual.transformer" if m[1] == "visual." else "transformer"
-        return f"{pre}.resblocks.{m[2]}.{_swap_prefix(m[3], _inverse(_BLOCK))}"
-    if key.startswith("visual."):
-        rest = key[len("visual."):]
-        return "visual." + _inverse(_TO_OURS_VIT).get(rest, rest)
-    return key[len("text."):] if key.startswith("text.") else key
+TORCHMULTIMODAL = _TMM_TEXT + Table((
+    Rule("encoder_a.encoder.layers.{i}.{p*}", "visual.transformer.layers.{i}.{p*}"),
+    Rule("encoder_a.conv.weight", "visual.embeddings.conv_projection.weight"),
+    Rule("encoder_a.cls_token_embedding", "visual.embeddings.cls_token", unsqueeze(2)),
+    Rule("encoder_a.positional_embedding", "visual.embeddings.position_embeddings", unsqueeze(1)),
+    Rule("encoder_a.projection", "visual.proj"),
+    Rule("encoder_a.{n}.{p}", "visual.{n}.{p}"),  # ln_pre, ln_post
+))
+"""TorchMultimodal CLIP with a ViT image tower (``encoder_a`` image, ``encoder_b`` text)."""
 
-
-def _tmm_to_ours(key: str, resnet: bool = False) -> str | None:
-    if key == "logit_scale":  # not in TorchMultimodal's CLIP; accepted if merged from its loss
-        return key
-    if m := re.fullmatch(r"encoder_([ab])\.encoder\.layers\.(\d+)\.(.+)", key):
-        return f"{'visual' if m[1] == 'a' else 'text'}.transformer.layers.{m[2]}.{m[3]}"
-    if key.startswith("encoder_a."):
-        rest = key[len("encoder_a."):]
-        if resnet:
-            return "visual." + rest if _RESNET.fullmatch(rest) else None
-        if rest in _TMM_VIT:
-            return "visual." + _TMM_VIT[rest]
-        return "visual." + rest if rest in _SAME_VIT else None
-    if key.startswith("encoder_b."):
-        rest = key[len("encoder_b."):]
-        if rest == "projection.weight":
-            return "text.text_projection"
-        ok = ("token_embedding.weight", "positional_embedding", "ln_final.weight", "ln_final.bias")
-        return "text." + rest if rest in ok else None
-    return None
-
-
-def _ours_to_tmm(key: str) -> str:
-    if m := re.fullmatch(r"(visual|text)\.transformer\.layers\.(.+)", key):
-        return f"encoder_{'a' if m[1] == 'visual' else 'b'}.encoder.layers.{m[2]}"
-    if key.startswith("visual."):
-        rest = key[len("visual."):]
-        return "encoder_a." + _inverse(_TMM_VIT).get(rest, rest)
-    rest = key[len("text."):]
-    return "encoder_b." + ("projection.weight" if rest == "text_projection" else rest)
-
-
-# --- value reshapes where the layouts differ ---------------------------------------------------------
-
-def _reshape_in(ours: str, t: Tensor, transpose_text_proj: bool) -> Tensor:
-    if ours == "visual.embeddings.cls_token":
-        return t.reshape(1, 1, -1)
-    if ours == "visual.embeddings.position_embeddings":
-        return t.reshape(1, *t.shape)
-    if ours == "text.text_projection" and transpose_text_proj:
-        return t.t().contiguous()
-    return t
-
-
-def _reshape_out(ours: str, t: Tensor, transpose_text_proj: bool) -> Tensor:
-    if ours in ("visual.embeddings.cls_token", "visual.embeddings.position_embeddings"):
-        return t.reshape(t.shape[-1]) if ours.endswith("cls_token") else t.reshape(t.shape[-2:])
-    if ours == "text.text_projection" and transpose_text_proj:
-        return t.t().contiguous()
-    return t
+TORCHMULTIMODAL_RESNET = _TMM_TEXT + Table((Rule("encoder_a.{rest*}", "visual.{rest*}"),))
+"""TorchMultimodal CLIP with a ``ResNetForCLIP`` image tower."""
 
 
 # --- config inference from our flat names -------------------------------------------------------------
@@ -190,80 +144,33 @@ def _config_from_ours(flat: Mapping[str, Tensor], quick_gelu: bool, what: str) -
     return CLIPConfig(embed_dim=embed, vision=vision, text=text)
 
 
-@functools.lru_cache(maxsize=16)
-def _shapes(spec: CLIP) -> dict[str, tuple[int, ...]]:
-    """Parameter shapes of ``spec`` without materialising them (init on the meta device)."""
-    with torch.device("meta"):
-        return {k: tuple(v.shape) for k, v in flatten(spec.init(key=pr.key(0))).items()}
-
-
-def _fill(template: Params, flat: Mapping[str, Tensor], prefix: str = "") -> Params:
-    """A tree shaped like ``template`` with leaves from ``flat`` (keys the template has)."""
-    if isinstance(template, list):
-        return [_fill(v, flat, f"{prefix}{i}.") for i, v in enumerate(template)]
-    if isinstance(template, dict):
-        return {k: _fill(v, flat, f"{prefix}{k}.") for k, v in template.items()}
-    return flat[prefix[:-1]]
-
-
 def _is_resnet(state_dict: Mapping[str, Tensor]) -> bool:
     return any(".attnpool." in k or re.search(r"(^|\.)layer1\.0\.", k) for k in state_dict)
 
 
-def _from(state_dict: Mapping[str, Tensor], rename: Callable[..., str | None], back: Callable[[str], str],
-          spec: CLIP | None, quick_gelu: bool, with_state: bool, transpose: bool, what: str,
-          default_logit_scale: bool):
-    sd = {k: v for k, v in state_dict.items() if k not in _OPENAI_EXTRAS and not k.endswith("attn_mask")}
-    ours, unexpected = {}, []
-    resnet = _is_resnet(sd)
-    for k, v in sd.items():
-        name = rename(k, resnet)
-        if name is None:
-            unexpected.append(k)
-        else:
-            ours[name] = _reshape_in(name, v, transpose)
-    if unexpected:
-        raise ValueError(f"{what}: unexpected keys ({len(unexpected)}), not part of a CLIP checkpoint of this "
-                         f"layout: {', '.join(sorted(unexpected))}")
-    params_flat = {k: v for k, v in ours.items() if k.rsplit(".", 1)[-1] not in _STATS}
-    state_flat = {k: v for k, v in ours.items() if k.rsplit(".", 1)[-1] in _STATS}
-    spec = spec if spec is not None else CLIP(_config_from_ours(params_flat, quick_gelu, what))
-    if default_logit_scale and "logit_scale" not in params_flat:
-        params_flat["logit_scale"] = torch.tensor(float(spec.config.logit_scale_init))
-    expected = _shapes(spec)
-    template_state = spec.init_state()
-    expected_state = {k: tuple(v.shape) for k, v in flatten(template_state or {}).items()}
-    missing = sorted(set(expected) - set(params_flat)) + sorted(set(expected_state) - set(state_flat))
-    extra = sorted(set(params_flat) - set(expected)) + sorted(set(state_flat) - set(expected_state))
-    bad = [f"{back(k)}: expected {s}, got {tuple(params_flat[k].shape)}" for k, s in expected.items()
-           if k in params_flat and tuple(params_flat[k].shape) != s]
-    if missing or extra or bad:
-        raise mismatch_error(f"{what}: the checkpoint does not match {spec.config}:", [back(k) for k in missing],
-                             [back(k) for k in extra], bad)
-    params = _fill(unflatten(dict.fromkeys(expected)), params_flat)
-    state = _fill(template_state, state_flat) if template_state is not None else None
+def _from(state_dict: Mapping[str, Tensor], vit: Table, resnet: Table, spec: CLIP | None, quick_gelu: bool,
+          with_state: bool, what: str):
+    table = resnet if _is_resnet(state_dict) else vit
+    if spec is None:
+        spec = CLIP(_config_from_ours(table.rename(state_dict), quick_gelu, what))
+    params, state = table.to_ours(state_dict, spec, with_state=True)
     if with_state:
         return params, state
+    initial = spec.init_state()
     if state is not None and any(not torch.equal(v.cpu(), t) for v, t in
-                                 zip(flatten(state).values(), flatten(template_state).values())):
+                                 zip(flatten(state).values(), flatten(initial).values())):
         warnings.warn(f"{what}: the checkpoint's batch-norm running statistics were dropped; pass with_state=True "
                       "and give the state to encode_image / CLIP(...) (or the shell), or ResNet outputs are wrong",
                       stacklevel=3)
     return params
 
 
-def _to(params: Params, state: Params | None, spec: CLIP | None, rename: Callable[[str], str], transpose: bool,
-        keep_logit_scale: bool) -> dict[str, Tensor]:
-    out = {}
-    for k, v in flatten(params).items():
-        if k == "logit_scale" and not keep_logit_scale:
-            continue
-        out[rename(k)] = _reshape_out(k, v, transpose)
-    if state is None and spec is not None:
-        state = spec.init_state()
-    for k, v in flatten(state or {}).items():
-        out[rename(k)] = v
-    return out
+def _to(params: Params, state: Params | None, spec: CLIP | None, vit: Table, resnet: Table,
+        what: str) -> dict[str, Tensor]:
+    is_resnet = "attnpool" in params.get("visual", {})
+    if spec is None and state is None and is_resnet:  # the initial batch-norm statistics are needed
+        spec = CLIP(_config_from_ours(flatten(params), True, what))
+    return (resnet if is_resnet else vit).to_theirs(params, state, spec)
 
 
 def detect_layout(state_dict: Mapping[str, Tensor]) -> str:
@@ -282,16 +189,14 @@ def detect_layout(state_dict: Mapping[str, Tensor]) -> str:
 def config_from_open_clip(state_dict: Mapping[str, Tensor], quick_gelu: bool = True) -> CLIPConfig:
     """The :class:`CLIPConfig` of an OpenAI / open_clip state dict, read off its shapes (as OpenAI's
     ``build_model``); heads are width / 64, the activation is ``quick_gelu``'s."""
-    resnet = _is_resnet(state_dict)
-    flat = {n: v for k, v in state_dict.items() if (n := _oc_to_ours(k, resnet)) is not None}
-    return _config_from_ours(flat, quick_gelu, "config_from_open_clip")
+    table = OPEN_CLIP_RESNET if _is_resnet(state_dict) else OPEN_CLIP
+    return _config_from_ours(table.rename(state_dict), quick_gelu, "config_from_open_clip")
 
 
 def config_from_torchmultimodal(state_dict: Mapping[str, Tensor], quick_gelu: bool = True) -> CLIPConfig:
     """The :class:`CLIPConfig` of a TorchMultimodal CLIP state dict, read off its shapes."""
-    resnet = _is_resnet(state_dict)
-    flat = {n: _reshape_in(n, v, True) for k, v in state_dict.items() if (n := _tmm_to_ours(k, resnet)) is not None}
-    return _config_from_ours(flat, quick_gelu, "config_from_torchmultimodal")
+    table = TORCHMULTIMODAL_RESNET if _is_resnet(state_dict) else TORCHMULTIMODAL
+    return _config_from_ours(table.rename(state_dict), quick_gelu, "config_from_torchmultimodal")
 
 
 def from_open_clip(state_dict: Mapping[str, Tensor], spec: CLIP | None = None, *, quick_gelu: bool = True,
@@ -302,15 +207,13 @@ def from_open_clip(state_dict: Mapping[str, Tensor], spec: CLIP | None = None, *
     The leaves are the state dict's tensors (no copy): clone them if the source keeps changing.
     """
     sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state_dict.items()}
-    return _from(sd, _oc_to_ours, _ours_to_oc, spec, quick_gelu, with_state, False, "from_open_clip", False)
+    return _from(sd, OPEN_CLIP, OPEN_CLIP_RESNET, spec, quick_gelu, with_state, "from_open_clip")
 
 
 def to_open_clip(params: Params, state: Params | None = None, spec: CLIP | None = None) -> dict[str, Tensor]:
     """Params (and a ResNet tower's batch-norm ``state``; default: ``spec``'s initial one) ->
     an open_clip / OpenAI state dict that ``model.load_state_dict(..., strict=True)`` accepts."""
-    if spec is None and state is None and "attnpool" in params.get("visual", {}):
-        spec = CLIP(_config_from_ours(flatten(params), True, "to_open_clip"))
-    return _to(params, state, spec, _ours_to_oc, False, True)
+    return _to(params, state, spec, OPEN_CLIP, OPEN_CLIP_RESNET, "to_open_clip")
 
 
 def from_torchmultimodal(state_dict: Mapping[str, Tensor], spec: CLIP | None = None, *, quick_gelu: bool = True,
@@ -320,13 +223,11 @@ def from_torchmultimodal(state_dict: Mapping[str, Tensor], spec: CLIP | None = N
     TorchMultimodal keeps the temperature in its loss; a ``logit_scale`` entry is used when
     present, else the config's initial value (ln(1 / 0.07)).
     """
-    return _from(state_dict, _tmm_to_ours, _ours_to_tmm, spec, quick_gelu, with_state, True,
-                 "from_torchmultimodal", True)
+    return _from(state_dict, TORCHMULTIMODAL, TORCHMULTIMODAL_RESNET, spec, quick_gelu, with_state,
+                 "from_torchmultimodal")
 
 
 def to_torchmultimodal(params: Params, state: Params | None = None, spec: CLIP | None = None) -> dict[str, Tensor]:
     """Params (and batch-norm ``state``) -> a TorchMultimodal CLIP state dict (strict-loadable).
     The temperature is not part of TorchMultimodal's model and is left out."""
-    if spec is None and state is None and "attnpool" in params.get("visual", {}):
-        spec = CLIP(_config_from_ours(flatten(params), True, "to_torchmultimodal"))
-    return _to(params, state, spec, _ours_to_tmm, True, False)
+    return _to(params, state, spec, TORCHMULTIMODAL, TORCHMULTIMODAL_RESNET, "to_torchmultimodal")
