@@ -101,7 +101,8 @@ def expand_shards(urls: str | os.PathLike | Sequence[str | os.PathLike]) -> list
                                 f"{'s' if len(paths) != 1 else ''} expanded, none exists)")
     if missing:
         shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
-        raise FileNotFoundError(f"ShardStream: {len(missing)} of the {len(paths)} shards of {pattern!r} do not exist: {shown}")
+        raise FileNotFoundError(f"ShardStream: {len(missing)} of the {len(paths)} shards of {pattern!r} do not exist: "
+                                f"{shown}")
     return paths
 
 
@@ -136,13 +137,16 @@ class _Shard:
                 self.members[-1][ext] = m
         except (tarfile.TarError, OSError) as e:  # a corrupt shard: its readable prefix, less the last sample
             self._keep(len(self.keys) - 1)
-            self.error = f"{path}: truncated or corrupt shard: reading its first {len(self.keys)} samples only ({type(e).__name__}: {e})"
+            self.error = (f"{path}: truncated or corrupt shard: reading its first {len(self.keys)} samples only "
+                          f"({type(e).__name__}: {e})")
             return
         size = os.path.getsize(path)  # tarfile lists the headers of a cut file silently
-        cut = next((i for i, ms in enumerate(self.members) if any(m.offset_data + m.size > size for m in ms.values())), None)
+        cut = next((i for i, ms in enumerate(self.members) if any(m.offset_data + m.size > size for m in ms.values())),
+                   None)
         if cut is not None:
             self._keep(cut)
-            self.error = f"{path}: truncated or corrupt shard: reading its first {cut} samples only (the file ends at byte {size})"
+            self.error = (f"{path}: truncated or corrupt shard: reading its first {cut} samples only "
+                          f"(the file ends at byte {size})")
 
     def _keep(self, n: int) -> None:
         self.keys, self.members = self.keys[:max(n, 0)], self.members[:max(n, 0)]
@@ -153,7 +157,8 @@ class _Shard:
             try:
                 out[ext] = self.tar.extractfile(m).read()
             except (tarfile.TarError, OSError) as e:
-                raise BadSampleError(f"{self.path}: sample {self.keys[i]!r}: {ext}: cannot read: {type(e).__name__}: {e}") from None
+                raise BadSampleError(f"{self.path}: sample {self.keys[i]!r}: {ext}: cannot read: "
+                                     f"{type(e).__name__}: {e}") from None
             if len(out[ext]) != m.size:
                 raise BadSampleError(f"{self.path}: sample {self.keys[i]!r}: {ext}: truncated shard: expected "
                                      f"{m.size} bytes, got {len(out[ext])}")
@@ -195,16 +200,17 @@ class ShardStream(IterableDataset):
             gathers need equal sizes); otherwise it raises ``BadSampleError``.
     """
 
-    def __init__(self, urls: str | Sequence[str], *, batch_size: int, num_samples: int | None, key: torch.Tensor | int = 0,
-                 start_step: int = 0, stop_step: int | None = None, rank: int = 0, world: int = 1,
-                 transform: Callable | None = None, pair_transform: Callable | None = None,
-                 image_keys: Sequence[str] = ("jpg", "jpeg", "png", "webp"), caption_keys: Sequence[str] = ("txt", "json"),
+    def __init__(self, urls: str | Sequence[str], *, batch_size: int, num_samples: int | None,
+                 key: torch.Tensor | int = 0, start_step: int = 0, stop_step: int | None = None, rank: int = 0,
+                 world: int = 1, transform: Callable | None = None, pair_transform: Callable | None = None,
+                 image_keys: Sequence[str] = ("jpg", "jpeg", "png", "webp"),
+                 caption_keys: Sequence[str] = ("txt", "json"),
                  shuffle_in_shard: bool = True, seeded_transforms: bool = True, skip_bad: bool = False) -> None:
         _check_transforms("ShardStream", transform, pair_transform)
         self.paths = expand_shards(urls)
         self.pattern = urls if isinstance(urls, str) else None
-        self._known = _sizes_json(self.paths)  # shard index -> sample count, as far as known
-        self.sizes = {i: self._known[p] for i, p in enumerate(self.paths) if p in self._known}
+        self._known = _sizes_json(self.paths)  # path -> sample count from sizes.json
+        self.sizes = {i: self._known[p] for i, p in enumerate(self.paths) if p in self._known}  # shard -> count
         if num_samples is None:
             if len(self.sizes) < len(self.paths):
                 raise ValueError(f"ShardStream: {urls!r}: the number of samples per epoch is unknown: pass "
@@ -329,11 +335,14 @@ class ShardStream(IterableDataset):
             text = sample[cap].decode("utf-8")
             if cap == "json":
                 obj = json.loads(text)
-                text = next((obj[f] for f in ("caption", "text") if isinstance(obj, dict) and isinstance(obj.get(f), str)), None)
+                fields = [obj.get(f) for f in ("caption", "text")] if isinstance(obj, dict) else []
+                text = next((t for t in fields if isinstance(t, str)), None)
                 if text is None:
-                    raise BadSampleError(f"{where}: json: expected an object with a 'caption' or 'text' string, got {str(obj)[:80]}")
+                    raise BadSampleError(f"{where}: json: expected an object with a 'caption' or 'text' string, "
+                                         f"got {str(obj)[:80]}")
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise BadSampleError(f"{where}: {cap}: expected UTF-8 text{' holding JSON' if cap == 'json' else ''}, got {e}") from None
+            what = "UTF-8 text" + (" holding JSON" if cap == "json" else "")
+            raise BadSampleError(f"{where}: {cap}: expected {what}, got {e}") from None
         image = load_image(sample[ext], f"{where}: {ext}")
         if seed is None:
             return _apply(image, text.strip(), self.transform, self.pair_transform)
@@ -367,7 +376,8 @@ class ShardStream(IterableDataset):
         items = [self._item(epoch, q) for q in qs]
         good = [i for i, it in enumerate(items) if not isinstance(it, BadSampleError)]
         if not good:
-            raise BadSampleError(f"ShardStream: step {step}, rank {self.rank}: every sample is unreadable, the last: {items[-1]}")
+            raise BadSampleError(f"ShardStream: step {step}, rank {self.rank}: every sample is unreadable, "
+                                 f"the last: {items[-1]}")
         return [it if not isinstance(it, BadSampleError) else items[good[bisect.bisect_left(good, i) % len(good)]]
                 for i, it in enumerate(items)]
 
