@@ -382,13 +382,23 @@ class Table:
         if unmatched:
             raise ValueError(f"params: keys with no counterpart in a {self.name} ({len(unmatched)}): "
                              f"{', '.join(sorted(unmatched))}")
+        after: dict[str, list[tuple[str, Tensor]]] = {}  # a derived key follows its companion's
         for d in self.derived:
             if spec is None:
                 raise ValueError(f"{self.name}: writing {d.theirs} needs spec=...")
             for k, v in flat.items():
                 if (env := _match(d.like, k)) is not None:
-                    out[_format(d.theirs, env)] = d.value(spec, v.device)
-        return out
+                    companion = next(iter(_convert({k: v}, self.rules, ours=True)[0]), None)
+                    after.setdefault(companion, []).append((_format(d.theirs, env), d.value(spec, v.device)))
+        if not after:
+            return out
+        ordered = {}
+        for k, v in out.items():
+            ordered[k] = v
+            ordered.update(after.pop(k, ()))
+        for extra in after.values():
+            ordered.update(extra)
+        return ordered
 
 
 @functools.lru_cache(maxsize=32)

@@ -18,41 +18,33 @@ True
 
 from __future__ import annotations
 
-import functools
 import re
 from collections.abc import Mapping
 
-import torch
 from torch import Tensor
 
-from ...core import random as pr
+from ...core.convert import Derived, Rule, Table
 from ...core.encoders.swin3d import Swin3D
 from ...core.layers.window import relative_position_index
-from ...core.pytree import Params, check_like, flatten, unflatten
+from ...core.pytree import Params, flatten, unflatten
 
-__all__ = ["from_torchvision", "to_torchvision", "infer_spec"]
+__all__ = ["from_torchvision", "to_torchvision", "infer_spec", "TORCHVISION"]
 
 _FEATURE = re.compile(r"features\.(\d+)\.(.+)")
-_STAGE = re.compile(r"(stages|merges)\.(\d+)\.(.+)")
-_TOP = ("patch_embed.", "norm.", "head.")
-_INDEX = "relative_position_index"
 _TV_WINDOW = (8, 7, 7)  # every torchvision Swin3D builder uses this window
 
-
-def _to_ours(key: str) -> str | None:
-    m = _FEATURE.fullmatch(key)
-    if m:
-        i = int(m[1])
-        return f"{'stages' if i % 2 == 0 else 'merges'}.{i // 2}.{m[2]}"
-    return key if key.startswith(_TOP) else None
-
-
-def _to_theirs(key: str) -> str | None:
-    m = _STAGE.fullmatch(key)
-    if m:
-        i = int(m[2])
-        return f"features.{2 * i if m[1] == 'stages' else 2 * i + 1}.{m[3]}"
-    return key if key.startswith(_TOP) else None
+TORCHVISION = Table(
+    (Rule("features.{2i}.{j}.{rest*}", "stages.{i}.{j}.{rest*}"),
+     Rule("features.{2i+1}.{rest*}", "merges.{i}.{rest*}"),
+     Rule("patch_embed.{rest*}", "patch_embed.{rest*}"),
+     Rule("norm.{p}", "norm.{p}"),
+     Rule("head.{p}", "head.{p}")),
+    derived=(Derived("features.{2i}.{j}.attn.relative_position_index", "stages.{i}.{j}.attn.relative_position_bias_table",
+                     lambda spec, device: relative_position_index(spec.window_size, device),
+                     lambda spec: f"window_size {spec.window_size}"),),
+    name="torchvision Swin3D state dict",
+)
+"""torchvision's (and TorchMultimodal's) ``SwinTransformer3d`` layout."""
 
 
 def infer_spec(flat: Mapping[str, Tensor], window_size: tuple[int, int, int] | None = None) -> Swin3D:
@@ -61,7 +53,8 @@ def infer_spec(flat: Mapping[str, Tensor], window_size: tuple[int, int, int] | N
     The window cannot be read from the shapes alone; it defaults to torchvision's (8, 7, 7)
     and must agree with the bias tables' size.
     """
-    flat = {(_to_ours(k) or k) if k.startswith("features.") else k: v for k, v in flat.items()}
+    flat = {k: v for k, v in flat.items() if not k.startswith("features.")} | TORCHVISION.rename(
+        {k: v for k, v in flat.items() if k.startswith("features.")})
     try:
         w = flat["patch_embed.proj.weight"]
         depths, heads, stage = [], [], 0
@@ -91,16 +84,6 @@ def infer_spec(flat: Mapping[str, Tensor], window_size: tuple[int, int, int] | N
     return spec
 
 
-@functools.lru_cache(maxsize=8)
-def _shapes(spec: Swin3D) -> tuple[tuple[str, tuple[int, ...]], ...]:
-    # Shapes only: initialising on the meta device allocates nothing (but takes a second or two).
-    return tuple((k, tuple(v.shape)) for k, v in flatten(spec.init(key=pr.key(0, device="meta"))).items())
-
-
-def _expected(spec: Swin3D) -> Params:
-    return unflatten({k: torch.empty(shape, device="meta") for k, shape in _shapes(spec)})
-
-
 def from_torchvision(state_dict: Mapping[str, Tensor], spec: Swin3D | None = None) -> Params:
     """torchvision (or TorchMultimodal) ``SwinTransformer3d`` state dict -> :class:`Swin3D` params.
 
@@ -112,22 +95,13 @@ def from_torchvision(state_dict: Mapping[str, Tensor], spec: Swin3D | None = Non
         ValueError: naming unknown keys, missing or unexpected keys and shape mismatches
             against ``spec``, or a ``relative_position_index`` that does not fit the window.
     """
-    unknown = sorted(k for k in state_dict if _to_ours(k) is None)
+    unknown = TORCHVISION.unknown(state_dict)
     if unknown:
         raise ValueError(f"torchvision Swin3D state dict: unknown keys ({len(unknown)}): {', '.join(unknown)}")
     spec = spec if spec is not None else infer_spec(state_dict)
-    flat, index = {}, None
-    for k, v in state_dict.items():
-        if k.endswith("." + _INDEX):
-            index = relative_position_index(spec.window_size) if index is None else index
-            if tuple(v.shape) != tuple(index.shape) or not torch.equal(v.cpu(), index):
-                raise ValueError(f"{k}: does not match window_size {spec.window_size} (shape {tuple(v.shape)})")
-            continue
-        flat[k] = v
-    # Checked in torchvision's key space, so the error names the keys the caller passed.
-    theirs = unflatten({_to_theirs(k): v for k, v in flatten(_expected(spec)).items()})
-    check_like(flat, theirs, what="torchvision Swin3D state dict")
-    return unflatten({_to_ours(k): v for k, v in flat.items()})
+    flat = flatten(TORCHVISION.to_ours(state_dict, spec))
+    # torchvision's order (its parameters before its sub-modules'), so to_torchvision gives it back
+    return unflatten({k: flat[k] for k in TORCHVISION.rename(state_dict) if k in flat})
 
 
 def to_torchvision(params: Params, spec: Swin3D | None = None) -> dict[str, Tensor]:
@@ -137,17 +111,11 @@ def to_torchvision(params: Params, spec: Swin3D | None = None) -> dict[str, Tens
     (default inferred, window (8, 7, 7)).
     """
     flat = flatten(params)
-    unknown = sorted(k for k in flat if _to_theirs(k) is None)
+    unknown = TORCHVISION.unknown(flat, ours=True)
     if unknown:
         raise ValueError(f"Swin3D params: unknown keys ({len(unknown)}): {', '.join(unknown)}")
     spec = spec if spec is not None else infer_spec(flat)
-    check_like(flat, _expected(spec), what="Swin3D params")
-    out: dict[str, Tensor] = {}
-    for k, v in flat.items():
-        out[_to_theirs(k)] = v
-        if k.endswith(".attn.relative_position_bias_table"):
-            out[_to_theirs(k)[: -len("relative_position_bias_table")] + _INDEX] = relative_position_index(
-                spec.window_size, v.device)
+    out = TORCHVISION.to_theirs(params, spec=spec)
     return dict(sorted(out.items(), key=_tv_order))  # stable: torchvision's module order
 
 
