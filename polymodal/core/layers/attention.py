@@ -154,6 +154,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Tensor | None = None, ke
     return out, (p if need_weights else None)
 
 
+def _add(x: Tensor, pos: Tensor | None) -> Tensor:
+    return x if pos is None else x + pos
+
+
 class AttentionOutput(NamedTuple):
     """``output (B, T, dim_q)``; ``weights (B, H, T, S)`` per head when asked; ``cache {"k", "v"}``."""
 
@@ -187,6 +191,9 @@ class MultiHeadAttention(Spec):
       a cross-attention call carry a zero-size ``"static": (B, 0)`` leaf that marks them). The
       cache is returned when one was given or ``use_cache=True``.
     * ``need_weights``: per-head probabilities ``(B, H, T, S)``; ``key``: dropout key (None: no dropout).
+    * ``query_pos`` / ``key_pos``: position embeddings added to the inputs of the query / key
+      projections only (values see ``x`` / ``kv`` as they are), as DETR's ``with_pos_embed``;
+      broadcastable to ``x`` / ``kv``. ``key_pos`` of self-attention with a cache covers the new positions.
 
     >>> import torch
     >>> from polymodal.core import random as pr
@@ -265,13 +272,18 @@ class MultiHeadAttention(Spec):
             return F.linear(x, params["in_proj_weight"][:n], None if b is None else b[:n])
         return F.linear(x, params["q_proj"]["weight"], params["q_proj"].get("bias"))
 
-    def _project_kv(self, params: Params, src: Tensor) -> tuple[Tensor, Tensor]:
+    def _project_kv(self, params: Params, src: Tensor, key_src: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Keys from ``key_src`` (default ``src``: one matmul when fused), values from ``src``."""
         if self.fused:
             n = self.num_heads * self.dh
-            b = params.get("in_proj_bias")
-            kv = F.linear(src, params["in_proj_weight"][n:], None if b is None else b[n:])
-            return kv.chunk(2, dim=-1)
-        return tuple(F.linear(src, params[p]["weight"], params[p].get("bias")) for p in ("k_proj", "v_proj"))
+            w, b = params["in_proj_weight"], params.get("in_proj_bias")
+            if key_src is None:
+                return F.linear(src, w[n:], None if b is None else b[n:]).chunk(2, dim=-1)
+            return (F.linear(key_src, w[n:2 * n], None if b is None else b[n:2 * n]),
+                    F.linear(src, w[2 * n:], None if b is None else b[2 * n:]))
+        k_src = src if key_src is None else key_src
+        return (F.linear(k_src, params["k_proj"]["weight"], params["k_proj"].get("bias")),
+                F.linear(src, params["v_proj"]["weight"], params["v_proj"].get("bias")))
 
     def _check(self, x: Tensor, kv: Tensor | None, cache: Params | None, key_padding_mask: Tensor | None,
                self_attn: bool) -> None:
@@ -300,30 +312,51 @@ class MultiHeadAttention(Spec):
                                              or key_padding_mask.shape[:-1] != x.shape[:-2]):
             raise ValueError(f"{name}: key_padding_mask: expected shape ({b}S), got {tuple(key_padding_mask.shape)}")
 
+    def _check_pos(self, pos: Tensor | None, target: Tensor | None, what: str) -> None:
+        if pos is None:
+            return
+        name = type(self).__name__
+        check_floating(pos, what, self)
+        if target is None:
+            raise ValueError(f"{name}: {what} needs the tensor it is added to (kv is None with a cross-attention cache)")
+        try:
+            ok = torch.broadcast_shapes(pos.shape, target.shape) == target.shape
+        except RuntimeError:
+            ok = False
+        if not ok:
+            raise ValueError(f"{name}: {what}: expected a shape broadcastable to {tuple(target.shape)}, "
+                             f"got {tuple(pos.shape)}")
+
     def __call__(self, params: Params, x: Tensor, kv: Tensor | None = None, *, attn_mask: Tensor | None = None,
                  key_padding_mask: Tensor | None = None, is_causal: bool | None = None, cache: Params | None = None,
                  use_cache: bool = False, need_weights: bool = False, head_mask: Tensor | None = None,
+                 query_pos: Tensor | None = None, key_pos: Tensor | None = None,
                  key: Tensor | None = None) -> AttentionOutput:
         cross = kv is not None or (cache is not None and "static" in cache)
         self._check(x, kv, cache, key_padding_mask, not cross)
+        self._check_pos(query_pos, x, "query_pos")
+        self._check_pos(key_pos, kv if cross else x, "key_pos")
         unbatched = x.dim() == 2
         if unbatched:  # one example (e.g. under vmap): add the batch axis, drop it at the end
             x = x[None]
             kv = None if kv is None else kv[None]
             key_padding_mask = None if key_padding_mask is None else key_padding_mask[None]
             cache = None if cache is None else {n: t[None] for n, t in cache.items()}
-        if not cross and self.fused:  # self-attention: q, k and v from one matmul
+        positions = query_pos is not None or key_pos is not None
+        if not cross and self.fused and not positions:  # self-attention: q, k and v from one matmul
             b = params.get("in_proj_bias")
             qkv = F.linear(x, params["in_proj_weight"], b).chunk(3, dim=-1)
             q, k, v = (split_heads(t, self.num_heads) for t in qkv)
             if cache is not None:
                 k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
         elif cross and cache is not None:
-            q = split_heads(self._project_q(params, x), self.num_heads)
+            q = split_heads(self._project_q(params, _add(x, query_pos)), self.num_heads)
             k, v = cache["k"], cache["v"]
-        else:
-            q = split_heads(self._project_q(params, x), self.num_heads)
-            k, v = (split_heads(t, self.kv_heads) for t in self._project_kv(params, kv if cross else x))
+        else:  # positions (DETR) are added to the queries' and keys' inputs, never the values'
+            src = kv if cross else x
+            q = split_heads(self._project_q(params, _add(x, query_pos)), self.num_heads)
+            key_src = None if key_pos is None else src + key_pos
+            k, v = (split_heads(t, self.kv_heads) for t in self._project_kv(params, src, key_src))
             if cache is not None:
                 k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
         out, weights = attention(
