@@ -1,8 +1,12 @@
 """``polymodal`` command line: train, eval, zero-shot.
 
     polymodal train clip --preset tiny --steps 300 --out runs/clip
+    polymodal train classifier --init-from runs/clip --dp --target-epsilon 3
     polymodal eval --run runs/clip
     polymodal zero-shot --run runs/clip --image x.png --labels "a red circle,a blue square"
+
+``polymodal train <family>`` offers the families registered in :mod:`polymodal.registry`; each
+one's flags are the loop's (:class:`polymodal.train.LoopConfig`) and its task's ``Options``.
 """
 
 from __future__ import annotations
@@ -29,88 +33,80 @@ def _positive_int(s: str) -> int:
     return v
 
 
-def _train_args(p: argparse.ArgumentParser) -> None:
-    from .models.clip.task import PRESETS
-    from .train.trainer import TrainConfig
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``polymodal: error: ...``, exit status 2."""
 
-    d = TrainConfig()
-    p.add_argument("--preset", choices=sorted(PRESETS), default=d.preset, help="model size (default: %(default)s)")
-    p.add_argument("--data", default=d.data,
-                   help="'synthetic' (built-in shapes captions, the default) or a JSONL/CSV of image,caption rows")
-    p.add_argument("--image-root", default=None, help="folder that image paths in --data are relative to")
-    p.add_argument("--steps", type=_positive_int, default=d.steps, help="optimizer steps (default: %(default)s)")
-    p.add_argument("--epochs", type=float, default=None, help="passes over the data (overrides --steps)")
-    p.add_argument("--batch-size", type=_positive_int, default=d.batch_size, help="global batch (default: %(default)s)")
-    p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (default: %(default)s)")
-    p.add_argument("--warmup", type=int, default=d.warmup, help="linear warmup steps (default: %(default)s)")
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay (default: %(default)s)")
-    p.add_argument("--precision", choices=["fp32", "bf16"], default=d.precision, help="compute precision")
-    p.add_argument("--compile", action="store_true", help="torch.compile the training loss")
-    p.add_argument("--nproc", type=_positive_int, default=1, help="processes (relaunches itself under torchrun)")
-    p.add_argument("--shard", action="store_true", help="FSDP-style sharded parameters (with --nproc > 1)")
-    p.add_argument("--checkpointing", type=int, default=0, metavar="K",
-                   help="activation checkpointing of every K-th block (0: off)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
-    p.add_argument("--out", default=d.out, help="run directory (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=d.seed, help="seed of every random draw (default: %(default)s)")
-    p.add_argument("--train-size", type=_positive_int, default=d.train_size, help="synthetic training pairs")
-    p.add_argument("--eval-size", type=_positive_int, default=d.eval_size, help="synthetic eval pairs per split")
-    p.add_argument("--eval-every", type=int, default=d.eval_every, help="steps between evaluations (0: at the end)")
-    p.add_argument("--save-every", type=int, default=d.save_every, help="steps between checkpoints (0: at the end)")
-    p.add_argument("--workers", type=int, default=d.workers, help="DataLoader worker processes")
-    p.add_argument("--skip-bad", action="store_true", help="skip and count unreadable samples instead of failing")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--stop-after", type=_positive_int, default=None, metavar="N",
-                   help="leave after N steps of this invocation, checkpointed (continue with --resume)")
-    dp = p.add_argument_group("differential privacy (per-example losses only; see docs/privacy.md)")
-    dp.add_argument("--dp", action="store_true", help="DP-SGD training")
-    dp.add_argument("--max-grad-norm", type=float, default=1.0, help="per-example clipping bound C")
-    dp.add_argument("--noise-multiplier", type=float, default=None, help="Gaussian noise std / C")
-    dp.add_argument("--target-epsilon", type=float, default=None, help="pick the noise for this epsilon")
-    dp.add_argument("--delta", type=float, default=1e-5, help="delta of the (epsilon, delta) guarantee")
+    def error(self, message: str):
+        self.exit(2, f"polymodal: error: {message}\n")
 
 
-def _classifier_args(p: argparse.ArgumentParser) -> None:
-    from .train.classify import ClassifyConfig
-    from .models.clip.task import PRESETS
+def _flags(parser: argparse.ArgumentParser, p, cls: type, defaults: dict | None = None) -> None:
+    """Add ``--field-name`` to ``p`` (a parser or group of ``parser``) for every
+    :func:`polymodal.train.task.option` field of dataclass ``cls``; fields with a ``group`` go to
+    that section of ``parser``'s help."""
+    import typing
 
-    d = ClassifyConfig()
-    p.add_argument("--preset", choices=sorted(PRESETS), default=d.preset, help="CLIP preset (default: %(default)s)")
-    p.add_argument("--init-from", default=None, metavar="RUN", help="start from a 'polymodal train clip' run")
-    p.add_argument("--steps", type=_positive_int, default=d.steps, help="optimizer steps (default: %(default)s)")
-    p.add_argument("--batch-size", type=_positive_int, default=d.batch_size,
-                   help="batch size; the expected one under --dp's Poisson sampling (default: %(default)s)")
-    p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (default: %(default)s)")
-    p.add_argument("--out", default=d.out, help="run directory (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=d.seed, help="seed of every random draw")
-    p.add_argument("--train-size", type=_positive_int, default=d.train_size, help="training images")
-    p.add_argument("--eval-size", type=_positive_int, default=d.eval_size, help="evaluation images")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    dp = p.add_argument_group("differential privacy")
-    dp.add_argument("--dp", action="store_true", help="DP-SGD (Poisson sampling, per-example clipping, noise)")
-    dp.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm, help="per-example clipping bound C")
-    dp.add_argument("--noise-multiplier", type=float, default=None, help="Gaussian noise std / C")
-    dp.add_argument("--target-epsilon", type=float, default=None, help="pick the noise for this epsilon")
-    dp.add_argument("--delta", type=float, default=d.delta, help="delta of the (epsilon, delta) guarantee")
+    hints = typing.get_type_hints(cls)
+    groups = {g.title: g for g in parser._action_groups}
+    for f in dataclasses.fields(cls):
+        meta = f.metadata
+        if not meta.get("cli", True) or "help" not in meta:
+            continue
+        target = p
+        if meta.get("group"):
+            if meta["group"] not in groups:
+                groups[meta["group"]] = parser.add_argument_group(meta["group"])
+            target = groups[meta["group"]]
+        flag = "--" + f.name.replace("_", "-")
+        default = (defaults or {}).get(f.name, f.default)
+        kind = hints[f.name]
+        args = typing.get_args(kind)
+        if args and type(None) in args:  # X | None
+            kind = next(a for a in args if a is not type(None))
+        if kind is bool:
+            target.add_argument(flag, action="store_true", default=default, help=meta["help"])
+            continue
+        conv = _positive_int if meta.get("positive") else kind
+        shown = "" if default is None else " (default: %(default)s)"
+        target.add_argument(flag, type=conv, default=default, choices=meta.get("choices"), metavar=meta.get("metavar"),
+                            help=meta["help"] + shown)
+
+
+def _family_parser(tsub, name: str, fam) -> None:
+    from .train.loop import LoopConfig
+
+    cls = fam.load_task()
+    presets = ", ".join(fam.presets)
+    p = tsub.add_parser(name, help=fam.description, description=f"Train {name}: {fam.description}. Writes "
+                        "config.json, metrics.jsonl, curves.png and checkpoints to --out.")
+    p.add_argument("--preset", default=fam.default_preset, metavar="NAME",
+                   help=f"model preset: {presets} (or a builder name; default: %(default)s)")
+    _flags(p, p.add_argument_group(f"{name} options"), cls.Options)
+    loop = p.add_argument_group("training loop")
+    _flags(p, loop, LoopConfig, getattr(cls, "loop_defaults", {}))
+    loop.add_argument("--nproc", type=_positive_int, default=1,
+                      help="processes on this machine (relaunches itself under torchrun; several machines: run "
+                           "torchrun yourself, see the README)")
+    loop.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    loop.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    from .registry import families
+
+    parser = _Parser(
         prog="polymodal", description="Train and use multimodal models built on polymodal's functional core.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    t = sub.add_parser("train", help="train a model", description="Train a model (CLIP on built-in or real data).")
-    tsub = t.add_subparsers(dest="model", metavar="MODEL", required=True)
-    c = tsub.add_parser("clip", help="contrastive image-text pretraining",
-                        description="Train CLIP with a warmup+cosine schedule; writes metrics.jsonl, curves.png and "
-                                    "checkpoints to --out.")
-    _train_args(c)
-    k = tsub.add_parser("classifier", help="fine-tune a CLIP image tower for classification, optionally with DP-SGD",
-                        description="Fine-tune a CLIP image tower + linear head on the synthetic shapes "
-                                    "(colour x shape labels); --dp trains with DP-SGD and logs epsilon.")
-    _classifier_args(k)
-    e = sub.add_parser("eval", help="evaluate a run", description="Zero-shot accuracy and retrieval recall of a run.")
+    trainable = {n: f for n, f in families().items() if f.task is not None}
+    listing = "; ".join(f"{n} (presets: {', '.join(f.presets)})" for n, f in trainable.items())
+    t = sub.add_parser("train", help="train a model", description=f"Train a model family: {listing}.")
+    tsub = t.add_subparsers(dest="family", metavar="FAMILY", required=True)
+    for name, fam in trainable.items():
+        _family_parser(tsub, name, fam)
+    e = sub.add_parser("eval", help="evaluate a run", description="Evaluate a run directory with its family's task.")
     e.add_argument("--run", required=True, help="run directory written by 'polymodal train'")
-    e.add_argument("--eval-size", type=_positive_int, default=None, help="pairs per split (default: the run's)")
+    e.add_argument("--eval-size", type=_positive_int, default=None, help="examples per split (default: the run's)")
+    e.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where to evaluate")
     z = sub.add_parser("zero-shot", help="classify an image against text labels",
                        description="Rank text labels for an image with a trained CLIP run.")
     z.add_argument("--run", required=True, help="run directory written by 'polymodal train'")
@@ -125,7 +121,7 @@ def _relaunch(argv: list[str], nproc: int) -> int:
     from torch.distributed.run import main as torchrun
 
     rest, skip = [], False
-    for i, a in enumerate(argv):
+    for a in argv:
         if skip:
             skip = False
             continue
@@ -140,52 +136,41 @@ def _relaunch(argv: list[str], nproc: int) -> int:
     return 0
 
 
-def _cmd_classifier(args: argparse.Namespace) -> int:
-    from .train.classify import ClassifyConfig, train_classifier
-
-    if args.dp and (args.noise_multiplier is None) == (args.target_epsilon is None):
-        raise CLIError("--dp needs exactly one of --noise-multiplier S or --target-epsilon E")
-    if not args.dp and (args.noise_multiplier is not None or args.target_epsilon is not None):
-        raise CLIError("--noise-multiplier / --target-epsilon only apply with --dp")
-    fields = {f.name for f in dataclasses.fields(ClassifyConfig)}
-    cfg = ClassifyConfig(**{k: v for k, v in vars(args).items() if k in fields}, progress=not args.no_progress)
-    final = train_classifier(cfg)
-    print(f"\nrun directory: {cfg.out}")
-    for k, v in final.items():
-        print(f"  {k[5:] if k.startswith('eval/') else k:18s} {v:.4g}")
-    print(f"  metrics: {os.path.join(cfg.out, 'metrics.jsonl')}   plot: {os.path.join(cfg.out, 'curves.png')}")
-    return 0
-
-
 def _cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
     import torch.distributed as dist
 
-    if args.model == "classifier":
-        return _cmd_classifier(args)
+    from .registry import family
+    from .train.loop import LoopConfig, init_distributed, resolve_device, train
+    from .train.task import make_task
 
-    from .train.trainer import TrainConfig, train
-
-    if args.dp:
-        raise CLIError("--dp: CLIP's contrastive loss couples the examples of a batch, so per-example clipping does "
-                       "not bound one example's influence (docs/privacy.md). DP-SGD applies to per-example losses: "
-                       "'polymodal train classifier --dp --init-from RUN' fine-tunes a CLIP image tower privately.")
+    fam = family(args.family)
+    cls = fam.load_task()
+    given = vars(args)
+    loop_fields = {f.name for f in dataclasses.fields(LoopConfig)}
+    option_fields = {f.name for f in dataclasses.fields(cls.Options)}
+    try:
+        options = {k: given[k] for k in option_fields if k in given}
+        cls.Options(**options)  # the task's own checks, before anything starts
+        fam.builder_name(args.preset)
+        resolve_device(args.device)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
     if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
         return _relaunch(argv, args.nproc)
     if args.shard and args.nproc == 1 and "LOCAL_RANK" not in os.environ:
         raise CLIError("--shard needs several processes: add --nproc 2 (or more)")
-    out_exists = os.path.exists(os.path.join(args.out, "checkpoints", "latest.json"))
-    if out_exists and not args.resume:
+    if os.path.exists(os.path.join(args.out, "checkpoints", "latest.json")) and not args.resume:
         raise CLIError(f"{args.out} already holds a run: pass --resume to continue it, or choose another --out")
-    if args.data != "synthetic" and not os.path.exists(args.data):
+    if getattr(args, "data", "synthetic") != "synthetic" and not os.path.exists(args.data):
         raise CLIError(f"--data: no such file {args.data!r} (expected 'synthetic' or a JSONL/CSV file)")
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields}, progress=not args.no_progress)
-    if "LOCAL_RANK" in os.environ and not dist.is_initialized():
-        import torch
-
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    cfg = LoopConfig(**{k: given[k] for k in loop_fields if k in given}, progress=not args.no_progress)
     try:
-        metrics = train(cfg)
+        task = make_task(args.family, args.preset, options, cfg)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    init_distributed(resolve_device(cfg.device))
+    try:
+        metrics = train(task, cfg)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -197,24 +182,39 @@ def _cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
 def _summary(out: str, metrics: dict) -> None:
     print(f"\nrun directory: {out}")
     for k, v in metrics.items():
-        print(f"  {k[5:] if k.startswith('eval/') else k:24s} {v:.3f}")
+        print(f"  {k.removeprefix('eval/'):24s} {v:.4g}")
     print(f"  metrics:    {os.path.join(out, 'metrics.jsonl')}")
     print(f"  plot:       {os.path.join(out, 'curves.png')}")
     print(f"  checkpoint: {os.path.join(out, 'checkpoints')}")
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from .models.clip.task import evaluate, make_datasets
-    from .train.trainer import load_run
+    import torch
 
-    model, params, cfg, state = load_run(args.run)
+    from .core.pytree import tree_map
+    from .train.loop import resolve_device
+    from .train.runs import load_run, read_config, run_task
+
+    cfg = read_config(args.run)
+    try:
+        device = resolve_device(args.device)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    overrides = {}
+    if args.eval_size is not None:
+        overrides["eval_size"] = args.eval_size
     if cfg.get("data", "synthetic") != "synthetic":
         raise CLIError("eval: only runs on the built-in synthetic data have an eval split")
-    data = make_datasets("synthetic", model.image_size, seed=cfg["seed"], train_size=1,
-                         eval_size=args.eval_size or cfg["eval_size"], image_root=None, skip_bad=False)
-    metrics = evaluate(model, params, data, context_length=model.context_length, state=state)
+    try:
+        task = run_task(args.run, **overrides, **({"train_size": 1} if cfg["family"] == "clip" else {}))
+    except (ValueError, TypeError) as e:
+        raise CLIError(f"eval: {e}") from None
+    run = load_run(args.run)
+    to = lambda t: tree_map(lambda x: x.to(device), t)  # noqa: E731
+    with torch.no_grad():
+        metrics = task.evaluate(to(run.params), None if run.state is None else to(run.state), device=device)
     for k, v in metrics.items():
-        print(f"{k[5:]:24s} {v:.4f}")
+        print(f"{k.removeprefix('eval/'):24s} {v:.4f}")
     return 0
 
 
@@ -223,7 +223,7 @@ def _cmd_zero_shot(args: argparse.Namespace) -> int:
 
     from .data import CLIPTokenizer, load_image
     from .data.transforms import CLIPImageTransform
-    from .train.trainer import load_run
+    from .train.runs import load_run
 
     labels = [s.strip() for s in args.labels.split(",") if s.strip()]
     if len(labels) < 2:
@@ -250,7 +250,12 @@ def main(argv: list[str] | None = None) -> int:
     from .data.captions import BadSampleError
 
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser().parse_args(argv)
+    try:
+        parser = build_parser()
+    except ValueError as e:  # a family registered with a broken task
+        print(f"polymodal: error: {e}", file=sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
     try:
         if args.command == "train":
             return _cmd_train(args, argv)

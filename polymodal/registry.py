@@ -47,9 +47,12 @@ class Family:
     default_preset: str | None = None  # the preset ``--preset`` defaults to (None: the first)
     description: str = ""  # one line for ``--help``
     extra: Mapping[str, Any] = field(default_factory=dict)  # anything else a family exposes (converters, ...)
+    builders_from: str | None = None  # another family whose builders the presets name (a second task, same models)
 
     def __post_init__(self) -> None:
-        unknown = sorted(b for b in self.presets.values() if b not in self.builders)
+        if self.builders_from is not None and self.builders:
+            raise ValueError(f"family {self.name!r}: give builders or builders_from, not both")
+        unknown = [] if self.builders_from else sorted(b for b in self.presets.values() if b not in self.builders)
         if unknown:
             raise ValueError(f"family {self.name!r}: presets name unknown builders {unknown}; "
                              f"expected some of {sorted(self.builders)}")
@@ -59,18 +62,22 @@ class Family:
             raise ValueError(f"family {self.name!r}: default_preset {self.default_preset!r} is not one of "
                              f"{sorted(self.presets)}")
 
+    def all_builders(self) -> Mapping[str, Callable[..., Any]]:
+        """The builders the presets name: this family's, or ``builders_from``'s."""
+        return family(self.builders_from).builders if self.builders_from else self.builders
+
     def builder_name(self, preset: str) -> str:
         """The builder behind a CLI preset (a builder name is accepted as is)."""
         if preset in self.presets:
             return self.presets[preset]
-        if preset in self.builders:
+        if preset in self.all_builders():
             return preset
         raise ValueError(f"unknown preset {preset!r} for {self.name}; expected one of {sorted(self.presets)} "
-                         f"(or a builder: {sorted(self.builders)})")
+                         f"(or a builder: {sorted(self.all_builders())})")
 
     def build(self, preset: str, **kwargs) -> Any:
         """The model spec of a preset or builder name."""
-        return self.builders[self.builder_name(preset)](**kwargs)
+        return self.all_builders()[self.builder_name(preset)](**kwargs)
 
     def load_task(self) -> Any:
         """The family's Task class or factory (imported now)."""

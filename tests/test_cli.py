@@ -11,7 +11,7 @@ import torch
 from polymodal.cli import main
 from polymodal.core.pytree import flatten
 from polymodal.train.metrics import read_metrics
-from polymodal.train.trainer import load_run
+from polymodal.train.loop import load_run
 
 FAST = ["--preset", "tiny", "--batch-size", "16", "--train-size", "64", "--eval-size", "16", "--warmup", "1",
         "--no-progress"]
@@ -102,7 +102,22 @@ def test_clear_errors(tmp_path, capsys):
     r = run_cli("--help")
     assert r.returncode == 0 and "zero-shot" in r.stdout
     r = run_cli("train", "clip", "--help")
-    assert r.returncode == 0 and "--checkpointing" in r.stdout and "--target-epsilon" in r.stdout
+    assert r.returncode == 0 and "--checkpointing" in r.stdout and "--device" in r.stdout and "vit-b32" in r.stdout
+    r = run_cli("train", "classifier", "--help")
+    assert r.returncode == 0 and "--target-epsilon" in r.stdout and "--init-from" in r.stdout
+    r = run_cli("train", "--help")  # the registered families and their presets
+    assert r.returncode == 0 and "clip (presets: tiny, tiny-vit" in " ".join(r.stdout.split())
+    # unknown family / preset, a device that is not there: one line naming the valid choices, exit 2
+    r = run_cli("train", "nope")
+    assert r.returncode == 2 and r.stderr.startswith("polymodal: error: ") and "'clip'" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert main(["train", "clip", "--preset", "huge", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("polymodal: error: unknown preset 'huge' for clip") and "'tiny-vit'" in err
+    if not torch.cuda.is_available():
+        assert main(["train", "clip", "--device", "cuda", "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert "no CUDA device" in err and "'cpu'" in err and len(err.strip().splitlines()) == 1
 
 
 def test_real_data_from_jsonl_with_a_bad_sample(tmp_path, capsys):

@@ -1,7 +1,13 @@
-"""What a CLIP training run needs besides the loop: presets, data, the loss, evaluation.
+"""CLIP's training task for the one loop (:mod:`polymodal.train.loop`): presets, data, the loss, evaluation.
 
 Everything here is functional: the model is a spec, params a pytree, the loss a pure
-function of ``(params, batch, key)``.
+function of ``(params, batch, key)``. :class:`CLIPTask` is what ``polymodal train clip`` runs;
+its :class:`CLIPOptions` become the command's data flags.
+
+>>> from polymodal.train import LoopConfig, make_task
+>>> task = make_task("clip", "tiny", {"train_size": 64}, LoopConfig(steps=3, batch_size=16))
+>>> task.name, task.steps, next(iter(task.train_batches(0, 0, 1)))["images"].shape
+('clip-tiny', 3, torch.Size([16, 3, 64, 64]))
 """
 
 from __future__ import annotations
@@ -9,6 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -16,8 +23,10 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ...core import random as pr
 from ...core.pytree import Params
+from ...train.task import LossOutput, option
 
-__all__ = ["PRESETS", "build_model", "make_datasets", "StepBatches", "clip_loss", "evaluate", "Collate"]
+__all__ = ["PRESETS", "build_model", "make_datasets", "StepBatches", "clip_loss", "evaluate", "Collate", "CLIPTask",
+           "CLIPOptions"]
 
 # CLI preset -> CLIP builder (see polymodal.models.clip.builders). "tiny" has a ResNet image
 # tower: on a CPU it learns the synthetic shapes several times faster than the patch-8 ViT.
@@ -132,7 +141,7 @@ def clip_loss(model, params: Params, batch: dict, key: Tensor | None, *, state: 
     advance in ``new_state``; ViT towers have no state (``None`` in, ``None`` out)."""
     from ...core.losses.contrastive import contrastive_loss_with_temperature
 
-    if state is None:
+    if not model.is_resnet:  # a ViT tower has no state (init_state() is None): CLIPOutput alone
         out, new_state = model(params, batch["images"], batch["tokens"], key=key), None
     else:
         out, new_state = model(params, batch["images"], batch["tokens"], state, key=key, training=True)
@@ -144,10 +153,11 @@ def clip_loss(model, params: Params, batch: dict, key: Tensor | None, *, state: 
 
 @torch.no_grad()
 def evaluate(model, params: Params, datasets: Datasets, *, batch_size: int = 128, context_length: int,
-             state: Params | None = None) -> dict:
+             state: Params | None = None, device: str | torch.device = "cpu") -> dict:
     """Zero-shot accuracy over every class prompt on the eval split (seen attribute combinations)
     and on the held-out split, and image<->text recall@1/5 on the eval split. ``state``: the
-    batch-norm statistics of a ResNet image tower (from training)."""
+    batch-norm statistics of a ResNet image tower (from training). Batches go to ``device``
+    (where the params are)."""
     from ...data import CLIPTokenizer
     from ...eval.retrieval import recall_at_k
 
@@ -155,13 +165,15 @@ def evaluate(model, params: Params, datasets: Datasets, *, batch_size: int = 128
     if datasets.eval is None:
         return metrics
     collate = Collate(context_length)
-    class_emb = model.encode_text(params, CLIPTokenizer(context_length=context_length)(datasets.class_prompts))
+    prompts = CLIPTokenizer(context_length=context_length)(datasets.class_prompts).to(device)
+    class_emb = model.encode_text(params, prompts)
     for name, ds in (("seen", datasets.eval), ("heldout", datasets.heldout)):
         if ds is None:
             continue
         correct = total = 0
         img_all, txt_all = [], []
         for batch in DataLoader(ds, batch_size=batch_size, collate_fn=collate):
+            batch = {k: v.to(device) for k, v in batch.items()}
             img = model.encode_image(params, batch["images"], state=state)
             correct += int(((img @ class_emb.T).argmax(-1) == batch["labels"]).sum())
             total += len(img)
@@ -170,7 +182,75 @@ def evaluate(model, params: Params, datasets: Datasets, *, batch_size: int = 128
                 txt_all.append(model.encode_text(params, batch["tokens"]))
         metrics[f"eval/zero_shot_{name}"] = correct / max(total, 1)
         if name == "seen":
-            img, txt = torch.cat(img_all), torch.cat(txt_all)
+            img, txt = torch.cat(img_all).cpu(), torch.cat(txt_all).cpu()
             r = recall_at_k(img, txt, torch.arange(len(img)), ks=(1, 5))
             metrics |= {f"eval/{k}": v for k, v in r.items() if "_R@" in k}
     return metrics
+
+
+@dataclass
+class CLIPOptions:
+    """``polymodal train clip``'s data options (the loop's are :class:`polymodal.train.LoopConfig`)."""
+
+    data: str = option("synthetic", "'synthetic' (built-in shapes captions, the default) or a JSONL/CSV of "
+                       "image,caption rows")
+    image_root: str | None = option(None, "folder that image paths in --data are relative to")
+    epochs: float | None = option(None, "passes over the data (overrides --steps)")
+    train_size: int = option(20_000, "synthetic training pairs", positive=True)
+    eval_size: int = option(512, "synthetic eval pairs per split", positive=True)
+    workers: int = option(0, "DataLoader worker processes")
+    skip_bad: bool = option(False, "skip and count unreadable samples instead of failing")
+    dp: bool = option(False, "not for CLIP: its contrastive loss couples the examples of a batch (docs/privacy.md); "
+                      "use 'polymodal train classifier --dp'", group="differential privacy")
+
+    def __post_init__(self) -> None:
+        if self.dp:
+            raise ValueError("--dp: CLIP's contrastive loss couples the examples of a batch, so per-example clipping "
+                             "does not bound one example's influence (docs/privacy.md). DP-SGD applies to per-example "
+                             "losses: 'polymodal train classifier --dp --init-from RUN' fine-tunes a CLIP image tower "
+                             "privately.")
+
+
+class CLIPTask:
+    """Contrastive image-text pretraining of a CLIP preset on synthetic captions or a JSONL/CSV file.
+
+    Batches are a pure function of ``(seed, step)`` (:class:`StepBatches`), so a resumed run
+    sees the data the uninterrupted one saw; each rank takes its slice of the global batch and
+    the loss gathers embeddings across ranks. Model state: a ResNet image tower's batch-norm
+    statistics (``None`` for a ViT).
+    """
+
+    Options = CLIPOptions
+    loop_defaults = {"out": "runs/clip"}
+
+    def __init__(self, preset: str, options: CLIPOptions, loop: Any) -> None:
+        self.preset, self.options, self.loop = preset, options, loop
+        self.model = build_model(preset)
+        self.data = make_datasets(options.data, self.model.image_size, seed=loop.seed, train_size=options.train_size,
+                                  eval_size=options.eval_size, image_root=options.image_root,
+                                  skip_bad=options.skip_bad)
+        n = len(self.data.train)
+        self.steps = loop.steps if options.epochs is None else max(1, math.ceil(options.epochs * n / loop.batch_size))
+        self.name, self.title = f"clip-{preset}", f"CLIP {preset} on {options.data}"
+
+    def init(self, key: Tensor) -> tuple[Params, Params | None]:
+        return self.model.init(key=key), self.model.init_state()
+
+    def loss(self, params: Params, state: Params | None, batch: dict, key: Tensor) -> LossOutput:
+        import torch.distributed as dist
+
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        loss, new_state = clip_loss(self.model, params, batch, key, state=state,
+                                    backprop_type="global" if world > 1 else "none")
+        return LossOutput(loss, {}, new_state)
+
+    def train_batches(self, start_step: int, rank: int, world: int) -> DataLoader:
+        sampler = StepBatches(len(self.data.train), self.loop.batch_size, self.steps,
+                              key=pr.fold_in(pr.key(self.loop.seed), 1), start_step=start_step, rank=rank, world=world)
+        workers = self.options.workers
+        return DataLoader(self.data.train, batch_sampler=sampler, collate_fn=Collate(self.model.context_length),
+                          num_workers=workers, persistent_workers=workers > 0, pin_memory=torch.cuda.is_available())
+
+    def evaluate(self, params: Params, state: Params | None, *, device: Any = "cpu") -> dict:
+        return evaluate(self.model, params, self.data, context_length=self.model.context_length, state=state,
+                        device=device)
