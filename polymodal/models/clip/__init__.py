@@ -41,5 +41,16 @@ register_family(
     builders=BUILDERS,
     presets={"tiny": "clip_tiny_rn", "tiny-vit": "clip_tiny", "small": "clip_small", "vit-b32": "clip_vit_b32",
              "vit-b16": "clip_vit_b16", "rn50": "clip_rn50"},
+    task="polymodal.models.clip.task:CLIPTask",
     description="contrastive image-text pretraining (Radford et al. 2021)",
+)
+# The same presets' image towers + a linear head, classifying the synthetic shapes (optionally DP-SGD).
+register_family(
+    "classifier",
+    builders={},
+    builders_from="clip",
+    presets={"tiny-vit": "clip_tiny", "tiny": "clip_tiny_rn", "small": "clip_small", "vit-b32": "clip_vit_b32",
+             "vit-b16": "clip_vit_b16", "rn50": "clip_rn50"},
+    task="polymodal.models.clip.classifier:ClassifierTask",
+    description="fine-tune a CLIP image tower + linear head for classification, optionally with DP-SGD",
 )
