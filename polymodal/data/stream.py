@@ -47,7 +47,6 @@ import json
 import logging
 import os
 import re
-import tarfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -57,6 +56,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from ..core import random as pr
 from .captions import BadSampleError, _apply, _check_transforms, load_image
+from .tarindex import Member, TarIndex, index_tar, read_member
 
 __all__ = ["ShardStream", "expand_shards", "is_shard_pattern"]
 
@@ -118,55 +118,47 @@ def _sizes_json(paths: list[str]) -> dict[str, int]:
 
 
 class _Shard:
-    """One open shard: its samples (``ext -> TarInfo``) in stored order, read by seeking."""
+    """One open shard: its samples (``ext -> Member``) in stored order, read by seeking."""
 
     def __init__(self, path: str) -> None:
-        self.path, self.error = path, None
+        self.path, self.error, self.file = path, None, None
         self.keys: list[str] = []
-        self.members: list[dict[str, tarfile.TarInfo]] = []
+        self.members: list[dict[str, Member]] = []
         try:
-            self.tar = tarfile.open(path, "r:*")
-            for m in self.tar:
-                match = _MEMBER.match(m.name) if m.isfile() else None
-                if match is None:
-                    continue
-                key, ext = match.group(1), match.group(2).lower()
-                if not self.keys or self.keys[-1] != key:  # a sample is a run of members sharing a key
-                    self.keys.append(key)
-                    self.members.append({})
-                self.members[-1][ext] = m
-        except (tarfile.TarError, OSError) as e:  # a corrupt shard: its readable prefix, less the last sample
-            self._keep(len(self.keys) - 1)
+            index = index_tar(path)
+        except OSError as e:
+            index = TarIndex([], f"cannot read it: {type(e).__name__}: {e}", None)
+        for m in index.members:
+            match = _MEMBER.match(m.name)
+            if match is None:
+                continue
+            key, ext = match.group(1), match.group(2).lower()
+            if not self.keys or self.keys[-1] != key:  # a sample is a run of members sharing a key
+                self.keys.append(key)
+                self.members.append({})
+            self.members[-1][ext] = m
+        if index.problem:  # the last sample may have lost members: dropped unless the damage is after it
+            cut = _MEMBER.match(index.cut or "")
+            if self.keys and (cut is None or cut.group(1) == self.keys[-1]):
+                self.keys, self.members = self.keys[:-1], self.members[:-1]
             self.error = (f"{path}: truncated or corrupt shard: reading its first {len(self.keys)} samples only "
-                          f"({type(e).__name__}: {e})")
-            return
-        size = os.path.getsize(path)  # tarfile lists the headers of a cut file silently
-        cut = next((i for i, ms in enumerate(self.members) if any(m.offset_data + m.size > size for m in ms.values())),
-                   None)
-        if cut is not None:
-            self._keep(cut)
-            self.error = (f"{path}: truncated or corrupt shard: reading its first {cut} samples only "
-                          f"(the file ends at byte {size})")
-
-    def _keep(self, n: int) -> None:
-        self.keys, self.members = self.keys[:max(n, 0)], self.members[:max(n, 0)]
+                          f"({index.problem})")
 
     def read(self, i: int) -> dict[str, Any]:
+        if self.file is None:
+            self.file = open(self.path, "rb")  # noqa: SIM115 - kept open while the shard is read
         out: dict[str, Any] = {"__key__": self.keys[i], "__url__": self.path}
         for ext, m in self.members[i].items():
-            try:
-                out[ext] = self.tar.extractfile(m).read()
-            except (tarfile.TarError, OSError) as e:
-                raise BadSampleError(f"{self.path}: sample {self.keys[i]!r}: {ext}: cannot read: "
-                                     f"{type(e).__name__}: {e}") from None
+            out[ext] = read_member(self.file, m)
             if len(out[ext]) != m.size:
                 raise BadSampleError(f"{self.path}: sample {self.keys[i]!r}: {ext}: truncated shard: expected "
                                      f"{m.size} bytes, got {len(out[ext])}")
         return out
 
     def close(self) -> None:
-        if getattr(self, "tar", None) is not None:
-            self.tar.close()
+        if self.file is not None:
+            self.file.close()
+            self.file = None
 
 
 class ShardStream(IterableDataset):
@@ -241,6 +233,7 @@ class ShardStream(IterableDataset):
         self._starts: list[int] = []  # epoch position where each entry of _order starts
         self._order: list[tuple[int, int]] = []  # (pass, shard) in the epoch's reading order
         self._perm: tuple[tuple, list[int]] | None = None
+        self._words: tuple[int | None, list[int]] = (None, [])  # (epoch, its key's words) for _seed
 
     def __getstate__(self) -> dict:  # DataLoader workers get a copy without open files
         state = self.__dict__.copy()
@@ -347,7 +340,7 @@ class ShardStream(IterableDataset):
         if seed is None:
             return _apply(image, text.strip(), self.transform, self.pair_transform)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+            torch.default_generator.manual_seed(seed)  # the CPU generator only: torch.manual_seed costs ~2 ms
             return _apply(image, text.strip(), self.transform, self.pair_transform)
 
     def _item(self, epoch: int, q: int) -> Any:
@@ -367,7 +360,9 @@ class ShardStream(IterableDataset):
             return e
 
     def _seed(self, epoch: int, q: int) -> int:
-        a, b = pr.fold_in(self.key, epoch).tolist()  # 32-bit words
+        if self._words[0] != epoch:
+            self._words = (epoch, pr.fold_in(self.key, epoch).tolist())
+        a, b = self._words[1]  # 32-bit words
         return ((a << 32 | b) ^ ((q + 1) * 0x9E3779B97F4A7C15)) & ((1 << 63) - 1)
 
     def batch(self, step: int) -> list:
