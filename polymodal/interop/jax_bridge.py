@@ -75,11 +75,11 @@ class _Signature:
     def run(self, *leaves: torch.Tensor) -> tuple:
         out = self.fn(*jax.tree_util.tree_unflatten(self.treedef, list(leaves)))
         flat, spec = tpt.tree_flatten(out)
-        bad = [type(o).__name__ for o in flat if not isinstance(o, torch.Tensor)]
+        bad = [type(o).__name__ for o in flat if not isinstance(o, torch.Tensor) and o is not None]
         if bad:
             raise TypeError(f"{self.name}: outputs must be tensors (in tuples, NamedTuples, dicts, lists), got {bad}")
-        self._last_spec = spec
-        return tuple(flat)
+        self._last_spec, self._nones = spec, [o is None for o in flat]
+        return tuple(o for o in flat if o is not None)
 
     def _trace_shapes(self) -> tuple:
         try:
@@ -90,6 +90,7 @@ class _Signature:
             raise ValueError(f"{self.name}: the output shapes depend on input values ({type(e).__name__}: {e}); "
                              "the bridge needs shapes that follow from the input shapes alone (pad or mask to a "
                              "fixed size), or call the torch function outside JAX") from e
+        self.nones = self._nones  # positions of None outputs (e.g. TransformerOutput's unused fields)
         return self._last_spec, [tuple(o.shape) for o in outs], [o.dtype for o in outs]
 
     def check(self, outs: tuple, batch_dims: int) -> None:
@@ -207,6 +208,7 @@ def to_jax_function(fn: Callable, *, vmap: str = "batched", name: str | None = N
         if sig not in cache:
             cache[sig] = _Signature(fn, treedef, leaves, _VMAP[vmap], label)
         entry = cache[sig]
-        return tpt.tree_unflatten(list(entry.call(*leaves)), entry.out_spec)
+        outs = iter(entry.call(*leaves))
+        return tpt.tree_unflatten([None if none else next(outs) for none in entry.nones], entry.out_spec)
 
     return jfn
