@@ -1,9 +1,9 @@
 """A fast index of an uncompressed tar file: name, data offset and size of every regular file.
 
 Only the 512-byte headers are read (and the PAX / GNU long-name records before them); the data
-is skipped by seeking. That is about 20x faster than listing ``tarfile`` members (a WebDataset
-shard of 10,000 samples has 20,000 to 30,000 members, each behind a PAX header), which matters
-because :class:`polymodal.data.ShardStream` indexes every shard in every reading process.
+is skipped by seeking. That is about 5x faster than listing ``tarfile`` members (14 ms against
+68 ms for a WebDataset shard of 512 members, each behind a PAX header), which matters because
+:class:`polymodal.data.ShardStream` indexes every shard in every reading process.
 
 A file that is cut short or corrupt yields the members before the damage, and says why it stopped.
 
