@@ -11,11 +11,12 @@ import pytest
 import torch
 
 from checks import assert_close
+from polymodal import hub
 from polymodal import nn as pnn
 from polymodal.core import pytree
 from polymodal.core import random as pr
 from polymodal.models.clip import (
-    CLIP, CLIPConfig, TextConfig, VisionTransformerConfig, build, from_open_clip, load_pretrained, to_open_clip,
+    CLIP, build, clip_text_transformer, clip_vision_transformer, from_open_clip, load_pretrained, to_open_clip,
     to_torchmultimodal,
 )
 from polymodal.models.clip import pretrained as pre
@@ -67,7 +68,8 @@ def test_torchscript_archive_is_read_without_running_its_code(tmp_path):
     tensors = read_torchscript_tensors(archive)
     sd = ref.state_dict()
     assert all(torch.equal(tensors[k], sd[k]) for k in sd)
-    spec = CLIP(CLIPConfig(24, VisionTransformerConfig(16, 4, 32, 2, 2), TextConfig(8, 60, 32, 2, 2)))
+    spec = CLIP(visual=clip_vision_transformer(image_size=16, patch_size=4, width=32, layers=2, heads=2, embed_dim=24),
+                text=clip_text_transformer(context_length=8, vocab_size=60, width=32, heads=2, layers=2, embed_dim=24))
     params = from_open_clip(pre.read_state_dict(archive), spec)  # attn_mask attributes are dropped
     with torch.no_grad():
         want = ref.float().encode_image(x.float(), normalize=True)
@@ -83,6 +85,7 @@ def test_torchscript_archive_is_read_without_running_its_code(tmp_path):
 
 
 def test_download_verifies_sha256_and_caches(tmp_path, tiny, monkeypatch):
+    monkeypatch.delenv(hub.MIRROR_ENV, raising=False)
     spec, params = tiny
     blob = tmp_path / "blob.pt"
     torch.save(to_open_clip(params), blob)
@@ -95,6 +98,8 @@ def test_download_verifies_sha256_and_caches(tmp_path, tiny, monkeypatch):
     with pytest.raises(ValueError, match="sha256 mismatch"):
         pre.download(src.as_uri(), tmp_path / "cache" / "b.pt", "0" * 64, progress=False)
     assert [f.name for f in (tmp_path / "cache").iterdir()] == ["a.pt"]  # no partial file left
+    monkeypatch.setenv(hub.CACHE_ENV, str(tmp_path / "hub"))
+    assert pre.default_cache_dir() == tmp_path / "hub" / "clip"
     monkeypatch.setitem(pre.OPENAI_URLS, "clip_tiny", src.as_uri())
     loaded = load_pretrained("clip_tiny", cache_dir=tmp_path / "cache2", progress=False)
     assert (tmp_path / "cache2" / "ViT-B-32.pt").is_file()
@@ -108,7 +113,8 @@ def test_offline_error_names_the_url_and_the_destination(tmp_path, monkeypatch):
     def offline(*a, **k):
         raise urllib.error.URLError("[Errno -2] Name or service not known")
 
-    monkeypatch.setattr(pre.urllib.request, "urlopen", offline)
+    monkeypatch.setattr(hub.urllib.request, "urlopen", offline)
+    monkeypatch.delenv(hub.MIRROR_ENV, raising=False)
     with pytest.raises(RuntimeError) as e:
         load_pretrained("ViT-B/32", cache_dir=tmp_path)
     msg = str(e.value)

@@ -1,9 +1,10 @@
 """OpenAI's released CLIP weights: download (sha256-verified, cached) and load as polymodal params.
 
 ``load_pretrained(name, path=None, cache_dir=None)`` returns ``Pretrained(spec, params, state)``.
-With ``path`` it reads that file; otherwise it looks for the file in ``cache_dir`` (default
-``$XDG_CACHE_HOME/polymodal/clip``, i.e. ``~/.cache/polymodal/clip``) and downloads it there
-from OpenAI's URL when missing (falling back to the storage origin behind OpenAI's CDN host).
+With ``path`` it reads that file; otherwise :func:`polymodal.hub.fetch` looks for the file in
+``cache_dir`` (default ``<hub cache>/clip``, i.e. ``~/.cache/polymodal/clip`` unless
+``$POLYMODAL_CACHE`` says otherwise) and downloads it there when missing: from
+``$POLYMODAL_HUB_MIRROR``, then OpenAI's URL, then the storage origin behind OpenAI's CDN host.
 The URLs carry the file's sha256 in their path; it is checked after every download and on
 every cached file, and a mismatch is an error.
 
@@ -15,21 +16,18 @@ TorchScript archives (read by :mod:`.torchscript` without running their code). T
 
 from __future__ import annotations
 
-import hashlib
 import os
-import tempfile
-import urllib.request
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from torch import Tensor
 
+from ... import hub
 from ...core.pytree import Params, cast, unflatten
+from ...hub import download, read_state_dict
 from .builders import BUILDERS, canonical_name
 from .convert import detect_layout, from_open_clip, from_torchmultimodal, to_open_clip
 from .model import CLIP
-from .torchscript import is_torchscript, read_torchscript_tensors
 
 __all__ = ["OPENAI_URLS", "Pretrained", "load_pretrained", "download", "mirrors", "read_state_dict", "default_cache_dir"]
 
@@ -64,75 +62,8 @@ class Pretrained(NamedTuple):
 
 
 def default_cache_dir() -> Path:
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(root) / "polymodal" / "clip"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def download(url: str, dest: str | os.PathLike, sha256: str | None = None, progress: bool = True) -> Path:
-    """Fetch ``url`` to ``dest`` atomically with a tqdm progress bar; verify ``sha256`` if given.
-
-    Raises ``RuntimeError`` naming the URL and the destination when the download fails
-    (e.g. offline) and ``ValueError`` on a checksum mismatch (the partial file is removed).
-    """
-    from tqdm.auto import tqdm
-
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + ".", suffix=".part")
-    try:
-        try:
-            with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=60) as r:
-                total = int(r.headers.get("Content-Length") or 0) or None
-                with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=dest.name,
-                          disable=not progress) as bar:
-                    for chunk in iter(lambda: r.read(1 << 20), b""):
-                        f.write(chunk)
-                        bar.update(len(chunk))
-        except OSError as e:  # URLError, timeouts and refused connections are OSErrors
-            raise RuntimeError(
-                f"could not download {url} ({e}). Without network access, download it elsewhere and put it "
-                f"at '{dest}', or pass path=... to load_pretrained"
-            ) from e
-        if sha256 is not None and (got := _sha256(Path(tmp))) != sha256:
-            raise ValueError(f"sha256 mismatch for {url}: expected {sha256}, got {got} (download corrupted?)")
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return dest
-
-
-def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
-    """A flat ``{name: tensor}`` from a safetensors file, a ``torch.save`` file (``weights_only``)
-    or a TorchScript archive; never unpickles arbitrary objects."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint file at '{path}'")
-    with open(path, "rb") as f:
-        head = f.read(9)  # safetensors: u64 header length, then the JSON header's "{"
-    if path.suffix == ".safetensors" or (len(head) == 9 and head[8:9] == b"{"):
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    if is_torchscript(path):
-        return read_torchscript_tensors(path)
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # weights_only refuses anything but tensors and plain containers
-        raise ValueError(f"'{path}' is not a safetensors, TorchScript or weights-only torch file: {e}") from e
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict):
-        raise ValueError(f"'{path}': expected a state dict (name -> tensor), got {type(obj).__name__}")
-    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in obj.items() if isinstance(v, Tensor)}
+    """``<hub cache>/clip``: ``~/.cache/polymodal/clip`` unless ``$POLYMODAL_CACHE`` / ``$XDG_CACHE_HOME`` say otherwise."""
+    return hub.cache_dir() / "clip"
 
 
 def load_pretrained(name: str, path: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None, *,
@@ -156,26 +87,12 @@ def load_pretrained(name: str, path: str | os.PathLike | None = None, cache_dir:
             raise ValueError(f"load_pretrained: no published weights for {name!r}; expected one of "
                              f"{sorted(OPENAI_URLS)} (or pass path=...)")
         url = OPENAI_URLS[builder]
-        sha = url.split("/")[-2]
-        path = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-        path = path / os.path.basename(url)
-        if path.is_file() and _sha256(path) != sha:
-            raise ValueError(f"load_pretrained: cached '{path}' has the wrong sha256 (expected {sha}); delete it "
-                             "to download it again")
-        if not path.is_file():
-            errors = []
-            for source in mirrors(url):
-                try:
-                    download(source, path, sha, progress)
-                    break
-                except RuntimeError as e:
-                    errors.append(str(e.__cause__ or e))
-            else:
-                raise RuntimeError(
-                    f"load_pretrained: could not download {name!r} from {' or '.join(mirrors(url))} "
-                    f"({'; '.join(errors)}). Without network access, download it elsewhere (sha256 {sha}) and put "
-                    f"it at '{path}', or pass path=..."
-                )
+        try:
+            path = hub.fetch(os.path.basename(url), mirrors(url), url.split("/")[-2],
+                             cache=cache_dir if cache_dir is not None else default_cache_dir(), progress=progress,
+                             hint="or pass path=... to load_pretrained")
+        except (RuntimeError, ValueError) as e:
+            raise type(e)(f"load_pretrained({name!r}): {e}") from e
     sd = read_state_dict(path)
     layout = detect_layout(sd)
     if layout == "polymodal":
