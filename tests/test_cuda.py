@@ -14,7 +14,7 @@ from polymodal.core import random as pr
 from polymodal.core.layers import sdpa
 from polymodal.core.layers.attention_kernel import math_sdpa
 from polymodal.core.pytree import tree_map
-from polymodal.models.clip import CLIP, CLIPConfig, TextConfig, VisionTransformerConfig, build
+from polymodal.models.clip import CLIP, build, clip_text_transformer, clip_vision_transformer
 from polymodal.train.dp.per_sample import per_sample_grads
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -72,9 +72,8 @@ def test_vmap_grad_of_sdpa_on_cuda_kernels_equals_loop(dtype, causal):
 
 
 def test_clip_per_sample_gradients_on_cuda_equal_a_loop():
-    spec = CLIP(CLIPConfig(embed_dim=24,
-                           vision=VisionTransformerConfig(image_size=16, patch_size=4, width=32, layers=2, heads=2),
-                           text=TextConfig(context_length=8, vocab_size=60, width=32, heads=2, layers=2)))
+    spec = CLIP(visual=clip_vision_transformer(image_size=16, patch_size=4, width=32, layers=2, heads=2, embed_dim=24),
+                text=clip_text_transformer(context_length=8, vocab_size=60, width=32, heads=2, layers=2, embed_dim=24))
     params = tree_map(lambda x: x.to(CUDA), spec.init(key=pr.key(0)))
     b = 3
     x = normal(1, b, 3, 16, 16)

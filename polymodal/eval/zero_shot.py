@@ -6,7 +6,9 @@ again (the "prompt ensemble"). An image is classified by cosine similarity to th
 
 ``model`` is either a spec with ``params`` (``model.encode_text(params, tokens)``) or a module
 with ``encode_image`` / ``encode_text`` methods and ``params=None`` (polymodal's shells,
-open_clip's models).
+open_clip's models). A model with a ``trim_text(tokens)`` method (polymodal's CLIP, spec and
+shell) embeds trimmed token rows as padded ones; the classifier uses it. Nothing here depends on
+a model family.
 
 >>> import torch
 >>> from polymodal.core import random as pr
@@ -29,8 +31,6 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-
-from ..models.clip.text import trim_padding
 
 __all__ = ["zero_shot_classifier", "zero_shot_predict", "zero_shot_accuracy", "ZeroShotPrediction", "encoders",
            "split_batch"]
@@ -58,12 +58,11 @@ def _device(model: Any, params: Any) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
-def _takes_trimmed_text(model: Any) -> bool:
-    """polymodal's CLIP (spec or shell) embeds ``(B, T <= context_length)`` token batches as padded ones."""
-    from ..models.clip import CLIP
-    from ..nn import CLIP as CLIPShell
-
-    return isinstance(model, (CLIP, CLIPShell))
+def _text_trimmer(model: Any) -> Callable[[Tensor], Tensor] | None:
+    """The model's ``trim_text(tokens) -> tokens`` when it has one: it promises the same embeddings
+    for the trimmed rows (polymodal's CLIP, spec or shell)."""
+    trim = getattr(model, "trim_text", None)
+    return trim if callable(trim) else None
 
 
 def _prompts(name: str, templates: Sequence[Template]) -> list[str]:
@@ -82,8 +81,8 @@ def zero_shot_classifier(model: Any, params: Any, tokenizer: Callable[[list[str]
         classnames: the ``C`` class names.
         templates: format strings with ``{}`` (e.g. ``OPENAI_IMAGENET_TEMPLATES_SUBSET``) or callables.
         classes_per_batch: classes embedded per text-encoder call (bounds memory).
-        trim_text: for polymodal's CLIP (spec or shell), drop the padding after each batch's longest
-            prompt before the text tower (:func:`~polymodal.models.clip.trim_padding`): the same
+        trim_text: for a model with a ``trim_text`` method (polymodal's CLIP, spec or shell), drop
+            the padding after each batch's longest prompt before the text tower: the same
             embeddings for a fraction of the work (prompts fill 10 to 20 of 77 positions). Other
             models always get the tokenizer's rows as they are.
     """
@@ -92,12 +91,12 @@ def zero_shot_classifier(model: Any, params: Any, tokenizer: Callable[[list[str]
     if isinstance(templates, str) or not templates:
         raise ValueError(f"zero_shot_classifier: templates: expected a non-empty list of templates, got {templates!r}")
     _, encode_text = encoders(model, params)
-    device, columns, trim = _device(model, params), [], trim_text and _takes_trimmed_text(model)
+    device, columns, trim = _device(model, params), [], _text_trimmer(model) if trim_text else None
     for i in range(0, len(classnames), classes_per_batch):
         names = classnames[i:i + classes_per_batch]
         tokens = tokenizer([p for n in names for p in _prompts(n, templates)])
-        if trim:  # prompts fill a fraction of the context: same embeddings, a fraction of the work
-            tokens = trim_padding(tokens)
+        if trim is not None:  # prompts fill a fraction of the context: same embeddings, a fraction of the work
+            tokens = trim(tokens)
         tokens = tokens.to(device)
         emb = encode_text(tokens).reshape(len(names), len(templates), -1).mean(dim=1)
         columns.append(F.normalize(emb, dim=-1))

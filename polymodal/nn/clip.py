@@ -27,7 +27,6 @@ from ..models.clip import model as _model
 from ..models.clip import resnet as _resnet
 from ..models.clip import text as _text
 from ..models.clip import vision as _vision
-from ..models.clip.config import CLIPConfig
 from .shell import Shell, shell_class
 
 __all__ = ["CLIP", "CLIPVisionTransformer", "CLIPModifiedResNet", "CLIPTextTransformer"]
@@ -40,11 +39,9 @@ def _spec(name_or_config: Any, kwargs: dict) -> _model.CLIP:
         raise TypeError(f"CLIP: builder arguments {sorted(kwargs)} need a builder name, got {name_or_config!r}")
     if isinstance(name_or_config, _model.CLIP):
         return name_or_config
-    if isinstance(name_or_config, CLIPConfig):
-        return _model.CLIP(name_or_config)
     if name_or_config is None:
-        return _model.CLIP()
-    raise TypeError(f"CLIP: expected a builder name (e.g. 'clip_vit_b32', 'ViT-B-32'), a CLIPConfig or a CLIP spec, "
+        return _builders.build("clip_vit_b32")
+    raise TypeError(f"CLIP: expected a builder name (e.g. 'clip_vit_b32', 'ViT-B-32') or a CLIP spec, "
                     f"got {type(name_or_config).__name__}")
 
 
@@ -58,14 +55,15 @@ def _load_state(shell: Shell, state: Params | None) -> None:
 
 
 class CLIP(shell_class(_model.CLIP)):
-    """CLIP as an ``nn.Module``: ``CLIP("clip_vit_b32")``, ``CLIP("ViT-B-32")``, ``CLIP(config)``.
+    """CLIP as an ``nn.Module``: ``CLIP("clip_vit_b32")``, ``CLIP("ViT-B-32")``, ``CLIP(spec)``.
 
     ``forward(images, tokens) -> CLIPOutput``; ``encode_image`` / ``encode_text`` use the live
     parameters (and, for ResNet towers, the batch-norm buffers). In ``train()`` mode a ResNet
     tower's batch norm uses batch statistics and updates its buffers, as torch's does.
 
     Args:
-        name_or_config: builder name, OpenAI / open_clip name, :class:`CLIPConfig` or spec.
+        name_or_config: builder name, OpenAI / open_clip name or a :class:`~polymodal.models.clip.CLIP` spec
+            (default: ViT-B/32).
         key: init key (None: drawn from torch's global RNG, as torch.nn modules do).
         device, dtype: where and in which floating dtype the parameters live.
         **builder_kwargs: forwarded to the builder (e.g. ``quick_gelu=False``).
@@ -106,15 +104,19 @@ class CLIP(shell_class(_model.CLIP)):
         return self.spec.encode_image(self.params, images, normalize, state=self.state, key=self._key())
 
     def encode_text(self, tokens: Tensor, normalize: bool = True) -> Tensor:
-        """``tokens (B, context_length)`` -> ``(B, E)``."""
+        """``tokens (B, T <= context_length)`` -> ``(B, E)``."""
         return self.spec.encode_text(self.params, tokens, normalize)
+
+    def trim_text(self, tokens: Tensor, multiple_of: int | None = None) -> Tensor:
+        """The spec's :meth:`~polymodal.models.clip.CLIP.trim_text`: same embeddings, less work."""
+        return self.spec.trim_text(tokens, multiple_of)
 
 
 def _encoder_shell(spec_cls: type, part: str) -> type[Shell]:
     base = shell_class(spec_cls)
 
     def from_name(cls, name: str, *, key: Tensor | None = None, device=None, dtype=None, **builder_kwargs: Any):
-        spec = getattr(_builders.build(name, **builder_kwargs), part)()
+        spec = getattr(_builders.build(name, **builder_kwargs), part)
         if not isinstance(spec, spec_cls):
             raise ValueError(f"{spec_cls.__name__}.from_name: {name!r} has a {type(spec).__name__} {part} tower")
         obj = Shell.__new__(cls)
@@ -122,15 +124,15 @@ def _encoder_shell(spec_cls: type, part: str) -> type[Shell]:
         return obj
 
     from_name.__doc__ = f"The {part} tower of the builder ``name`` (e.g. ``'clip_vit_b32'``), randomly initialised."
-    cls = type(f"CLIP{spec_cls.__name__}", (base,), {"from_name": classmethod(from_name), "__module__": __name__})
+    cls = type(spec_cls.__name__ if spec_cls.__name__.startswith("CLIP") else f"CLIP{spec_cls.__name__}", (base,), {"from_name": classmethod(from_name), "__module__": __name__})
     cls.__doc__ = (f"``nn.Module`` shell over :class:`{spec_cls.__module__}.{spec_cls.__name__}` (its fields, or "
                    f"``{cls.__name__}.from_name(builder_name)``); ``forward`` is the spec's ``__call__``.")
     return cls
 
 
-CLIPVisionTransformer = _encoder_shell(_vision.VisionTransformer, "visual")
+CLIPVisionTransformer = _encoder_shell(_vision.CLIPVisionTransformer, "visual")
 CLIPModifiedResNet = _encoder_shell(_resnet.ModifiedResNet, "visual")
-CLIPTextTransformer = _encoder_shell(_text.TextTransformer, "text")
+CLIPTextTransformer = _encoder_shell(_text.CLIPTextTransformer, "text")
 CLIPVisionTransformer.__doc__ += """
 
     >>> import torch

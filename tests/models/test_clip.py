@@ -1,6 +1,7 @@
 """CLIP model: structure, CLIP's init scheme, input errors, generic checks, per-sample gradients,
 torch.compile, and the usual training example (functional and shells)."""
 
+import dataclasses
 import math
 
 import pytest
@@ -14,18 +15,17 @@ from polymodal.core import pytree
 from polymodal.core import random as pr
 from polymodal.core.losses import contrastive_loss_with_temperature
 from polymodal.models.clip import (
-    CLIP, CLIPConfig, ModifiedResNet, ModifiedResNetConfig, TextConfig, TextTransformer, VisionTransformer,
-    VisionTransformerConfig, build, trim_padding,
+    CLIP, ModifiedResNet, build, clip_text_transformer, clip_vision_transformer, trim_padding,
 )
 from polymodal.train.dp.per_sample import per_sample_grads
 
-TEXT = TextConfig(context_length=8, vocab_size=60, width=32, heads=2, layers=2)
-VIT = VisionTransformerConfig(image_size=16, patch_size=4, width=32, layers=2, heads=2)
-RESNET = ModifiedResNetConfig(image_size=64, layers=(1, 2, 1, 1), width=8, heads=2)
+TEXT = clip_text_transformer(context_length=8, vocab_size=60, width=32, heads=2, layers=2, embed_dim=24)
+VIT = clip_vision_transformer(image_size=16, patch_size=4, width=32, layers=2, heads=2, embed_dim=24)
+RESNET = ModifiedResNet(image_size=64, layers=(1, 2, 1, 1), width=8, heads=2, embed_dim=24)
 
 
 def tiny(vision=VIT) -> CLIP:
-    return CLIP(CLIPConfig(embed_dim=24, vision=vision, text=TEXT))
+    return CLIP(visual=vision, text=TEXT)
 
 
 def tokens(seed: int, b: int, t: int = 8, vocab: int = 60) -> torch.Tensor:
@@ -55,7 +55,7 @@ def test_text_pools_at_the_end_of_text_token():
     after = t.clone()
     after[0, eot + 1:] = 3  # tokens after the end-of-text token are invisible (causal) and not pooled
     assert_close(spec.encode_text(p, t), spec.encode_text(p, after))
-    hidden = spec.text().hidden_states(p["text"], t)
+    hidden = spec.text.hidden_states(p["text"], t)
     assert_close(spec.encode_text(p, t, normalize=False), hidden[:, eot] @ p["text"]["text_projection"])
 
 
@@ -77,7 +77,7 @@ def test_init_follows_openais_scheme():
     }
     for name, (w, std) in stds.items():
         assert float(w.std()) == pytest.approx(std, rel=0.06), name
-    rn = ModifiedResNet(RESNET, 24).init(key=pr.key(1))
+    rn = RESNET.init(key=pr.key(1))
     assert all(float(b["bn3"]["weight"].abs().sum()) == 0 for s in range(1, 5) for b in rn[f"layer{s}"])
     assert float(rn["attnpool"]["q_proj"]["weight"].std()) == pytest.approx(256**-0.5, rel=0.06)
 
@@ -97,10 +97,15 @@ def test_bad_inputs_name_expected_and_got():
     rn = tiny(RESNET)
     with pytest.raises(ValueError, match=r"ModifiedResNet: images: expected shape \(B, 3, 64, 64\), got \(1, 3, 96, 96\)"):
         rn.encode_image(rn.init(key=pr.key(0)), torch.randn(1, 3, 96, 96))
-    with pytest.raises(ValueError, match="needs state="):
-        rn(rn.init(key=pr.key(0)), torch.randn(2, 3, 64, 64), tokens(0, 2), training=True)
+    with pytest.raises(ValueError, match="a ViT image tower has no state"):
+        spec(p, torch.randn(2, 3, 64, 64), tokens(0, 2, 32, 49408), {"visual": {}})
     with pytest.raises(ValueError, match="divisible by patch_size"):
-        VisionTransformerConfig(image_size=30, patch_size=8)
+        clip_vision_transformer(image_size=30, patch_size=8)
+    with pytest.raises(ValueError, match="the towers must share embed_dim: visual has 24, text has 16"):
+        CLIP(visual=VIT, text=dataclasses.replace(TEXT, embed_dim=16))
+    with pytest.raises(TypeError, match="visual: expected CLIPVisionTransformer or ModifiedResNet, got "
+                                        "VisionTransformer"):
+        CLIP(visual=VIT.encoder, text=TEXT)
     with pytest.raises(ValueError, match="unknown CLIP model 'ViT-Z-1'"):
         build("ViT-Z-1")
 
@@ -108,7 +113,7 @@ def test_bad_inputs_name_expected_and_got():
 @settings(max_examples=3, deadline=None)
 @given(st.integers(0, 2**31), st.integers(2, 3))
 def test_generic_checks_vision_text_and_clip(seed, b):
-    vit, text = VisionTransformer(VIT, 24), TextTransformer(TEXT, 24)
+    vit, text = VIT, TEXT
     x, t = pr.normal(pr.key(seed), (b, 3, 16, 16)), tokens(seed, b)
     check_spec(vit, vit.init(key=pr.key(seed)), [x], vmap_inputs=[x[:, None]])
     check_spec(text, text.init(key=pr.key(seed)), [t], vmap_inputs=[t[:, None]])
@@ -117,7 +122,7 @@ def test_generic_checks_vision_text_and_clip(seed, b):
 
 
 def test_generic_checks_resnet_tower():
-    rn = ModifiedResNet(RESNET, 24)
+    rn = RESNET
     x = pr.normal(pr.key(0), (2, 3, 64, 64))
     check_spec(rn, rn.init(key=pr.key(1)), [x], vmap_inputs=[x[:, None]], atol=1e-5)
 
@@ -130,7 +135,13 @@ def test_resnet_training_mode_updates_state_and_shell_buffers():
     assert int(s2["visual"]["bn1"]["num_batches_tracked"]) == 1 and int(s["visual"]["bn1"]["num_batches_tracked"]) == 0
     _, same = spec(p, x, t, s2)  # eval: running statistics, state returned as is
     assert same is s2
-    frozen = tiny(ModifiedResNetConfig(**{**RESNET.__dict__, "frozen_bn": True}))
+    # A stateful spec always returns (out, state): state=None starts from fresh statistics.
+    out_fresh, s_fresh = spec(p, x, t, training=True)
+    assert_close(out_fresh, out) and int(s_fresh["visual"]["bn1"]["num_batches_tracked"]) == 1
+    assert_close(s_fresh, s2)
+    eval_out, eval_state = spec(p, x, t)
+    assert_close(eval_state, spec.init_state()) and eval_out.image_embeddings.shape == (4, 24)
+    frozen = tiny(dataclasses.replace(RESNET, frozen_bn=True))
     _, s3 = frozen(p, x, t, s, training=True)
     assert s3 is s
     shell = pnn.CLIP.from_params(spec, p).train()
@@ -212,10 +223,11 @@ def test_compile_fullgraph_resnet_aot():
 
 
 def test_patch_dropout_uses_the_key():
-    spec = tiny(VisionTransformerConfig(**{**VIT.__dict__, "patch_dropout": 0.5}))
+    spec = tiny(clip_vision_transformer(image_size=16, patch_size=4, width=32, layers=2, heads=2, embed_dim=24,
+                                        patch_dropout=0.5))
     p = spec.init(key=pr.key(0))
     x = pr.normal(pr.key(1), (2, 3, 16, 16))
-    assert spec.visual().features(p["visual"], x, key=pr.key(2)).shape == (2, 1 + 8, 32)
+    assert spec.visual.features(p["visual"], x, key=pr.key(2)).shape == (2, 1 + 8, 32)
     assert_close(spec.encode_image(p, x, key=pr.key(3)), spec.encode_image(p, x, key=pr.key(3)))
     assert not torch.allclose(spec.encode_image(p, x, key=pr.key(3)), spec.encode_image(p, x))
 
@@ -231,11 +243,13 @@ def test_shells_names_and_methods():
     assert_close(out.text_embeddings, model.spec.encode_text(model.params, t))
     model.encode_text(t).sum().backward()  # the methods use the live parameters
     assert model.text.token_embedding.weight.grad is not None
-    vit = pnn.CLIPVisionTransformer.from_params(model.spec.visual(), model.params["visual"])
+    vit = pnn.CLIPVisionTransformer.from_params(model.spec.visual, model.params["visual"])
     assert_close(vit(x), model.spec.encode_image(model.params, x, normalize=False))
     assert pnn.CLIPVisionTransformer.from_name("clip_tiny", key=pr.key(0))(x).shape == (2, 128)
     txt = pnn.CLIPTextTransformer.from_name("clip_tiny", key=pr.key(0))
     assert txt(t).shape == (2, 128)
     with pytest.raises(ValueError, match="ModifiedResNet"):
         pnn.CLIPModifiedResNet.from_name("clip_tiny")
-    assert pnn.CLIP(build("clip_tiny").config, key=pr.key(0)).spec == model.spec
+    assert pnn.CLIP(build("clip_tiny"), key=pr.key(0)).spec == model.spec
+    assert model.trim_text(t).shape[1] <= t.shape[1]  # the public trimming the zero-shot classifier uses
+    assert torch.equal(model.trim_text(t), trim_padding(t))

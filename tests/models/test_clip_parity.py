@@ -10,7 +10,7 @@ from checks import assert_close
 from polymodal.core import pytree
 from polymodal.core import random as pr
 from polymodal.models.clip import (
-    BUILDERS, CLIP, CLIPConfig, ModifiedResNetConfig, TextConfig, VisionTransformerConfig, build, config_from_open_clip,
+    BUILDERS, CLIP, ModifiedResNet, build, clip_text_transformer, clip_vision_transformer, config_from_open_clip,
     config_from_torchmultimodal, from_open_clip, from_torchmultimodal, to_open_clip, to_torchmultimodal,
 )
 
@@ -35,10 +35,12 @@ def _oc_tiny(resnet: bool, quick_gelu: bool = True):
 
 def _our_tiny(resnet: bool, quick_gelu: bool = True) -> CLIP:
     act = "quick_gelu" if quick_gelu else "gelu"
-    vision = (ModifiedResNetConfig(image_size=64, layers=(1, 2, 1, 1), width=8, heads=2) if resnet
-              else VisionTransformerConfig(image_size=16, patch_size=4, width=32, layers=2, heads=2, activation=act))
-    text = TextConfig(context_length=8, vocab_size=60, width=32, heads=2, layers=2, activation=act)
-    return CLIP(CLIPConfig(embed_dim=24, vision=vision, text=text))
+    vision = (ModifiedResNet(image_size=64, layers=(1, 2, 1, 1), width=8, heads=2, embed_dim=24) if resnet
+              else clip_vision_transformer(image_size=16, patch_size=4, width=32, layers=2, heads=2, activation=act,
+                                           embed_dim=24))
+    text = clip_text_transformer(context_length=8, vocab_size=60, width=32, heads=2, layers=2, activation=act,
+                                 embed_dim=24)
+    return CLIP(visual=vision, text=text)
 
 
 def _train_bn(model: torch.nn.Module, size: int) -> None:
@@ -58,7 +60,7 @@ def test_open_clip_vit_b32_same_embeddings():
     torch.manual_seed(0)
     ref = open_clip.create_model("ViT-B-32", pretrained=None).eval()  # open_clip's ViT-B-32 uses GELU
     sd = _clone(ref.state_dict())
-    spec = CLIP(config_from_open_clip(sd, quick_gelu=False))
+    spec = config_from_open_clip(sd, quick_gelu=False)
     assert spec == build("ViT-B-32") == build("clip_vit_b32", quick_gelu=False)
     params = from_open_clip(sd, quick_gelu=False)
     x, t = pr.normal(pr.key(0), (2, 3, 224, 224)), _tokens(1, 2, 77, 49408)
@@ -78,7 +80,7 @@ def test_open_clip_rn50_same_embeddings_with_batch_norm_statistics():
     _train_bn(ref, 224)
     sd = _clone(ref.state_dict())
     spec = build("RN50", quick_gelu=False)
-    assert CLIP(config_from_open_clip(sd, quick_gelu=False)) == spec
+    assert config_from_open_clip(sd, quick_gelu=False) == spec
     params, state = from_open_clip(sd, quick_gelu=False, with_state=True)
     assert int(state["visual"]["layer3"][5]["bn2"]["num_batches_tracked"]) == 2
     x, t = pr.normal(pr.key(0), (2, 3, 224, 224)), _tokens(1, 2, 77, 49408)
@@ -123,7 +125,7 @@ def test_torchmultimodal_vit_b32_same_embeddings_and_exact_round_trip():
     torch.manual_seed(0)
     ref = clip_vit_b32().eval()
     sd = _clone(ref.state_dict())
-    spec = CLIP(config_from_torchmultimodal(sd))
+    spec = config_from_torchmultimodal(sd)
     assert spec == build("clip_vit_b32")  # TorchMultimodal's CLIP uses QuickGELU (its "SiLU")
     params = from_torchmultimodal(sd)
     x, t = pr.normal(pr.key(0), (2, 3, 224, 224)), _tokens(1, 2, 77, 49408)

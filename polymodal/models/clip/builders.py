@@ -8,8 +8,8 @@ are width / 64. OpenAI trained with QuickGELU; ``quick_gelu=False`` gives open_c
 GELU variants of the same name (``"ViT-B-32"`` rather than ``"ViT-B-32-quickgelu"``).
 
 >>> spec = build("ViT-B/32")
->>> spec.config.vision.patch_size, spec.config.embed_dim
-(32, 512)
+>>> spec.visual.encoder.embeddings.patch_size, spec.embed_dim
+((32, 32), 512)
 >>> sorted(BUILDERS)[:3]
 ['clip_rn101', 'clip_rn50', 'clip_rn50x16']
 """
@@ -18,8 +18,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from .config import CLIPConfig, ModifiedResNetConfig, TextConfig, VisionTransformerConfig
 from .model import CLIP
+from .resnet import ModifiedResNet
+from .text import CLIPTextTransformer, clip_text_transformer
+from .vision import clip_vision_transformer
 
 __all__ = [
     "clip_vit_b16", "clip_vit_b32", "clip_vit_l14", "clip_vit_l14_336", "clip_rn50", "clip_rn101", "clip_rn50x4",
@@ -31,21 +33,21 @@ def _act(quick_gelu: bool) -> str:
     return "quick_gelu" if quick_gelu else "gelu"
 
 
-def _text(width: int, quick_gelu: bool) -> TextConfig:
-    return TextConfig(context_length=77, vocab_size=49408, width=width, heads=width // 64, layers=12,
-                      activation=_act(quick_gelu))
+def _text(embed: int, width: int, quick_gelu: bool) -> CLIPTextTransformer:
+    return clip_text_transformer(context_length=77, vocab_size=49408, width=width, heads=width // 64, layers=12,
+                                 activation=_act(quick_gelu), embed_dim=embed)
 
 
 def _vit(embed: int, size: int, patch: int, layers: int, width: int, text_width: int, quick_gelu: bool) -> CLIP:
-    vision = VisionTransformerConfig(image_size=size, patch_size=patch, width=width, layers=layers, heads=width // 64,
-                                     activation=_act(quick_gelu))
-    return CLIP(CLIPConfig(embed_dim=embed, vision=vision, text=_text(text_width, quick_gelu)))
+    visual = clip_vision_transformer(image_size=size, patch_size=patch, width=width, layers=layers, heads=width // 64,
+                                     activation=_act(quick_gelu), embed_dim=embed)
+    return CLIP(visual=visual, text=_text(embed, text_width, quick_gelu))
 
 
 def _rn(embed: int, size: int, blocks: tuple[int, int, int, int], width: int, text_width: int,
         quick_gelu: bool) -> CLIP:
-    vision = ModifiedResNetConfig(image_size=size, layers=blocks, width=width, heads=width * 32 // 64)
-    return CLIP(CLIPConfig(embed_dim=embed, vision=vision, text=_text(text_width, quick_gelu)))
+    visual = ModifiedResNet(image_size=size, layers=blocks, width=width, heads=width * 32 // 64, embed_dim=embed)
+    return CLIP(visual=visual, text=_text(embed, text_width, quick_gelu))
 
 
 def clip_vit_b32(quick_gelu: bool = True) -> CLIP:
@@ -97,10 +99,11 @@ def clip_tiny(quick_gelu: bool = True) -> CLIP:
     """CPU-sized preset (not a published model): 64 px, patch 8 (64 patches), 2 x 128 (4 heads);
     text context 32, 2 x 128 (4 heads), CLIP's 49408-token vocabulary; embedding 128.
     Trains on the synthetic shapes data on a laptop CPU (tokenize with ``CLIPTokenizer(context_length=32)``)."""
-    vision = VisionTransformerConfig(image_size=64, patch_size=8, width=128, layers=2, heads=4,
-                                     activation=_act(quick_gelu))
-    text = TextConfig(context_length=32, vocab_size=49408, width=128, heads=4, layers=2, activation=_act(quick_gelu))
-    return CLIP(CLIPConfig(embed_dim=128, vision=vision, text=text))
+    visual = clip_vision_transformer(image_size=64, patch_size=8, width=128, layers=2, heads=4,
+                                     activation=_act(quick_gelu), embed_dim=128)
+    text = clip_text_transformer(context_length=32, vocab_size=49408, width=128, heads=4, layers=2,
+                                 activation=_act(quick_gelu), embed_dim=128)
+    return CLIP(visual=visual, text=text)
 
 
 def clip_tiny_rn(quick_gelu: bool = True) -> CLIP:
@@ -110,18 +113,20 @@ def clip_tiny_rn(quick_gelu: bool = True) -> CLIP:
     token embedding. It learns shapes far faster per CPU second than :func:`clip_tiny`'s patch-8
     ViT (the demo's preset: >= 95% zero-shot on the synthetic shapes in two minutes on two cores).
     Train it with batch-norm state (``init_state()``, ``training=True``)."""
-    vision = ModifiedResNetConfig(image_size=64, layers=(1, 1, 1, 1), width=16, heads=8)
-    text = TextConfig(context_length=16, vocab_size=49408, width=64, heads=2, layers=2, activation=_act(quick_gelu))
-    return CLIP(CLIPConfig(embed_dim=64, vision=vision, text=text))
+    visual = ModifiedResNet(image_size=64, layers=(1, 1, 1, 1), width=16, heads=8, embed_dim=64)
+    text = clip_text_transformer(context_length=16, vocab_size=49408, width=64, heads=2, layers=2,
+                                 activation=_act(quick_gelu), embed_dim=64)
+    return CLIP(visual=visual, text=text)
 
 
 def clip_small(quick_gelu: bool = True) -> CLIP:
     """CPU-sized preset (not a published model), a step above :func:`clip_tiny`: 64 px, patch 8,
     4 x 256 (4 heads); text context 32, 4 x 256 (4 heads); embedding 256."""
-    vision = VisionTransformerConfig(image_size=64, patch_size=8, width=256, layers=4, heads=4,
-                                     activation=_act(quick_gelu))
-    text = TextConfig(context_length=32, vocab_size=49408, width=256, heads=4, layers=4, activation=_act(quick_gelu))
-    return CLIP(CLIPConfig(embed_dim=256, vision=vision, text=text))
+    visual = clip_vision_transformer(image_size=64, patch_size=8, width=256, layers=4, heads=4,
+                                     activation=_act(quick_gelu), embed_dim=256)
+    text = clip_text_transformer(context_length=32, vocab_size=49408, width=256, heads=4, layers=4,
+                                 activation=_act(quick_gelu), embed_dim=256)
+    return CLIP(visual=visual, text=text)
 
 
 BUILDERS: dict[str, Callable[..., CLIP]] = {

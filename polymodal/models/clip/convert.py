@@ -39,8 +39,10 @@ from torch import Tensor
 
 from ...core.convert import Rule, Table, transpose, unsqueeze
 from ...core.pytree import Params, flatten
-from .config import CLIPConfig, ModifiedResNetConfig, TextConfig, VisionTransformerConfig
 from .model import CLIP
+from .resnet import ModifiedResNet
+from .text import clip_text_transformer
+from .vision import clip_vision_transformer
 
 __all__ = [
     "from_open_clip", "to_open_clip", "from_torchmultimodal", "to_torchmultimodal", "config_from_open_clip",
@@ -91,7 +93,7 @@ _TMM_TEXT = Table((
     Rule("encoder_b.projection.weight", "text.text_projection", transpose()),
     Rule("encoder_b.{n}.{p}", "text.{n}.{p}"),  # token_embedding, ln_final
     Rule("encoder_b.positional_embedding", "text.positional_embedding"),
-), drop=_DROP, defaults=(("logit_scale", lambda spec: torch.tensor(float(spec.config.logit_scale_init))),),
+), drop=_DROP, defaults=(("logit_scale", lambda spec: torch.tensor(float(spec.logit_scale_init))),),
     name="from_torchmultimodal: the TorchMultimodal state dict")
 
 TORCHMULTIMODAL = _TMM_TEXT + Table((
@@ -115,33 +117,35 @@ def _count(flat: Mapping[str, Tensor], pattern: str) -> int:
     return len({m[1] for k in flat if (m := rx.fullmatch(k))})
 
 
-def _config_from_ours(flat: Mapping[str, Tensor], quick_gelu: bool, what: str) -> CLIPConfig:
+def _config_from_ours(flat: Mapping[str, Tensor], quick_gelu: bool, what: str) -> CLIP:
     act = "quick_gelu" if quick_gelu else "gelu"
     try:
         tok = flat["text.token_embedding.weight"]
         width = tok.shape[1]
-        text = TextConfig(context_length=flat["text.positional_embedding"].shape[0], vocab_size=tok.shape[0],
-                          width=width, heads=max(width // 64, 1),
-                          layers=_count(flat, r"text\.transformer\.layers\.(\d+)\..+"),
-                          mlp_ratio=flat["text.transformer.layers.0.linear1.weight"].shape[0] / width, activation=act)
         embed = flat["text.text_projection"].shape[1]
+        text = clip_text_transformer(
+            context_length=flat["text.positional_embedding"].shape[0], vocab_size=tok.shape[0], width=width,
+            heads=max(width // 64, 1), layers=_count(flat, r"text\.transformer\.layers\.(\d+)\..+"),
+            mlp_ratio=flat["text.transformer.layers.0.linear1.weight"].shape[0] / width, activation=act,
+            embed_dim=embed)
         if "visual.embeddings.conv_projection.weight" in flat:
             conv = flat["visual.embeddings.conv_projection.weight"]
             w, patch = conv.shape[0], conv.shape[-1]
             grid = round((flat["visual.embeddings.position_embeddings"].shape[-2] - 1) ** 0.5)
-            vision = VisionTransformerConfig(
+            vision = clip_vision_transformer(
                 image_size=grid * patch, patch_size=patch, width=w, heads=max(w // 64, 1),
                 layers=_count(flat, r"visual\.transformer\.layers\.(\d+)\..+"),
-                mlp_ratio=flat["visual.transformer.layers.0.linear1.weight"].shape[0] / w, activation=act)
+                mlp_ratio=flat["visual.transformer.layers.0.linear1.weight"].shape[0] / w, activation=act,
+                embed_dim=embed)
         else:
             w = flat["visual.layer1.0.conv1.weight"].shape[0]
             blocks = tuple(_count(flat, rf"visual\.layer{s}\.(\d+)\..+") for s in range(1, 5))
             grid = round((flat["visual.attnpool.positional_embedding"].shape[0] - 1) ** 0.5)
-            vision = ModifiedResNetConfig(image_size=grid * 32, layers=blocks, width=w, heads=w * 32 // 64)
+            vision = ModifiedResNet(image_size=grid * 32, layers=blocks, width=w, heads=w * 32 // 64, embed_dim=embed)
     except KeyError as e:
         raise ValueError(f"{what}: cannot infer the CLIP architecture: key {e.args[0]!r} (in our naming) is "
                          "missing; pass spec=... explicitly") from None
-    return CLIPConfig(embed_dim=embed, vision=vision, text=text)
+    return CLIP(visual=vision, text=text)
 
 
 def _is_resnet(state_dict: Mapping[str, Tensor]) -> bool:
@@ -152,7 +156,7 @@ def _from(state_dict: Mapping[str, Tensor], vit: Table, resnet: Table, spec: CLI
           with_state: bool, what: str):
     table = resnet if _is_resnet(state_dict) else vit
     if spec is None:
-        spec = CLIP(_config_from_ours(table.rename(state_dict), quick_gelu, what))
+        spec = _config_from_ours(table.rename(state_dict), quick_gelu, what)
     params, state = table.to_ours(state_dict, spec, with_state=True)
     if with_state:
         return params, state
@@ -169,7 +173,7 @@ def _to(params: Params, state: Params | None, spec: CLIP | None, vit: Table, res
         what: str) -> dict[str, Tensor]:
     is_resnet = "attnpool" in params.get("visual", {})
     if spec is None and state is None and is_resnet:  # the initial batch-norm statistics are needed
-        spec = CLIP(_config_from_ours(flatten(params), True, what))
+        spec = _config_from_ours(flatten(params), True, what)
     return (resnet if is_resnet else vit).to_theirs(params, state, spec)
 
 
@@ -186,15 +190,15 @@ def detect_layout(state_dict: Mapping[str, Tensor]) -> str:
                      f"first keys: {keys[:5]}")
 
 
-def config_from_open_clip(state_dict: Mapping[str, Tensor], quick_gelu: bool = True) -> CLIPConfig:
-    """The :class:`CLIPConfig` of an OpenAI / open_clip state dict, read off its shapes (as OpenAI's
+def config_from_open_clip(state_dict: Mapping[str, Tensor], quick_gelu: bool = True) -> CLIP:
+    """The :class:`CLIP` spec of an OpenAI / open_clip state dict, read off its shapes (as OpenAI's
     ``build_model``); heads are width / 64, the activation is ``quick_gelu``'s."""
     table = OPEN_CLIP_RESNET if _is_resnet(state_dict) else OPEN_CLIP
     return _config_from_ours(table.rename(state_dict), quick_gelu, "config_from_open_clip")
 
 
-def config_from_torchmultimodal(state_dict: Mapping[str, Tensor], quick_gelu: bool = True) -> CLIPConfig:
-    """The :class:`CLIPConfig` of a TorchMultimodal CLIP state dict, read off its shapes."""
+def config_from_torchmultimodal(state_dict: Mapping[str, Tensor], quick_gelu: bool = True) -> CLIP:
+    """The :class:`CLIP` spec of a TorchMultimodal CLIP state dict, read off its shapes."""
     table = TORCHMULTIMODAL_RESNET if _is_resnet(state_dict) else TORCHMULTIMODAL
     return _config_from_ours(table.rename(state_dict), quick_gelu, "config_from_torchmultimodal")
 

@@ -1,9 +1,14 @@
 """The CLIP model spec: an image tower, a text tower and a learnable temperature.
 
-``params = {"visual": ..., "text": ..., "logit_scale": ()}``. ResNet image towers carry
-batch-norm running statistics as explicit state (``spec.init_state() = {"visual": ...}``;
-``None`` for ViT towers); every entry point takes it as ``state=`` and normalises with it
-(frozen) unless ``training=True`` is asked of :meth:`CLIP.__call__`.
+``CLIP(visual=CLIPVisionTransformer | ModifiedResNet, text=CLIPTextTransformer, logit_scale_init)``:
+the towers are the spec's fields, built once by a builder (``builders.py``). ``params =
+{"visual": ..., "text": ..., "logit_scale": ()}``.
+
+State: a ResNet image tower carries batch-norm running statistics (``spec.init_state() =
+{"visual": ...}``); a ViT tower has none (``init_state() is None``). The core's rule for stateful
+specs applies: a CLIP whose ``init_state()`` is not ``None`` always returns ``(CLIPOutput,
+new_state)`` from ``__call__`` (``state=None``: fresh statistics), whatever the mode; a ViT CLIP
+returns ``CLIPOutput``. The ``encode_*`` entry points never update state and return tensors.
 
 >>> import torch
 >>> from polymodal.core import random as pr
@@ -18,7 +23,8 @@ batch-norm running statistics as explicit state (``spec.init_state() = {"visual"
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -28,10 +34,9 @@ from torch import Tensor
 from ...core import random as pr
 from ...core.pytree import Params
 from ...core.spec import Spec
-from .config import CLIPConfig
 from .resnet import ModifiedResNet
-from .text import TextTransformer
-from .vision import VisionTransformer
+from .text import CLIPTextTransformer, trim_padding
+from .vision import CLIPVisionTransformer
 
 __all__ = ["CLIP", "CLIPOutput"]
 
@@ -50,54 +55,66 @@ class CLIP(Spec):
 
     * ``encode_image(params, images, normalize=True, *, state=None, key=None) -> (B, E)``
     * ``encode_text(params, tokens, normalize=True) -> (B, E)``
-    * ``clip(params, images, tokens) -> CLIPOutput``; with ``state=`` given (ResNet towers),
-      ``(CLIPOutput, new_state)``, the core's convention for stateful specs.
+    * ``clip(params, images, tokens) -> CLIPOutput`` (ViT tower);
+      ``clip(params, images, tokens, state) -> (CLIPOutput, new_state)`` (ResNet tower, always).
 
-    ``key`` enables the ViT's patch dropout when the config has one (the only randomness).
+    ``key`` enables the ViT's patch dropout when it has one (the only randomness).
     """
 
-    config: CLIPConfig = field(default_factory=CLIPConfig)  # the architecture (see builders.py for the published ones)
+    visual: CLIPVisionTransformer | ModifiedResNet  # image tower
+    text: CLIPTextTransformer  # text tower (same embed_dim as the image tower)
+    logit_scale_init: float = math.log(1 / 0.07)  # initial log inverse temperature (CLIP paper, section 2.5)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.visual, (CLIPVisionTransformer, ModifiedResNet)):
+            raise TypeError(f"CLIP: visual: expected CLIPVisionTransformer or ModifiedResNet, "
+                            f"got {type(self.visual).__name__}")
+        if not isinstance(self.text, CLIPTextTransformer):
+            raise TypeError(f"CLIP: text: expected CLIPTextTransformer, got {type(self.text).__name__}")
+        if self.visual.embed_dim != self.text.embed_dim:
+            raise ValueError(f"CLIP: the towers must share embed_dim: visual has {self.visual.embed_dim}, "
+                             f"text has {self.text.embed_dim}")
+
+    @property
+    def embed_dim(self) -> int:
+        """Size of the joint image-text embedding."""
+        return self.visual.embed_dim
 
     @property
     def is_resnet(self) -> bool:
-        return self.config.is_resnet
-
-    def visual(self) -> VisionTransformer | ModifiedResNet:
-        c = self.config
-        if c.is_resnet:
-            return ModifiedResNet(c.vision, c.embed_dim)
-        return VisionTransformer(c.vision, c.embed_dim)
-
-    def text(self) -> TextTransformer:
-        return TextTransformer(self.config.text, self.config.embed_dim)
-
-    def block_stacks(self) -> list[str]:
-        return [f"visual.{s}" for s in self.visual().block_stacks()] + [f"text.{s}" for s in self.text().block_stacks()]
+        return isinstance(self.visual, ModifiedResNet)
 
     @property
     def image_size(self) -> int:
-        return self.config.vision.image_size
+        return self.visual.image_size
 
     @property
     def context_length(self) -> int:
-        return self.config.text.context_length
+        return self.text.context_length
+
+    def trim_text(self, tokens: Tensor, multiple_of: int | None = None) -> Tensor:
+        """``tokens (B, T)`` cut after the last end-of-text position (:func:`trim_padding`): what
+        :meth:`encode_text` embeds exactly as the padded rows, for less work."""
+        return trim_padding(tokens, multiple_of)
 
     def init(self, *, key: Tensor) -> Params:
         kv, kt = pr.split(key)
-        return {"visual": self.visual().init(key=kv), "text": self.text().init(key=kt),
-                "logit_scale": torch.tensor(float(self.config.logit_scale_init))}
+        return {"visual": self.visual.init(key=kv), "text": self.text.init(key=kt),
+                "logit_scale": torch.tensor(float(self.logit_scale_init))}
 
     def init_state(self) -> Params | None:
         """``{"visual": batch-norm statistics}`` for ResNet towers, ``None`` for ViT towers."""
-        return {"visual": self.visual().init_state()} if self.is_resnet else None
+        return {"visual": self.visual.init_state()} if self.is_resnet else None
 
     def _image(self, params: Params, images: Tensor, state: Params | None, training: bool,
                key: Tensor | None) -> tuple[Tensor, Params | None]:
         if self.is_resnet:
             old = None if state is None else state["visual"]
-            y, new = self.visual()(params["visual"], images, old, training=training)
+            y, new = self.visual(params["visual"], images, old, training=training)
             return y, (state if new is old else {"visual": new})
-        return self.visual()(params["visual"], images, key=key), state
+        if state is not None:
+            raise ValueError("CLIP: state: a ViT image tower has no state (init_state() is None), got a state")
+        return self.visual(params["visual"], images, key=key), None
 
     def encode_image(self, params: Params, images: Tensor, normalize: bool = True, *, state: Params | None = None,
                      key: Tensor | None = None) -> Tensor:
@@ -110,24 +127,22 @@ class CLIP(Spec):
         return F.normalize(y, dim=-1) if normalize else y
 
     def encode_text(self, params: Params, tokens: Tensor, normalize: bool = True) -> Tensor:
-        """``tokens (B, context_length)`` int -> ``(B, E)`` text embeddings (unit norm if ``normalize``)."""
-        y = self.text()(params["text"], tokens)
+        """``tokens (B, T <= context_length)`` int -> ``(B, E)`` text embeddings (unit norm if ``normalize``)."""
+        y = self.text(params["text"], tokens)
         return F.normalize(y, dim=-1) if normalize else y
 
     def __call__(self, params: Params, images: Tensor, tokens: Tensor, state: Params | None = None, *,
-                 training: bool = False, key: Tensor | None = None) -> CLIPOutput | tuple[CLIPOutput, Params | None]:
+                 training: bool = False, key: Tensor | None = None) -> CLIPOutput | tuple[CLIPOutput, Params]:
         """Both towers, L2-normalised, and the log temperature.
 
         Args:
-            images: ``(B, 3, S, S)`` float. tokens: ``(B', context_length)`` int.
-            state: batch-norm statistics (ResNet towers). When given, the return value is
-                ``(CLIPOutput, new_state)``; ``training=True`` then normalises with batch
-                statistics and advances them (unless the config freezes them).
-            key: patch-dropout key (ViT configs with ``patch_dropout > 0``).
+            images: ``(B, 3, S, S)`` float. tokens: ``(B', T <= context_length)`` int.
+            state: batch-norm statistics (ResNet towers; ``None``: fresh ones). ``training=True``
+                normalises with batch statistics and advances them (unless ``frozen_bn``).
+            key: patch-dropout key (ViT towers with ``patch_dropout > 0``).
+        Returns:
+            ResNet tower: ``(CLIPOutput, new_state)``, always; ViT tower: ``CLIPOutput``.
         """
-        if training and self.is_resnet and state is None:
-            raise ValueError("CLIP: training=True with a ResNet tower needs state= (from init_state()), "
-                             "or its updated batch-norm statistics would be lost")
         image, new_state = self._image(params, images, state, training, key)
         out = CLIPOutput(F.normalize(image, dim=-1), self.encode_text(params, tokens), params["logit_scale"])
-        return out if state is None else (out, new_state)
+        return (out, new_state) if self.is_resnet else out

@@ -16,12 +16,12 @@ Params and state use OpenAI's / open_clip's names, so their state dicts map one 
 ``y, new_state = resnet(params, x, state, training=...)``: ``training=False`` (the default)
 normalises with the running statistics and returns ``state`` unchanged (frozen, as in
 evaluation); ``training=True`` uses batch statistics and returns advanced running statistics,
-exactly as ``torch.nn.BatchNorm2d`` in train mode, unless the config sets ``frozen_bn``.
+exactly as ``torch.nn.BatchNorm2d`` in train mode, unless the spec sets ``frozen_bn``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -35,15 +35,14 @@ from ...core.layers.attention import attention, merge_heads, split_heads
 from ...core.layers.seam import run_layers
 from ...core.pytree import Params, tree_map
 from ...core.spec import Spec, check_floating, check_ndim
-from .config import ModifiedResNetConfig
-from .vision import check_images
+from .vision import check_images, check_positive
 
 __all__ = ["ModifiedResNet", "Bottleneck", "AttentionPool2d"]
 
 EXPANSION = 4
 
 
-def _bn(cfg: ModifiedResNetConfig, channels: int) -> BatchNorm2d:
+def _bn(cfg: Bottleneck | ModifiedResNet, channels: int) -> BatchNorm2d:
     return BatchNorm2d(channels, eps=cfg.bn_eps, momentum=cfg.bn_momentum, frozen=cfg.frozen_bn)
 
 
@@ -59,7 +58,9 @@ class Bottleneck(Spec):
     inplanes: int  # input channels
     planes: int  # bottleneck channels (the output has 4 * planes)
     stride: int = 1  # downsampling factor (by average pooling)
-    cfg: ModifiedResNetConfig = field(default_factory=ModifiedResNetConfig)  # batch-norm settings
+    bn_eps: float = 1e-5  # eps of every BatchNorm
+    bn_momentum: float = 0.1  # running-statistics update factor in training mode
+    frozen_bn: bool = False  # always normalise with the running statistics
 
     @property
     def has_downsample(self) -> bool:
@@ -67,8 +68,8 @@ class Bottleneck(Spec):
 
     def _layers(self) -> dict[str, Spec]:
         p, out = self.planes, self.planes * EXPANSION
-        return {"conv1": _conv(self.inplanes, p, 1), "bn1": _bn(self.cfg, p), "conv2": _conv(p, p, 3),
-                "bn2": _bn(self.cfg, p), "conv3": _conv(p, out, 1), "bn3": _bn(self.cfg, out)}
+        return {"conv1": _conv(self.inplanes, p, 1), "bn1": _bn(self, p), "conv2": _conv(p, p, 3),
+                "bn2": _bn(self, p), "conv3": _conv(p, out, 1), "bn3": _bn(self, out)}
 
     def init(self, *, key: Tensor) -> Params:
         k1, k2, k3, kd = pr.split(key, 4)
@@ -77,13 +78,13 @@ class Bottleneck(Spec):
         p["bn3"]["weight"] = torch.zeros_like(p["bn3"]["weight"])  # OpenAI: each block starts as identity
         if self.has_downsample:
             out = self.planes * EXPANSION
-            p["downsample"] = [_conv(self.inplanes, out, 1).init(key=kd), _bn(self.cfg, out).init()]
+            p["downsample"] = [_conv(self.inplanes, out, 1).init(key=kd), _bn(self, out).init()]
         return p
 
     def init_state(self) -> Params:
         s = {n: spec.init_state() for n, spec in self._layers().items() if n.startswith("bn")}
         if self.has_downsample:
-            s["downsample"] = {"1": _bn(self.cfg, self.planes * EXPANSION).init_state()}
+            s["downsample"] = {"1": _bn(self, self.planes * EXPANSION).init_state()}
         return s
 
     def __call__(self, params: Params, x: Tensor, state: Params, *, training: bool = False) -> tuple[Tensor, Params]:
@@ -106,7 +107,7 @@ class Bottleneck(Spec):
                 identity = F.avg_pool2d(identity, self.stride)
             out_c = self.planes * EXPANSION
             identity = _conv(self.inplanes, out_c, 1)(params["downsample"][0], identity)
-            identity, ds = _bn(self.cfg, out_c)(params["downsample"][1], identity, state["downsample"]["1"],
+            identity, ds = _bn(self, out_c)(params["downsample"][1], identity, state["downsample"]["1"],
                                                 training=training)
             new["downsample"] = {"1": ds}
         return F.relu(out + identity), new
@@ -151,54 +152,82 @@ class AttentionPool2d(Spec):
 
 @dataclass(frozen=True)
 class ModifiedResNet(Spec):
-    """CLIP ResNet: ``images (B, 3, S, S) -> ((B, embed_dim), new_state)``; see the module docstring.
+    """CLIP ResNet (CLIP paper, Table 19; "width" there is ``32 * width`` here; the defaults are RN50's):
+    ``images (B, 3, S, S) -> ((B, embed_dim), new_state)``; see the module docstring.
 
     >>> import torch
     >>> from polymodal.core import random as pr
-    >>> rn = ModifiedResNet(ModifiedResNetConfig(image_size=64, layers=(1, 1, 1, 1), width=16, heads=2), 32)
+    >>> rn = ModifiedResNet(image_size=64, layers=(1, 1, 1, 1), width=16, heads=2, embed_dim=32)
     >>> p, s = rn.init(key=pr.key(0)), rn.init_state()
     >>> y, s2 = rn(p, torch.randn(2, 3, 64, 64), s)
     >>> y.shape, s2 is s
     (torch.Size([2, 32]), True)
     """
 
-    config: ModifiedResNetConfig = field(default_factory=ModifiedResNetConfig)  # the architecture
+    image_size: int = 224  # side of the square input image (a multiple of 32)
+    layers: tuple[int, int, int, int] = (3, 4, 6, 3)  # bottleneck blocks per stage
+    width: int = 64  # stem width; stage s has width * 2**s planes, expanded x4
+    heads: int = 32  # heads of the attention pooling (OpenAI: 32 * width // 64)
     embed_dim: int = 1024  # output size (the joint embedding)
+    bn_eps: float = 1e-5  # eps of every BatchNorm
+    bn_momentum: float = 0.1  # running-statistics update factor in training mode
+    frozen_bn: bool = False  # always normalise with the running statistics, even when training=True
+
+    def __post_init__(self) -> None:
+        name = type(self).__name__
+        object.__setattr__(self, "layers", tuple(int(n) for n in self.layers))
+        if len(self.layers) != 4 or any(n < 1 for n in self.layers):
+            raise ValueError(f"{name}: layers: expected 4 positive block counts, got {self.layers}")
+        check_positive(name, image_size=self.image_size, width=self.width, heads=self.heads, embed_dim=self.embed_dim)
+        if self.image_size % 32:
+            raise ValueError(f"{name}: image_size ({self.image_size}) must be a multiple of 32")
+        if self.width % 2 or (32 * self.width) % self.heads:
+            raise ValueError(f"{name}: width ({self.width}) must be even and 32 * width divisible by heads ({self.heads})")
+
+    @property
+    def grid(self) -> int:
+        """Side of the final feature map (the attention pool's grid)."""
+        return self.image_size // 32
+
+    @property
+    def feature_dim(self) -> int:
+        """Channels of the last stage, pooled by attention (RN50: 2048)."""
+        return self.width * 32
 
     def _stem(self) -> list[tuple[str, Spec]]:
-        w = self.config.width
-        return [("conv1", Conv2d(3, w // 2, 3, stride=2, padding=1, bias=False)), ("bn1", _bn(self.config, w // 2)),
-                ("conv2", _conv(w // 2, w // 2, 3)), ("bn2", _bn(self.config, w // 2)),
-                ("conv3", _conv(w // 2, w, 3)), ("bn3", _bn(self.config, w))]
+        w = self.width
+        return [("conv1", Conv2d(3, w // 2, 3, stride=2, padding=1, bias=False)), ("bn1", _bn(self, w // 2)),
+                ("conv2", _conv(w // 2, w // 2, 3)), ("bn2", _bn(self, w // 2)),
+                ("conv3", _conv(w // 2, w, 3)), ("bn3", _bn(self, w))]
 
     def block_stacks(self) -> list[str]:
         return ["layer1", "layer2", "layer3", "layer4"]  # the stem and attnpool run outside the seam
 
     def block(self, stage: int, i: int) -> Bottleneck:
         """Block ``i`` of stage ``stage`` (0-based): the first changes width and stride."""
-        w = self.config.width
+        w = self.width
+        bn = {"bn_eps": self.bn_eps, "bn_momentum": self.bn_momentum, "frozen_bn": self.frozen_bn}
         planes = w * 2**stage
         if i == 0:
             inplanes = w if stage == 0 else w * 2 ** (stage - 1) * EXPANSION
-            return Bottleneck(inplanes, planes, 1 if stage == 0 else 2, self.config)
-        return Bottleneck(planes * EXPANSION, planes, 1, self.config)
+            return Bottleneck(inplanes, planes, 1 if stage == 0 else 2, **bn)
+        return Bottleneck(planes * EXPANSION, planes, 1, **bn)
 
     def attnpool(self) -> AttentionPool2d:
-        c = self.config
-        return AttentionPool2d(c.grid, c.feature_dim, c.heads, self.embed_dim)
+        return AttentionPool2d(self.grid, self.feature_dim, self.heads, self.embed_dim)
 
     def init(self, *, key: Tensor) -> Params:
         k_stem, k_stages, k_pool = pr.split(key, 3)
         stem_keys = pr.split(k_stem, 3)
         p: Params = {n: s.init(key=stem_keys[int(n[-1]) - 1]) for n, s in self._stem()}
-        for s, (n, k) in enumerate(zip(self.config.layers, pr.split(k_stages, 4))):
+        for s, (n, k) in enumerate(zip(self.layers, pr.split(k_stages, 4))):
             p[f"layer{s + 1}"] = [self.block(s, i).init(key=ki) for i, ki in enumerate(pr.split(k, n))]
         p["attnpool"] = self.attnpool().init(key=k_pool)
         return p
 
     def init_state(self) -> Params:
         s: Params = {n: spec.init_state() for n, spec in self._stem() if n.startswith("bn")}
-        for stage, n in enumerate(self.config.layers):
+        for stage, n in enumerate(self.layers):
             s[f"layer{stage + 1}"] = [self.block(stage, i).init_state() for i in range(n)]
         return s
 
@@ -209,10 +238,10 @@ class ModifiedResNet(Spec):
         Returns ``((B, embed_dim), new_state)``; without training (or with ``frozen_bn``) the
         returned state is ``state`` itself.
         """
-        check_images(type(self).__name__, images, self.config.image_size)
+        check_images(type(self).__name__, images, self.image_size)
         if state is None:
             state = tree_map(lambda t: t.to(images.device), self.init_state())
-        train = training and not self.config.frozen_bn
+        train = training and not self.frozen_bn
         new: Params = {}
         x = images
         if images.device.type == "cpu" and outside_func_transforms():

@@ -117,15 +117,16 @@ def make_datasets(data: str, image_size: int, *, seed: int, train_size: int, eva
                   skip_bad: bool) -> Datasets:
     """``data="synthetic"`` or a path to a JSONL/CSV of (image, caption) or WebDataset shards (``*.tar``)."""
     from ...data import ImageTextFolder, SyntheticCaptions
+    from ...data.stream import is_shard_pattern
     from ...data.transforms import CLIPImageTransform
 
     if data == "synthetic":
         mk = lambda split, n: SyntheticCaptions(split, size=n, image_size=image_size, seed=seed, normalize=True)  # noqa: E731
         train = mk("train", train_size)
         return Datasets(train, mk("eval", eval_size), mk("heldout", eval_size), train.prompts())
-    if data.endswith(".tar") or "{" in data:
-        raise ValueError("WebDataset shards stream without an index: use polymodal.data.webdataset_pipeline in Python "
-                         "(the CLI trains on map-style data: 'synthetic' or a JSONL/CSV file)")
+    if is_shard_pattern(data):
+        raise ValueError("make_datasets: WebDataset shards are not a map-style dataset: stream them with "
+                         "polymodal.data.ShardStream (as CLIPTask does for --data 'shards/{000000..000099}.tar')")
     transform = CLIPImageTransform(image_size, is_train=True)
     ds = ImageTextFolder(image_root or str(__import__("pathlib").Path(data).parent), data, transform=transform,
                          skip_bad=skip_bad)
@@ -192,8 +193,11 @@ def evaluate(model, params: Params, datasets: Datasets, *, batch_size: int = 128
 class CLIPOptions:
     """``polymodal train clip``'s data options (the loop's are :class:`polymodal.train.LoopConfig`)."""
 
-    data: str = option("synthetic", "'synthetic' (built-in shapes captions, the default) or a JSONL/CSV of "
-                       "image,caption rows")
+    data: str = option("synthetic", "'synthetic' (built-in shapes captions, the default), a JSONL/CSV of "
+                       "image,caption rows, or WebDataset shards ('shards/{000000..000099}.tar': streamed, resumable; "
+                       "with --train-num-samples)")
+    train_num_samples: int | None = option(None, "samples in an epoch of WebDataset shards, as open_clip's (needed "
+                                           "unless a sizes.json lies beside the shards)", positive=True)
     image_root: str | None = option(None, "folder that image paths in --data are relative to")
     epochs: float | None = option(None, "passes over the data (overrides --steps)")
     train_size: int = option(20_000, "synthetic training pairs", positive=True)
@@ -212,7 +216,8 @@ class CLIPOptions:
 
 
 class CLIPTask:
-    """Contrastive image-text pretraining of a CLIP preset on synthetic captions or a JSONL/CSV file.
+    """Contrastive image-text pretraining of a CLIP preset on synthetic captions, a JSONL/CSV file or
+    WebDataset shards (streamed by :class:`polymodal.data.ShardStream`, also a pure function of the step).
 
     Batches are a pure function of ``(seed, step)`` (:class:`StepBatches`), so a resumed run
     sees the data the uninterrupted one saw; each rank takes its slice of the global batch and
@@ -226,10 +231,20 @@ class CLIPTask:
     def __init__(self, preset: str, options: CLIPOptions, loop: Any) -> None:
         self.preset, self.options, self.loop = preset, options, loop
         self.model = build_model(preset)
-        self.data = make_datasets(options.data, self.model.image_size, seed=loop.seed, train_size=options.train_size,
-                                  eval_size=options.eval_size, image_root=options.image_root,
-                                  skip_bad=options.skip_bad)
-        n = len(self.data.train)
+        from ...data.stream import is_shard_pattern
+
+        self.shards = None
+        if is_shard_pattern(options.data):  # streamed (polymodal.data.ShardStream); the pattern and epoch checked here
+            self.shards = self._stream(0, 0, 1)
+            self.data, n = Datasets(None, None, None, None), self.shards.num_samples
+        elif options.train_num_samples is not None:
+            raise ValueError(f"--train-num-samples: for WebDataset shards ('shards/{{000000..000099}}.tar'), got "
+                             f"--data {options.data!r} (whose size is known)")
+        else:
+            self.data = make_datasets(options.data, self.model.image_size, seed=loop.seed,
+                                      train_size=options.train_size, eval_size=options.eval_size,
+                                      image_root=options.image_root, skip_bad=options.skip_bad)
+            n = len(self.data.train)
         self.steps = loop.steps if options.epochs is None else max(1, math.ceil(options.epochs * n / loop.batch_size))
         self.name, self.title = f"clip-{preset}", f"CLIP {preset} on {options.data}"
 
@@ -244,7 +259,22 @@ class CLIPTask:
                                     backprop_type="global" if world > 1 else "none")
         return LossOutput(loss, {}, new_state)
 
+    def _stream(self, start_step: int, rank: int, world: int):
+        from ...data import CLIPImageTransform, ShardStream
+
+        opts = self.options
+        return ShardStream(opts.data, batch_size=self.loop.batch_size, num_samples=opts.train_num_samples,
+                           key=pr.fold_in(pr.key(self.loop.seed), 1), start_step=start_step,
+                           stop_step=getattr(self, "steps", None), rank=rank, world=world,
+                           transform=CLIPImageTransform(self.model.image_size, is_train=True),
+                           skip_bad=opts.skip_bad)
+
     def train_batches(self, start_step: int, rank: int, world: int) -> DataLoader:
+        if self.shards is not None:  # each rank's batch of each step; the workers take turns by step
+            workers = self.options.workers
+            return DataLoader(self._stream(start_step, rank, world), batch_size=None,
+                              collate_fn=Collate(self.model.context_length), num_workers=workers,
+                              persistent_workers=workers > 0, pin_memory=torch.cuda.is_available())
         sampler = StepBatches(len(self.data.train), self.loop.batch_size, self.steps,
                               key=pr.fold_in(pr.key(self.loop.seed), 1), start_step=start_step, rank=rank, world=world)
         workers = self.options.workers

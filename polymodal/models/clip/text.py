@@ -1,8 +1,10 @@
-"""CLIP's text tower: a causal pre-norm transformer pooled at the end-of-text token.
+"""CLIP's text tower: a thin wrapper over the shared causal text transformer.
 
-Token + learned position embeddings, causal QuickGELU blocks (through the block seam),
-``ln_final``, the hidden state at the end-of-text token (CLIP's highest id, found by argmax),
-and a linear projection (Radford et al. 2021, section 2.4). Params::
+The shared :class:`~polymodal.core.encoders.text.TextTransformer` gives token + learned position
+embeddings, causal QuickGELU blocks (through the block seam), ``ln_final`` and the hidden state
+at the end-of-text token (CLIP's highest id, found by argmax); CLIP adds a linear projection,
+OpenAI's initialisation and :func:`trim_padding` (Radford et al. 2021, section 2.4). Params (the
+shared encoder's, plus ``text_projection``)::
 
     token_embedding: {weight (V, D)}, positional_embedding (T, D),
     transformer: {layers: [torch.nn.TransformerEncoderLayer names] * L},
@@ -11,23 +13,18 @@ and a linear projection (Radford et al. 2021, section 2.4). Params::
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from ...core import random as pr
-from ...core.layers.embedding import Embedding
-from ...core.layers.norm import LayerNorm
-from ...core.layers.transformer import TransformerEncoder
+from ...core.encoders.text import TextTransformer, text_transformer
 from ...core.pytree import Params
-from ...core.spec import Spec, check_dtype
-from .config import TextConfig
-from .vision import clip_blocks
+from ...core.spec import Spec
+from .vision import ACTIVATIONS, check_positive
 
-__all__ = ["TextTransformer", "openai_block_init", "trim_padding"]
-
-_INT = (torch.int64, torch.int32)
+__all__ = ["CLIPTextTransformer", "clip_text_transformer", "openai_block_init", "trim_padding"]
 
 
 def trim_padding(tokens: Tensor, multiple_of: int | None = None) -> Tensor:
@@ -78,70 +75,80 @@ def openai_block_init(layers: list[Params], width: int, *, key: Tensor) -> list[
     return out
 
 
+def clip_text_transformer(*, context_length: int = 77, vocab_size: int = 49408, width: int = 512, heads: int = 8,
+                          layers: int = 12, mlp_ratio: float = 4.0, activation: str = "quick_gelu",
+                          layer_norm_eps: float = 1e-5, embed_dim: int = 512) -> CLIPTextTransformer:
+    """CLIP's text tower (the defaults are ViT-B/32's): the shared causal text transformer pooled at
+    the row's largest id (CLIP's end-of-text), with ``ln_final``. Heads are width / 64 in OpenAI's
+    models; ``activation``: ``"quick_gelu"`` (OpenAI's weights) or ``"gelu"``."""
+    name = "clip_text_transformer"
+    check_positive(name, context_length=context_length, vocab_size=vocab_size, width=width, heads=heads,
+                   layers=layers, mlp_ratio=mlp_ratio, embed_dim=embed_dim)
+    if width % heads:
+        raise ValueError(f"{name}: width ({width}) must be divisible by heads ({heads})")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"{name}: activation: expected one of {ACTIVATIONS}, got {activation!r}")
+    encoder = text_transformer(vocab_size=vocab_size, context_length=context_length, width=width, layers=layers,
+                               heads=heads, mlp_dim=int(width * mlp_ratio), activation=activation,
+                               layer_norm_eps=layer_norm_eps)
+    return CLIPTextTransformer(encoder, embed_dim)
+
+
 @dataclass(frozen=True)
-class TextTransformer(Spec):
+class CLIPTextTransformer(Spec):
     """CLIP text encoder: ``tokens (B, T) int -> (B, embed_dim)`` (unnormalised features).
 
-    ``T`` must equal ``context_length`` (pad with :class:`~polymodal.data.CLIPTokenizer`).
+    ``1 <= T <= context_length``: attention is causal, so rows cut after their end-of-text token
+    (:func:`trim_padding`) give the same embeddings as padded ones.
 
     >>> import torch
     >>> from polymodal.core import random as pr
-    >>> enc = TextTransformer(TextConfig(context_length=8, vocab_size=100, width=32, heads=2, layers=2), 16)
+    >>> enc = clip_text_transformer(context_length=8, vocab_size=100, width=32, heads=2, layers=2, embed_dim=16)
     >>> tokens = torch.tensor([[98, 5, 7, 99, 0, 0, 0, 0]])
     >>> enc(enc.init(key=pr.key(0)), tokens).shape
     torch.Size([1, 16])
     """
 
-    config: TextConfig = field(default_factory=TextConfig)  # the architecture
-    embed_dim: int = 512  # output size (the joint embedding)
+    encoder: TextTransformer  # causal blocks, end-of-text pooling (largest id), ln_final
+    embed_dim: int  # output size (the joint embedding)
 
-    def token_embedding(self) -> Embedding:
-        return Embedding(self.config.vocab_size, self.config.width)
+    def __post_init__(self) -> None:
+        name, e = type(self).__name__, self.encoder
+        if not e.transformer.layer.is_causal or e.pool != "eot" or e.eot_id is not None or not e.final_norm:
+            raise ValueError(f"{name}: encoder: expected causal blocks, pool='eot' at the largest id and ln_final, "
+                             f"got is_causal={e.transformer.layer.is_causal}, pool={e.pool!r}, eot_id={e.eot_id}, "
+                             f"final_norm={e.final_norm}")
+        check_positive(name, embed_dim=self.embed_dim)
 
-    def norm(self) -> LayerNorm:
-        return LayerNorm(self.config.width, eps=self.config.layer_norm_eps)
+    @property
+    def context_length(self) -> int:
+        return self.encoder.context_length
 
-    def transformer(self) -> TransformerEncoder:
-        return clip_blocks(self.config, is_causal=True)
+    @property
+    def width(self) -> int:
+        return self.encoder.width
 
     def block_stacks(self) -> list[str]:
-        return [f"transformer.{s}" for s in self.transformer().block_stacks()]
+        return self.encoder.block_stacks()  # the encoder's subtrees sit at this tower's top level
 
     def init(self, *, key: Tensor) -> Params:
-        c = self.config
+        e, d = self.encoder, self.width
         k_tok, k_pos, k_tr, k_blocks, k_proj = pr.split(key, 5)
-        tr = self.transformer().init(key=k_tr)
-        tr["layers"] = openai_block_init(tr["layers"], c.width, key=k_blocks)
+        tr = e.transformer.init(key=k_tr)
+        tr["layers"] = openai_block_init(tr["layers"], d, key=k_blocks)
         return {
-            "token_embedding": {"weight": pr.normal(k_tok, (c.vocab_size, c.width)) * 0.02},
-            "positional_embedding": pr.normal(k_pos, (c.context_length, c.width)) * 0.01,
+            "token_embedding": {"weight": pr.normal(k_tok, (e.token_embedding.num_embeddings, d)) * 0.02},
+            "positional_embedding": pr.normal(k_pos, (e.context_length, d)) * 0.01,
             "transformer": tr,
-            "ln_final": self.norm().init(key=key),
-            "text_projection": pr.normal(k_proj, (c.width, self.embed_dim)) * c.width**-0.5,
+            "ln_final": e.norm().init(key=key),
+            "text_projection": pr.normal(k_proj, (d, self.embed_dim)) * d**-0.5,
         }
 
-    def check_tokens(self, tokens: Tensor) -> None:
-        name = type(self).__name__
-        check_dtype(tokens, f"{name}: tokens", _INT)
-        t = self.config.context_length
-        if tokens.dim() != 2 or not 1 <= tokens.shape[1] <= t:
-            raise ValueError(f"{name}: tokens: expected shape (B, T) with 1 <= T <= {t} (context_length {t}), "
-                             f"got {tuple(tokens.shape)}")
-
-    def hidden_states(self, params: Params, tokens: Tensor, *, select: Tensor | None = None) -> Tensor:
-        """Per-token states after ``ln_final``: ``(B, T, D)``; with ``select`` (``(B,)`` positions)
-        the last block computes those positions only: ``(B, 1, D)``.
-
-        ``T`` may be below ``context_length`` (positions ``0..T-1``): attention is causal, so a row's
-        states up to its end-of-text token are the same whatever padding follows; see
-        :func:`trim_padding`."""
-        self.check_tokens(tokens)
-        positions = params["positional_embedding"][: tokens.shape[1]]
-        x = self.token_embedding()(params["token_embedding"], tokens) + positions
-        x = self.transformer()(params["transformer"], x, select=select).last_hidden_state
-        return self.norm()(params["ln_final"], x)
+    def hidden_states(self, params: Params, tokens: Tensor) -> Tensor:
+        """Per-token states after ``ln_final``: ``(B, T, D)``, ``T <= context_length``."""
+        return self.encoder(params, tokens).last_hidden_state
 
     def __call__(self, params: Params, tokens: Tensor) -> Tensor:
-        """``tokens (B, T)`` -> ``(B, embed_dim)``: the end-of-text state, projected."""
-        eot = tokens.argmax(-1)  # the end-of-text token has the largest id (CLIP's convention)
-        return self.hidden_states(params, tokens, select=eot)[..., 0, :] @ params["text_projection"]
+        """``tokens (B, T)`` -> ``(B, embed_dim)``: the end-of-text state, projected; the last block
+        computes that position only."""
+        return self.encoder(params, tokens, pooled_only=True).pooled @ params["text_projection"]
