@@ -139,6 +139,7 @@ def _relaunch(argv: list[str], nproc: int) -> int:
 def _cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
     import torch.distributed as dist
 
+    from .data.stream import is_shard_pattern
     from .registry import family
     from .train.loop import LoopConfig, init_distributed, resolve_device, train
     from .train.task import make_task
@@ -161,8 +162,9 @@ def _cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
         raise CLIError("--shard needs several processes: add --nproc 2 (or more)")
     if os.path.exists(os.path.join(args.out, "checkpoints", "latest.json")) and not args.resume:
         raise CLIError(f"{args.out} already holds a run: pass --resume to continue it, or choose another --out")
-    if getattr(args, "data", "synthetic") != "synthetic" and not os.path.exists(args.data):
-        raise CLIError(f"--data: no such file {args.data!r} (expected 'synthetic' or a JSONL/CSV file)")
+    data = getattr(args, "data", "synthetic")
+    if data != "synthetic" and not os.path.exists(data) and not is_shard_pattern(data):  # shards: checked by the task
+        raise CLIError(f"--data: no such file {data!r} (expected 'synthetic', a JSONL/CSV file or WebDataset shards)")
     cfg = LoopConfig(**{k: given[k] for k in loop_fields if k in given}, progress=not args.no_progress)
     try:
         task = make_task(args.family, args.preset, options, cfg)
