@@ -15,12 +15,18 @@ from .accountant import Accountant, check_delta, check_noise_multiplier, check_s
 from .prv import PRVAccountant
 from .rdp import RDPAccountant
 
-__all__ = ["ACCOUNTANTS", "make_accountant", "epsilon", "noise_multiplier_for_epsilon"]
+__all__ = ["ACCOUNTANTS", "MIN_SEARCH_SIGMA", "make_accountant", "epsilon", "noise_multiplier_for_epsilon"]
 
 #: accountant classes by mechanism name
 ACCOUNTANTS: dict[str, type[Accountant]] = {"rdp": RDPAccountant, "prv": PRVAccountant}
 
 _MAX_SIGMA = 1e6  # as Opacus: a budget that needs more noise than this is treated as unreachable
+# The search never goes below this noise multiplier: epsilon is in the thousands there for any
+# ordinary schedule (no meaningful privacy), and the accountants' cost grows without bound as
+# sigma -> 0 (RDP's fractional orders integrate on a grid of ~alpha / sigma^2 points; PRV's FFT
+# domain grows with epsilon), so a huge budget (1e9) made the bisection hang.
+MIN_SEARCH_SIGMA = 0.1
+_MAX_BISECTIONS = 100
 
 
 def make_accountant(accountant: str = "rdp") -> Accountant:
@@ -72,8 +78,13 @@ def noise_multiplier_for_epsilon(
     """Smallest noise multiplier (found by bisection) whose epsilon is at most ``target_epsilon``.
 
     The search is Opacus's ``get_noise_multiplier``: double ``sigma`` from 10 until the
-    budget holds, then bisect from ``[0, sigma]`` until the epsilon reached is within
-    ``tol`` below the target; the returned ``sigma`` always satisfies the budget.
+    budget holds, then bisect from ``[0, sigma]`` until the epsilon reached is within ``tol``
+    below the target (or the interval stops shrinking, at most 100 halvings); the returned
+    ``sigma`` always satisfies the budget. No sigma below ``MIN_SEARCH_SIGMA`` (0.1) is ever
+    evaluated: when that noise already stays within the budget (by the RDP bound: fast to
+    compute, and a valid upper bound for either accountant), ``MIN_SEARCH_SIGMA`` is returned
+    with a warning, so a huge budget (``1e9``) answers at once instead of hanging. (PRV's
+    epsilon costs seconds for sigma below ~0.3: budgets in the hundreds search slowly with it.)
 
     Args:
         target_epsilon: the epsilon budget, ``> 0``.
@@ -118,8 +129,23 @@ def noise_multiplier_for_epsilon(
                 f"{where}: target_epsilon={target_epsilon} at delta={delta} is out of reach with "
                 f"sample_rate={sample_rate} and steps={steps} (noise_multiplier would exceed {_MAX_SIGMA:g})"
             )
-    while target - eps_high > tol:
+    if target - eps_high > tol:  # bisection ahead: is the floor already within budget?
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            eps_floor = epsilon(MIN_SEARCH_SIGMA, q, n, delta, "rdp")
+        if eps_floor <= target:
+            warnings.warn(
+                f"{where}: target_epsilon={target_epsilon} is so large that noise_multiplier="
+                f"{MIN_SEARCH_SIGMA} (the smallest searched) already gives epsilon {eps_floor:.4g}; using it. "
+                "Such a budget gives no meaningful privacy guarantee", UserWarning, stacklevel=2)
+            return MIN_SEARCH_SIGMA
+    for _ in range(_MAX_BISECTIONS):
+        if not target - eps_high > tol or sigma_high - sigma_low <= 1e-12 * sigma_high:
+            break
         sigma = (sigma_low + sigma_high) / 2
+        if sigma < MIN_SEARCH_SIGMA:  # epsilon there exceeds eps_floor > target: not evaluated
+            sigma_low = sigma
+            continue
         e = eps(sigma)
         if e < target:
             sigma_high, eps_high = sigma, e
