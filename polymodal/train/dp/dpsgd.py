@@ -61,6 +61,7 @@ class DPStepOutput(NamedTuple):
     step: int  # the step number used for the noise (DPSGD: steps taken so far)
     epsilon: float | None = None  # DPSGD: epsilon spent so far at its delta
     fallback: tuple[str, ...] = ()  # parameters computed by vmap (method="ghost")
+    nonfinite: int = 0  # real examples left out because their gradient was not finite (NaN / inf)
 
 
 def gaussian_noise(key: Tensor, like: Params, std: float, *, noise: str = "generator") -> Params:
@@ -106,7 +107,10 @@ def _vmap_clip(loss_fn, params, batch, max_grad_norm, trainable, key, mask, chun
     parts = list(_chunks(loss_fn, params, names, batch, key, chunk_size, has_aux))
     flat = parts[0][0] if len(parts) == 1 else {k: torch.cat([g[k] for g, _, _ in parts]) for k in names}
     norms = torch.stack([sq_norms_of(v) for v in flat.values()]).sum(0).sqrt()
-    c = clip_factors(norms, max_grad_norm, mask) * scale
+    c = clip_factors(norms, max_grad_norm, mask) * scale  # 0 for non-finite norms
+    bad = ~torch.isfinite(norms)
+    if bool(bad.any()):  # left out: 0 * inf would be nan
+        flat = {k: v.masked_fill(bad.reshape((-1,) + (1,) * (v.dim() - 1)), 0.0) for k, v in flat.items()}
     sums = {k: torch.tensordot(c.to(v.dtype), v, dims=1) for k, v in flat.items()}
     losses = torch.cat([l for _, l, _ in parts])
     return grads_tree(params, sums), norms, losses, _cat_aux([a for _, _, a in parts]), ()
@@ -116,8 +120,16 @@ def dp_train_step(loss_fn: Callable, params: Params, batch: Any, *, max_grad_nor
                   expected_batch_size: float, key: Tensor, step: int = 0, optimizer: torch.optim.Optimizer | None = None,
                   mask: Tensor | None = None, loss_key: Tensor | None = None, method: str = "ghost",
                   trainable: Trainable = None, chunk_size: int | None = None, has_aux: bool = False,
-                  noise: str = "generator") -> DPStepOutput:
+                  noise: str = "generator", nonfinite: str = "skip") -> DPStepOutput:
     """One DP-SGD gradient (and optimizer step): clip per example, sum, add noise, average.
+
+    Non-finite per-example gradients (a NaN input, an overflow): such an example has no
+    direction to clip to. With ``nonfinite="skip"`` (default) it is left out of the sum (it
+    contributes 0, within the clipping bound the privacy analysis assumes), counted in
+    ``DPStepOutput.nonfinite`` and left out of the reported loss; the other examples and the
+    noise update the parameters as usual. With ``nonfinite="raise"`` a ``FloatingPointError``
+    naming the examples is raised before any parameter is updated (and, in :class:`DPSGD`,
+    before the accountant advances).
 
     Args:
         loss_fn: ``(params, batch[, key=]) -> losses (B,)`` (see :mod:`.per_sample`).
@@ -133,6 +145,7 @@ def dp_train_step(loss_fn: Callable, params: Params, batch: Any, *, max_grad_nor
         method: ``"ghost"`` (norm-only, book-keeping) or ``"vmap"`` (full per-example gradients).
         trainable, chunk_size, has_aux: as in :func:`.per_sample.per_sample_grads`.
         noise: ``"generator"`` or ``"portable"`` (see the module docstring).
+        nonfinite: ``"skip"`` or ``"raise"`` (above).
 
     Returns:
         :class:`DPStepOutput`.
@@ -145,6 +158,8 @@ def dp_train_step(loss_fn: Callable, params: Params, batch: Any, *, max_grad_nor
         raise ValueError(f"dp_train_step: expected_batch_size must be > 0, got {expected_batch_size!r}")
     if noise not in ("generator", "portable"):
         raise ValueError(f"dp_train_step: noise must be 'generator' or 'portable', got {noise!r}")
+    if nonfinite not in ("skip", "raise"):
+        raise ValueError(f"dp_train_step: nonfinite must be 'skip' or 'raise', got {nonfinite!r}")
     n = batch_size(batch)
     if mask is not None:
         if not isinstance(mask, Tensor) or mask.shape != (n,) or mask.dtype != torch.bool:
@@ -160,18 +175,27 @@ def dp_train_step(loss_fn: Callable, params: Params, batch: Any, *, max_grad_nor
                                                         chunk_size, has_aux, 1.0 / expected_batch_size)
     else:
         raise ValueError(f"dp_train_step: method must be 'ghost' or 'vmap', got {method!r}")
+    real = torch.ones(n, dtype=torch.bool, device=norms.device) if mask is None else mask.to(norms.device)
+    bad = ~torch.isfinite(norms) & real
+    n_bad = int(bad.sum())
+    if n_bad and nonfinite == "raise":
+        idx = bad.nonzero().flatten().tolist()
+        raise FloatingPointError(
+            f"dp_train_step: expected finite per-example gradients, got NaN/inf for {n_bad} example(s) "
+            f"(batch rows {idx[:10]}{' ...' if n_bad > 10 else ''}); nothing was updated. "
+            "nonfinite='skip' leaves such examples out instead")
     # the sums come divided by the expected batch size (folded into the clip factors)
     grads = _add_noise(sums, pr.fold_in(key, step), noise_multiplier * max_grad_norm / expected_batch_size, noise)
-    real = torch.ones(n, dtype=torch.bool, device=norms.device) if mask is None else mask.to(norms.device)
     count = max(int(real.sum()), 1)
-    loss = (losses * real.to(losses.dtype)).sum() / count
-    clipped = float(((norms > max_grad_norm) & real).sum()) / count
+    good = real & ~bad
+    loss = torch.where(good.to(losses.device), losses, losses.new_zeros(())).sum() / max(count - n_bad, 1)
+    clipped = float(((norms > max_grad_norm) & good).sum()) / count
     if optimizer is not None:
         leaves = pytree.flatten(params)
         for name, g in pytree.flatten(grads).items():
             leaves[name].grad = g.to(leaves[name].dtype)
         optimizer.step()
-    return DPStepOutput(grads, loss, norms, clipped, aux, step, None, fallback)
+    return DPStepOutput(grads, loss, norms, clipped, aux, step, None, fallback, n_bad)
 
 
 def noise_multiplier_for(target_epsilon: float, *, delta: float, sample_rate: float, steps: int | None = None,
@@ -207,7 +231,10 @@ class DPSGD:
         delta: the delta epsilon is reported at.
         key: noise key (step ``s`` uses ``fold_in(key, s)``). loss_key: dropout key, or None.
         accountant: ``"rdp"`` or ``"prv"``.
-        method, trainable, chunk_size, has_aux, noise: as in :func:`dp_train_step`.
+        method, trainable, chunk_size, has_aux, noise, nonfinite: as in :func:`dp_train_step`.
+
+    ``noise_multiplier=0`` is refused: it trains with epsilon = inf, i.e. no privacy at all (for
+    clipping without noise, call :func:`dp_train_step` directly).
 
     ``step(batch, mask=None)`` takes one step and returns :class:`DPStepOutput` with the epsilon
     spent so far; ``state_dict()`` / ``load_state_dict()`` save the step and the accountant (the
@@ -219,7 +246,8 @@ class DPSGD:
                  noise_multiplier: float | None = None, target_epsilon: float | None = None,
                  steps: int | None = None, epochs: float | None = None, loss_key: Tensor | None = None,
                  accountant: str = "rdp", method: str = "ghost", trainable: Trainable = None,
-                 chunk_size: int | None = None, has_aux: bool = False, noise: str = "generator") -> None:
+                 chunk_size: int | None = None, has_aux: bool = False, noise: str = "generator",
+                 nonfinite: str = "skip") -> None:
         if not 0 < sample_rate <= 1:
             raise ValueError(f"DPSGD: sample_rate must be in (0, 1], got {sample_rate!r}")
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
@@ -229,12 +257,24 @@ class DPSGD:
         if target_epsilon is not None:
             noise_multiplier = noise_multiplier_for(target_epsilon, delta=delta, sample_rate=sample_rate, steps=steps,
                                                     epochs=epochs, accountant=accountant)
+        try:
+            sigma = float(noise_multiplier)
+        except (TypeError, ValueError):
+            sigma = float("nan")
+        if isinstance(noise_multiplier, bool) or not 0 < sigma < float("inf"):
+            raise ValueError(
+                f"DPSGD: noise_multiplier must be a finite number > 0, got {noise_multiplier!r}"
+                + (": without noise epsilon is infinite (no privacy); for clipping alone call dp_train_step"
+                   if noise_multiplier == 0 else ""))
+        if nonfinite not in ("skip", "raise"):
+            raise ValueError(f"DPSGD: nonfinite must be 'skip' or 'raise', got {nonfinite!r}")
         self.loss_fn, self.params, self.optimizer = loss_fn, params, optimizer
         self.max_grad_norm, self.noise_multiplier = float(max_grad_norm), float(noise_multiplier)
         self.sample_rate, self.num_samples, self.delta = float(sample_rate), num_samples, float(delta)
         self.key, self.loss_key = key, loss_key
         self.accountant = make_accountant(accountant)
-        self.options = dict(method=method, trainable=trainable, chunk_size=chunk_size, has_aux=has_aux, noise=noise)
+        self.options = dict(method=method, trainable=trainable, chunk_size=chunk_size, has_aux=has_aux, noise=noise,
+                            nonfinite=nonfinite)
         self.steps_taken = 0
 
     @property

@@ -10,7 +10,8 @@ pass records each known layer's output gradient ``G`` next to its saved input ``
    broadcast parameters, and exact ``vmap(grad)`` for every parameter the tracer could not
    follow (the *fallback*, found in the autograd graph, so every model works);
 2. clip factors ``c_i = min(1, C / (||g_i|| + 1e-6))`` (Opacus's formula), times the
-   Poisson padding mask;
+   Poisson padding mask; an example with a non-finite gradient norm gets 0 and its gradient is
+   left out of the sums (:func:`clip_factors`);
 3. the clipped sum ``sum_i c_i g_i`` by book-keeping: ``(c * G)^T A`` from the stored
    tensors, one matmul per weight, no second backward.
 
@@ -66,8 +67,15 @@ class GhostResult(NamedTuple):
 
 
 def clip_factors(norms: Tensor, max_grad_norm: float, mask: Tensor | None = None) -> Tensor:
-    """``min(1, C / (norm + 1e-6))`` per example (Opacus's flat clipping), zero where ``mask`` is False."""
+    """``min(1, C / (norm + 1e-6))`` per example (Opacus's flat clipping), zero where ``mask`` is False
+    and where the norm is not finite.
+
+    An example whose gradient has a NaN or inf entry (NaN input, overflow) has no direction to
+    clip to: it is left out of the sum (factor 0, and the clipped sums zero its gradient rather than
+    compute ``0 * inf``), which contributes less than ``C`` as the privacy analysis requires.
+    :func:`~polymodal.train.dp.dp_train_step` counts such examples (``DPStepOutput.nonfinite``)."""
     c = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+    c = torch.where(torch.isfinite(norms), c, c.new_zeros(()))
     return c if mask is None else c * mask.to(c.dtype)
 
 
@@ -239,20 +247,25 @@ def _finish(params, names, leaves, per, groups, n, fallback, losses, aux, max_gr
     grads = None
     if max_grad_norm is not None:
         c = clip_factors(norms, max_grad_norm, mask) * scale
+        bad = ~torch.isfinite(norms)
+        drop = bad if bool(bad.any()) else None  # non-finite gradients: left out (see clip_factors)
         sums: dict[str, Tensor] = {}
         scaled: dict = {}
         for name in names:
             p = leaves[name]
             if name in per.dense:
-                sums[name] = torch.tensordot(c.to(p.dtype), per.dense.pop(name), dims=1)
+                v = per.dense.pop(name)
+                if drop is not None:
+                    v = v.masked_fill(drop.reshape((-1,) + (1,) * (v.dim() - 1)), 0.0)
+                sums[name] = torch.tensordot(c.to(p.dtype), v, dims=1)
                 continue
             by_rows = groups.pop(name, {})
             if list(by_rows) == [None]:
-                sums[name] = clipped_sum(by_rows[None], c, *_dims(p, None), scaled).reshape(p.shape)
+                sums[name] = clipped_sum(by_rows[None], c, *_dims(p, None), scaled, drop).reshape(p.shape)
             else:
                 out = p.new_zeros(p.shape)
                 for rows, calls in by_rows.items():
-                    m = clipped_sum(calls, c, *_dims(p, rows), scaled)
+                    m = clipped_sum(calls, c, *_dims(p, rows), scaled, drop)
                     out[rows[0]:rows[1]] += m.reshape((rows[1] - rows[0],) + tuple(p.shape[1:]))
                 sums[name] = out
             scaled.clear()

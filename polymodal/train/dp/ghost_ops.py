@@ -178,26 +178,34 @@ def sq_norms(calls: Sequence[Call], d_out: int, d_in: int, cache: dict | None = 
                       for s in range(0, b, step)])
 
 
-def clipped_sum(calls: Sequence[Call], factors: Tensor, d_out: int, d_in: int, cache: dict | None = None) -> Tensor:
+def clipped_sum(calls: Sequence[Call], factors: Tensor, d_out: int, d_in: int, cache: dict | None = None,
+                drop: Tensor | None = None) -> Tensor:
     """Book-keeping: ``sum_i factors_i * sum_c G_{c,i}^T A_{c,i}`` as ``(d_out, d_in)``, one matmul per call.
 
     The factors scale the narrower of ``A``/``G``; ``cache`` (``id(x) -> c * A``) shares a scaled
-    input between calls that read the same tensor (``in_proj_weight[:n]`` and ``[n:]``)."""
+    input between calls that read the same tensor (``in_proj_weight[:n]`` and ``[n:]``).
+    ``drop`` ``(B,)`` bool: examples left out entirely, their rows of ``A`` and ``G`` zeroed first
+    (a zero factor alone would give ``0 * inf = nan`` for an example with a non-finite gradient)."""
+    keep = None if drop is None else ~drop.reshape(-1, 1, 1)
+
+    def rows(t: Tensor) -> Tensor:
+        return t if keep is None else torch.where(keep, t, t.new_zeros(()))
+
     out = None
     for c in calls:
         w = factors.to(c.x.dtype if c.x.is_floating_point() else c.g.dtype).reshape(-1, 1, 1)
         if c.kind == "embedding":
-            a = c.a()
+            a = rows(c.a())
             m = a.new_zeros(d_out, d_in).index_add_(0, c.ids().reshape(-1), (a * w).reshape(-1, d_in))
         else:
-            g = c.gmat()
+            g = rows(c.gmat())
             if g.shape[-1] < d_in:
-                a = c.a()
+                a = rows(c.a())
                 g = g * w
             elif cache is not None and c.kind == "linear" and id(c.x) in cache:
                 a = cache[id(c.x)]
             else:
-                a = c.a() * w
+                a = rows(c.a()) * w
                 if cache is not None and c.kind == "linear":
                     cache[id(c.x)] = a
             m = g.reshape(-1, d_out).T @ a.reshape(-1, d_in)
