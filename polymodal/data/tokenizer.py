@@ -9,29 +9,28 @@ the Python side of a batch is text cleaning, regex splitting and dictionary look
 
 The merges file ``bpe_simple_vocab_16e6.txt.gz`` is taken from, in order: the
 ``merges_path`` argument; an installed ``open_clip`` package (it ships the file; the package
-is located, not imported); the cache ``$XDG_CACHE_HOME/polymodal`` (default
-``~/.cache/polymodal``), downloading it there from OpenAI's CLIP repository (sha256
-checked) when it is missing.
+is located, not imported); the hub's cache (:func:`polymodal.hub.cache_dir`, default
+``~/.cache/polymodal``), downloading it there through :func:`polymodal.hub.fetch` from OpenAI's
+CLIP repository (sha256 checked; ``$POLYMODAL_HUB_MIRROR`` first) when it is missing.
 """
 
 from __future__ import annotations
 
 import functools
 import gzip
-import hashlib
 import html
 import importlib.util
 import numbers
 import operator
 import os
-import tempfile
-import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+
+from .. import hub
 
 try:  # open_clip cleans with ftfy; without it, broken unicode (mojibake) is left as is
     import ftfy
@@ -102,11 +101,6 @@ def clean_text(text: str) -> str:
     return " ".join(text.split()).lower()
 
 
-def _cache_dir() -> Path:
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(root) / "polymodal"
-
-
 def _open_clip_merges() -> Path | None:
     """The copy shipped inside an installed open_clip (found without importing open_clip)."""
     try:
@@ -118,26 +112,6 @@ def _open_clip_merges() -> Path | None:
         if path.is_file():
             return path
     return None
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _download(dest: Path) -> None:
-    """Fetch the merges file to ``dest`` atomically, verifying its sha256."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=MERGES_FILENAME + ".")
-    try:
-        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(MERGES_URL, timeout=30) as r:
-            f.write(r.read())
-        got = _sha256(Path(tmp))
-        if got != MERGES_SHA256:
-            raise OSError(f"sha256 mismatch for {MERGES_URL}: expected {MERGES_SHA256}, got {got}")
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def find_merges_file(merges_path: str | os.PathLike | None = None) -> Path:
@@ -155,18 +129,12 @@ def find_merges_file(merges_path: str | os.PathLike | None = None) -> Path:
     path = _open_clip_merges()
     if path is not None:
         return path
-    path = _cache_dir() / MERGES_FILENAME
-    if path.is_file():
-        return path
     try:
-        _download(path)
-    except OSError as e:  # URLError and socket timeouts are OSErrors
-        raise FileNotFoundError(
-            f"CLIPTokenizer: could not find the BPE merges file '{MERGES_FILENAME}' and could not "
-            f"download it ({e}). Download {MERGES_URL} (sha256 {MERGES_SHA256}) and put it at "
-            f"'{path}', or pass merges_path=..., or install open_clip (it ships the file)."
-        ) from e
-    return path
+        return hub.fetch(MERGES_FILENAME, MERGES_URL, MERGES_SHA256, progress=False,
+                         hint="or pass merges_path=..., or install open_clip (it ships the file)")
+    except (RuntimeError, ValueError) as e:  # offline, or only wrong bytes came back
+        raise FileNotFoundError(f"CLIPTokenizer: could not find the BPE merges file '{MERGES_FILENAME}' and could "
+                                f"not download it: {e}") from e
 
 
 def _build(merges_path: Path) -> tuple[Tokenizer, list[str]]:

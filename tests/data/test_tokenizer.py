@@ -9,6 +9,7 @@ import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from polymodal import hub
 from polymodal.data import tokenizer as tk
 from polymodal.data.tokenizer import CLIPTokenizer
 
@@ -152,7 +153,9 @@ def no_open_clip(monkeypatch, tmp_path):
     net = FakeNet()
     monkeypatch.setattr(tk, "_open_clip_merges", lambda: None)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    monkeypatch.setattr(tk.urllib.request, "urlopen", net)
+    monkeypatch.delenv("POLYMODAL_CACHE", raising=False)  # the hub's cache is then $XDG_CACHE_HOME/polymodal
+    monkeypatch.delenv("POLYMODAL_HUB_MIRROR", raising=False)
+    monkeypatch.setattr(hub.urllib.request, "urlopen", net)
     return net, tmp_path / "polymodal" / tk.MERGES_FILENAME
 
 
