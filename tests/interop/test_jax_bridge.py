@@ -1,0 +1,174 @@
+"""The bridge (``to_jax_function``): polymodal functions under jax.grad / jit / vmap, optax training,
+dtypes, keys, and the errors for bad input. References are torch.func on the same torch code."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+jax = pytest.importorskip("jax")
+optax = pytest.importorskip("optax")
+
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from jax_cases import bert_layout_encoder  # noqa: E402
+from jax_testing import assert_tree_close, clip_loss_jax, clip_loss_torch, to_j  # noqa: E402
+from polymodal.core import pytree  # noqa: E402
+from polymodal.core import random as pr  # noqa: E402
+from polymodal.core.layers import MLP, Dropout  # noqa: E402
+from polymodal.interop.jax import key_from_jax, key_to_jax, to_jax_function  # noqa: E402
+from polymodal.models.clip import build  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def clip_setup():
+    clip = build("clip_tiny")
+    params = clip.init(key=pr.key(0))
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(4, 3, clip.image_size, clip.image_size, generator=g)
+    tokens = torch.randint(1, 1000, (4, clip.context_length), generator=g)
+    return clip, params, images, tokens
+
+
+def test_grad_through_clip_equals_torch_func_grad(clip_setup):
+    clip, params, images, tokens = clip_setup
+    want = torch.func.grad(lambda p: clip_loss_torch(clip(p, images, tokens)))(params)
+    jclip = to_jax_function(lambda p, i, t: clip(p, i, t))
+    loss = lambda p, i, t: clip_loss_jax(jclip(p, i, t))  # noqa: E731
+    args = (pytree.to_jax(params), *to_j((images, tokens)))
+    assert_tree_close(jax.grad(loss)(*args), want)
+    value, grads = jax.jit(jax.value_and_grad(loss))(*args)
+    assert_tree_close(grads, want)
+    np.testing.assert_allclose(float(value), float(clip_loss_torch(clip(params, images, tokens))), rtol=1e-6)
+
+
+def test_grad_through_bert_layout_encoder_equals_torch(clip_setup):
+    # BERT's encoder layout (post-norm, GELU, eps 1e-12) at width 64: 768 is too slow for CPU tests.
+    enc = bert_layout_encoder()
+    params = enc.init(key=pr.key(1))
+    x = torch.randn(2, 8, 64, generator=torch.Generator().manual_seed(1))
+    mask = torch.tensor([[False] * 6 + [True] * 2, [False] * 8])
+    w = torch.randn(2, 8, 64, generator=torch.Generator().manual_seed(2))
+    want = torch.func.grad(lambda p, x: (enc(p, x, key_padding_mask=mask).last_hidden_state * w).sum(),
+                           argnums=(0, 1))(params, x)
+    jenc = to_jax_function(lambda p, x, m: enc(p, x, key_padding_mask=m).last_hidden_state)
+    loss = lambda p, x, m: jnp.sum(jenc(p, x, m) * to_j(w))  # noqa: E731
+    for f in (jax.grad(loss, argnums=(0, 1)), jax.jit(jax.grad(loss, argnums=(0, 1)))):
+        gp, gx = f(pytree.to_jax(params), *to_j((x, mask)))
+        assert_tree_close(gp, want[0])
+        assert_tree_close({"x": gx}, {"x": want[1]})
+
+
+@pytest.mark.parametrize("strategy", ["batched", "loop"])
+def test_vmap_of_grad_gives_per_example_gradients(strategy):
+    mlp = MLP(6, 3, hidden_dims=(8,), activation="gelu")
+    params = mlp.init(key=pr.key(2))
+    x = torch.randn(5, 4, 6, generator=torch.Generator().manual_seed(3))
+    want = torch.func.vmap(torch.func.grad(lambda p, x: mlp(p, x).square().sum()), in_dims=(None, 0))(params, x)
+    jmlp = to_jax_function(mlp, vmap=strategy)
+    per_example = jax.vmap(jax.grad(lambda p, x: jnp.sum(jmlp(p, x) ** 2)), in_axes=(None, 0))
+    assert_tree_close(per_example(pytree.to_jax(params), to_j(x)), want)
+    assert_tree_close(jax.jit(per_example)(pytree.to_jax(params), to_j(x)), want)
+    out = jax.vmap(jmlp, in_axes=(None, 0))(pytree.to_jax(params), to_j(x))
+    assert_tree_close({"y": out}, {"y": mlp(params, x)})
+
+
+def test_optax_adamw_trains_tiny_clip_from_jax(clip_setup):
+    clip, params, images, tokens = clip_setup
+    jclip = to_jax_function(lambda p, i, t: clip(p, i, t))
+    loss = lambda p, i, t: clip_loss_jax(jclip(p, i, t))  # noqa: E731
+    opt = optax.adamw(2e-3, weight_decay=0.1)
+    p, (i, t) = pytree.to_jax(params), to_j((images, tokens))
+    state = opt.init(p)
+
+    @jax.jit
+    def step(p, state):
+        value, grads = jax.value_and_grad(loss)(p, i, t)
+        updates, state = opt.update(grads, state, p)
+        return optax.apply_updates(p, updates), state, value
+
+    losses = []
+    for _ in range(6):
+        p, state, value = step(p, state)
+        losses.append(float(value))
+    assert losses[-1] < 0.5 * losses[0], losses
+    back = pytree.from_jax(p)  # the trained params are polymodal params again
+    assert float(clip_loss_torch(clip(back, images, tokens))) < losses[0]
+
+
+def test_keys_cross_as_data():
+    drop = Dropout(0.5)
+    x = torch.ones(3, 8)
+    k = pr.key(7)
+    jdrop = to_jax_function(lambda p, x, k: drop(p, x, key=k))
+    np.testing.assert_array_equal(np.asarray(jdrop({}, to_j(x), key_to_jax(k))), drop({}, x, key=k).numpy())
+    jk = jax.random.key(3)  # a typed JAX key is read through its key data
+    np.testing.assert_array_equal(np.asarray(jdrop({}, to_j(x), jk)), drop({}, x, key=key_from_jax(jk)).numpy())
+    keys = pr.split(k, 4)  # vmap over keys: one draw per key
+    batched = jax.vmap(jdrop, in_axes=(None, None, 0))({}, to_j(x), key_to_jax(keys))
+    np.testing.assert_array_equal(np.asarray(batched), torch.stack([drop({}, x, key=kk) for kk in keys]).numpy())
+
+
+def test_bfloat16_leaves_are_differentiated_in_bfloat16():
+    mlp = MLP(6, 3, hidden_dims=(8,), activation="gelu")
+    params = pytree.cast(mlp.init(key=pr.key(4)), torch.bfloat16)
+    x = torch.randn(4, 6, generator=torch.Generator().manual_seed(5)).bfloat16()
+    want = torch.func.grad(lambda p: mlp(p, x).float().square().sum())(params)
+    jmlp = to_jax_function(mlp)
+    loss = lambda p, x: jnp.sum(jmlp(p, x).astype(jnp.float32) ** 2)  # noqa: E731
+    for f in (jax.grad(loss), jax.jit(jax.grad(loss))):
+        got = f(pytree.to_jax(params), jnp.asarray(x.float().numpy()).astype(jnp.bfloat16))
+        assert all(g.dtype == jnp.bfloat16 for g in jax.tree_util.tree_leaves(got))
+        assert_tree_close(got, want, atol=0, rtol=0)  # the same torch computation, in bfloat16
+
+
+def test_float64_needs_x64_and_works_with_it():
+    f = to_jax_function(lambda p, x: (x.double() * p["s"]).sum())
+    with pytest.raises(TypeError, match=r"output 0 is torch.float64.*jax_enable_x64"):
+        f({"s": jnp.ones(())}, jnp.ones(3))
+    with jax.enable_x64(True):
+        g = to_jax_function(lambda p, x: (x * p["s"]).sum())
+        x = np.linspace(0, 1, 5)
+        grad = jax.jit(jax.grad(g))({"s": jnp.asarray(2.0, jnp.float64)}, jnp.asarray(x))
+        assert grad["s"].dtype == jnp.float64
+        np.testing.assert_allclose(float(grad["s"]), x.sum(), rtol=1e-15)
+
+
+def test_outputs_changing_shape_between_calls_are_named():
+    calls = []
+
+    def grows(p, x):
+        calls.append(1)
+        return x[: len(calls)]
+
+    f = to_jax_function(grows)
+    with pytest.raises(ValueError, match=r"output 0 changed between calls.*expected torch.float32 \(1,\)"):
+        f({}, jnp.ones(4))
+    with pytest.raises(Exception, match="changed between calls"):  # under jit, from inside the callback
+        jax.block_until_ready(jax.jit(to_jax_function(grows))({}, jnp.ones(5)))
+
+
+def test_value_dependent_shapes_are_refused():
+    f = to_jax_function(lambda p, x: x[x > 0])
+    with pytest.raises(ValueError, match="output shapes depend on input values"):
+        f({}, jnp.ones(3))
+
+
+def test_polymodal_imports_without_jax():
+    code = ("import sys\n"
+            "class Block:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name == 'jax' or name.startswith('jax.'): raise ImportError('no jax here')\n"
+            "sys.meta_path.insert(0, Block())\n"
+            "import polymodal, polymodal.interop, polymodal.core.pytree, polymodal.models.clip\n"
+            "try:\n"
+            "    import polymodal.interop.jax\n"
+            "except ImportError as e:\n"
+            "    print('ImportError:', e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "pip install 'polymodal[jax]'" in out.stdout
