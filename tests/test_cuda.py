@@ -102,3 +102,31 @@ def test_inductor_on_cuda_matches_eager():
     txt = torch.compile(spec.encode_text, fullgraph=True)
     torch.testing.assert_close(img(p, x), spec.encode_image(p, x), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(txt(p, t), spec.encode_text(p, t), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("preset,precision", [("tiny", "bf16"), ("tiny-vit", "fp16")])
+def test_cli_trains_on_the_gpu_and_resumes(tmp_path, preset, precision):
+    import json
+
+    from polymodal.cli import main
+    from polymodal.train.loop import load_run
+    from polymodal.train.metrics import read_metrics
+
+    torch.backends.cudnn.deterministic = True
+    common = ["train", "clip", "--preset", preset, "--batch-size", "16", "--train-size", "64", "--eval-size", "16",
+              "--warmup", "1", "--eval-every", "0", "--save-every", "2", "--precision", precision, "--no-progress",
+              "--steps", "4"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    torch.cuda.reset_peak_memory_stats()
+    assert main([*common, "--out", str(a)]) == 0  # --device auto picks the GPU
+    assert json.loads((a / "config.json").read_text())["resolved_device"].startswith("cuda")
+    assert torch.cuda.max_memory_allocated() > 0
+    assert main([*common, "--device", "cuda", "--stop-after", "3", "--out", str(b)]) == 0
+    assert main([*common, "--device", "cuda", "--out", str(b), "--resume"]) == 0
+    la = [r["loss"] for r in read_metrics(a) if "loss" in r]
+    lb = [r["loss"] for r in read_metrics(b) if "loss" in r]
+    assert len(la) == len(lb) == 4
+    torch.testing.assert_close(torch.tensor(lb), torch.tensor(la), rtol=1e-4, atol=1e-5)
+    ra, rb = load_run(a), load_run(b)
+    for k, v in pytree.flatten(ra.params).items():
+        torch.testing.assert_close(pytree.flatten(rb.params)[k], v, rtol=1e-3, atol=1e-4)

@@ -203,7 +203,7 @@ def train(task: Any, cfg: LoopConfig) -> dict:
                 raise ValueError(f"{out} holds a {saved[k]!r} run; cannot resume it as {run_config[k]!r}")
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        record = dataclasses.asdict(cfg) | run_config | {"steps": steps}
+        record = dataclasses.asdict(cfg) | run_config | {"steps": steps, "resolved_device": str(device)}
         (out / "config.json").write_text(json.dumps(record, indent=2))
 
     mesh = None
