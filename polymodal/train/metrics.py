@@ -46,7 +46,8 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
 
 
 def plot_metrics(records: Iterable[Mapping], out: str | os.PathLike, title: str = "polymodal run") -> Path | None:
-    """Loss (left) and evaluation accuracies/recalls (right) against step; ``None`` without matplotlib."""
+    """Loss (left; with DP-SGD also the epsilon spent) and evaluation accuracies/recalls (right)
+    against step; ``None`` without matplotlib."""
     try:
         import matplotlib
 
@@ -62,9 +63,15 @@ def plot_metrics(records: Iterable[Mapping], out: str | os.PathLike, title: str 
         ax1.plot([r["step"] for r in train], [r["loss"] for r in train], lw=1, label="train loss")
         ax1.set_yscale("log" if all(r["loss"] > 0 for r in train) else "linear")
     ax1.set_xlabel("step")
-    ax1.set_ylabel("contrastive loss")
+    ax1.set_ylabel("training loss")
     ax1.grid(alpha=0.3)
-    ax1.legend()
+    ax1.legend(loc="upper left")
+    spent = [(r["step"], r["epsilon"]) for r in train if isinstance(r.get("epsilon"), (int, float))]
+    if spent:  # DP-SGD: the privacy budget spent so far, on its own axis
+        ax3 = ax1.twinx()
+        ax3.plot(*zip(*spent), color="tab:red", lw=1, label="epsilon spent")
+        ax3.set_ylabel("epsilon")
+        ax3.legend(loc="upper right")
     keys = sorted({k for r in evals for k in r if k.startswith("eval/")})
     for k in keys:
         pts = [(r["step"], r[k]) for r in evals if k in r and isinstance(r[k], (int, float)) and not math.isnan(r[k])]
