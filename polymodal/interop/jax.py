@@ -13,7 +13,8 @@ Three routes between a polymodal (torch) function and JAX:
 * :func:`from_jax_function` (the other way): a JAX function (a JAX loss, an optax update)
   becomes a torch function with JAX's gradient, usable under ``torch.func.grad`` and ``vmap``.
 
-Parameter trees themselves cross with ``polymodal.core.pytree.to_jax`` / ``from_jax`` (DLPack).
+Parameter trees themselves cross with ``polymodal.core.pytree.to_jax`` / ``from_jax`` (DLPack);
+:func:`tree_to_torch` / :func:`tree_to_jax` move any JAX pytree (an optax state's NamedTuples).
 Keys cross as data (:func:`key_to_jax`, :func:`key_from_jax`); 64-bit leaves need
 ``jax.config.update("jax_enable_x64", True)`` and raise a ``TypeError`` naming the fix otherwise.
 
@@ -37,10 +38,10 @@ try:
 except ImportError as e:  # pragma: no cover - exercised only without the optional dependency
     raise ImportError("polymodal.interop.jax needs JAX: pip install 'polymodal[jax]' (or pip install jax)") from e
 
-from .jax_arrays import key_from_jax, key_to_jax
+from .jax_arrays import key_from_jax, key_to_jax, tree_to_jax, tree_to_torch
 from .jax_bridge import to_jax_function
 from .jax_export import UnsupportedOpError, export_to_jax, translated_ops
 from .jax_wrap import from_jax_function
 
 __all__ = ["to_jax_function", "from_jax_function", "export_to_jax", "UnsupportedOpError", "translated_ops",
-           "key_to_jax", "key_from_jax"]
+           "key_to_jax", "key_from_jax", "tree_to_jax", "tree_to_torch"]

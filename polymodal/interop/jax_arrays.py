@@ -25,7 +25,7 @@ from torch import Tensor
 import jax
 import jax.numpy as jnp
 
-__all__ = ["TORCH_TO_JAX", "jax_dtype", "torch_dtype", "check_x64", "to_torch", "to_jax_array", "host_to_torch",
+__all__ = ["tree_to_jax", "tree_to_torch", "TORCH_TO_JAX", "jax_dtype", "torch_dtype", "check_x64", "to_torch", "to_jax_array", "host_to_torch",
            "torch_to_host", "key_to_jax", "key_from_jax", "normalize_leaf", "is_float"]
 
 TORCH_TO_JAX = {
@@ -130,3 +130,13 @@ def torch_to_host(t: Tensor, dtype: Any) -> np.ndarray:
         return t.view(torch.int16).numpy().view(jnp.bfloat16)
     a = t.numpy()
     return a if a.dtype == np.dtype(dtype) else a.astype(dtype)
+
+
+def tree_to_jax(tree: Any) -> Any:
+    """Every tensor in any pytree JAX knows (dicts, lists, NamedTuples such as optax states) as a JAX array."""
+    return jax.tree_util.tree_map(lambda t: to_jax_array(t) if isinstance(t, Tensor) else t, tree)
+
+
+def tree_to_torch(tree: Any) -> Any:
+    """Every JAX array in a JAX pytree (e.g. an optax optimizer state) as a tensor, through DLPack."""
+    return jax.tree_util.tree_map(lambda a: to_torch(a) if isinstance(a, jax.Array) else a, tree)
