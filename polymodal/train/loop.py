@@ -234,7 +234,7 @@ def train(task: Any, cfg: LoopConfig) -> dict:
         if cfg.shard:
             from .distributed.sharding import gather_rest
 
-            p = gather_rest(p, stacks=task.model)  # the stacks the model declares stay sharded for the seam
+            p = gather_rest(p, stacks=getattr(task, "model", None))  # the stacks the model declares stay sharded
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
             return task.loss(p, s, batch, key)
 
