@@ -146,12 +146,14 @@ ALIASES: dict[str, str] = {
 def canonical_name(name: str) -> tuple[str, bool | None]:
     """``(builder name, quick_gelu)`` for a builder, OpenAI or open_clip name.
 
-    open_clip's ``-quickgelu`` suffix gives ``True``; its hyphenated ViT names (``"ViT-B-32"``)
-    ``False`` (open_clip builds those with GELU); builder names and OpenAI's names (``"ViT-B/32"``,
-    and ``"RN50"`` ... which both libraries use) ``None``: the builder's default, QuickGELU.
+    open_clip's ``-quickgelu`` suffix gives ``True``; its other names (``"ViT-B-32"``, and
+    ``"RN50"`` ... which OpenAI uses too) ``False``, exactly as open_clip builds them (GELU);
+    builder names and OpenAI's slashed names (``"ViT-B/32"``) ``None``: the builder's default,
+    QuickGELU. (OpenAI's ResNet weights need QuickGELU: ``"RN50-quickgelu"``, or
+    ``load_pretrained``, whose ``quick_gelu`` defaults to ``True``.)
 
-    >>> canonical_name("ViT-B-32"), canonical_name("ViT-B/32"), canonical_name("RN50-quickgelu")
-    (('clip_vit_b32', False), ('clip_vit_b32', None), ('clip_rn50', True))
+    >>> canonical_name("ViT-B-32"), canonical_name("ViT-B/32"), canonical_name("RN50"), canonical_name("RN50-quickgelu")
+    (('clip_vit_b32', False), ('clip_vit_b32', None), ('clip_rn50', False), ('clip_rn50', True))
     """
     quick = None
     if name.endswith("-quickgelu"):
@@ -159,7 +161,7 @@ def canonical_name(name: str) -> tuple[str, bool | None]:
     if name in BUILDERS:
         return name, quick
     if name in ALIASES:
-        if quick is None and "-" in name and "/" not in name:
+        if quick is None and "/" not in name:
             quick = False  # open_clip's "ViT-B-32" / "RN50" use GELU; OpenAI's weights use QuickGELU
         return ALIASES[name], quick
     known = sorted(BUILDERS) + sorted(ALIASES)
