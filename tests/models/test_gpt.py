@@ -1,5 +1,7 @@
 """Multimodal GPT and generation: cache == full pass, start token learns, masks, sampling."""
 
+import dataclasses
+
 import pytest
 import torch
 from hypothesis import given
@@ -9,13 +11,13 @@ from checks import check_spec
 from polymodal import nn as pnn
 from polymodal.core import pytree
 from polymodal.core import random as pr
-from polymodal.models.gpt import MultimodalGPT, filter_logits, generate, sample_logits
+from polymodal.models.gpt import MultimodalGPT, filter_logits, generate, multimodal_gpt, sample_logits
 
 seeds = st.integers(0, 2**31)
 
 
 def model_and_params(seed, in_shape=(3,), out_shape=(2, 2), layers=2):
-    gpt = MultimodalGPT(7, 5, in_shape, out_shape, d_model=16, num_heads=2, num_layers=layers)
+    gpt = multimodal_gpt(7, 5, in_shape, out_shape, d_model=16, num_heads=2, num_layers=layers)
     p = gpt.init(key=pr.key(seed))
     p["to_logit"]["weight"] = pr.normal(pr.key(seed + 1), p["to_logit"]["weight"].shape)  # non-zero head
     return gpt, p
@@ -113,9 +115,22 @@ def test_filters_and_sampling_distribution():
 def test_generic_checks_and_shell():
     gpt, p = model_and_params(0, layers=1)
     check_spec(gpt, p, [ids(1, 2, 3, 7), ids(2, 2, 4, 5)], atol=1e-5)
-    shell = pnn.MultimodalGPT(7, 5, (3,), (2, 2), d_model=16, num_heads=2, num_layers=1)
-    assert sorted(shell.state_dict()) == sorted(pytree.flatten(shell.params))
+    shell = pnn.MultimodalGPT(**{f.name: getattr(gpt, f.name) for f in dataclasses.fields(gpt)}, key=pr.key(0))
+    assert shell.spec == gpt and sorted(shell.state_dict()) == sorted(pytree.flatten(shell.params))
     with pytest.raises(ValueError, match="exceeds"):
         generate(gpt, p, ids(1, 1, 3, 7), max_new_tokens=9)
     with pytest.raises(ValueError, match=r"in_ids: expected shape \(B, L_in\)"):
         gpt(p, torch.zeros(1, 2, 3, dtype=torch.long))
+
+
+def test_builder_keeps_the_parameter_layout_and_checks_widths():
+    gpt = multimodal_gpt(7, 5, (3,), (2, 2), d_model=16, num_heads=2, num_layers=1, in_dim=8)
+    shapes = {k: tuple(v.shape) for k, v in pytree.flatten(gpt.init(key=pr.key(0))).items()}
+    assert shapes["in_embed.weight"] == (7, 8) and shapes["in_proj.weight"] == (16, 8)
+    assert shapes["out_embed.weight"] == (5, 16) and "out_proj.weight" not in shapes
+    assert shapes["in_pos.embedding.d_0"] == (3, 16) and shapes["out_pos.embedding.d_1"] == (2, 8)
+    assert shapes["to_logit.weight"] == (12, 16) and shapes["sos"] == (16,)
+    assert (gpt.num_in_tokens, gpt.num_out_tokens, gpt.in_shape, gpt.out_shape, gpt.d_model) == (7, 5, (3,), (2, 2), 16)
+    assert gpt.block_stacks() == ["decoder.layers"]
+    with pytest.raises(ValueError, match=r"the in embeddings must be d_model \(16\) wide, got token width 8"):
+        dataclasses.replace(gpt, in_proj=None)

@@ -15,7 +15,7 @@ from polymodal.core.layers.transformer import (
 )
 from polymodal.core.spec import Spec
 from polymodal.models.clip import build
-from polymodal.models.gpt.model import MultimodalGPT
+from polymodal.models.gpt.model import multimodal_gpt
 from polymodal.train.distributed.sharding import block_stacks
 
 
@@ -37,7 +37,7 @@ class _Pair(Spec):
 
 def _cases():
     clip, clip_rn = build("clip_tiny"), build("clip_tiny_rn")
-    gpt = MultimodalGPT(7, 5, (3,), (2, 2), d_model=16, num_heads=2, num_layers=2)
+    gpt = multimodal_gpt(7, 5, (3,), (2, 2), d_model=16, num_heads=2, num_layers=2)
     swin = Swin3D(embed_dim=4, depths=(2, 1, 1), num_heads=(1, 1, 2), window_size=(2, 2, 2), num_classes=3)
     layer = TransformerEncoderLayer(8, 2, 16)
     pair = _Pair(TransformerEncoder(layer, 2), TransformerDecoder(TransformerDecoderLayer(8, 2, 16), 2))

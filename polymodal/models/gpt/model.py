@@ -10,6 +10,7 @@ each position predicts only its own modality's tokens.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -23,7 +24,7 @@ from ...core.layers.transformer import TransformerDecoder, TransformerDecoderLay
 from ...core.pytree import Params
 from ...core.spec import Spec, check_dtype, check_ndim
 
-__all__ = ["MultimodalGPT", "GPTOutput", "video_gpt"]
+__all__ = ["MultimodalGPT", "GPTOutput", "multimodal_gpt", "video_gpt"]
 
 _INT = (torch.int64, torch.int32)
 
@@ -37,77 +38,85 @@ class GPTOutput(NamedTuple):
 
 @dataclass(frozen=True)
 class MultimodalGPT(Spec):
-    """Decoder-only GPT over ``[in tokens, out tokens]``.
+    """Decoder-only GPT over ``[in tokens, out tokens]``; build it with :func:`multimodal_gpt`.
 
-    Params: ``in_embed``, ``out_embed`` (token tables; replace with a VQ-VAE's codebook via
-    ``in_lookup``/``out_lookup`` if desired), ``in_pos``, ``out_pos`` (broadcasted per-axis),
-    ``sos (d_model,)``, ``decoder``, ``norm``, ``to_logit`` (bias-free, zero-initialised as TMM).
+    The fields are the sub-specs; params nest under the same names: ``in_embed``, ``out_embed``
+    (token tables; replace with a VQ-VAE's codebook if desired), ``in_pos``, ``out_pos``
+    (broadcasted per-axis), ``decoder``, ``in_proj`` / ``out_proj`` (when the token embeddings are
+    narrower than the model), plus ``sos (d_model,)``, ``norm`` and ``to_logit`` (bias-free,
+    zero-initialised as TorchMultimodal's).
 
     >>> from polymodal.core import random as pr
-    >>> gpt = MultimodalGPT(num_in_tokens=10, num_out_tokens=6, in_shape=(4,), out_shape=(2, 2), d_model=16,
-    ...                     num_heads=2, num_layers=2)
+    >>> gpt = multimodal_gpt(num_in_tokens=10, num_out_tokens=6, in_shape=(4,), out_shape=(2, 2), d_model=16,
+    ...                      num_heads=2, num_layers=2)
     >>> p = gpt.init(key=pr.key(0))
     >>> gpt(p, torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 4, dtype=torch.long)).logits.shape
     torch.Size([1, 8, 16])
     """
 
-    num_in_tokens: int  # input-modality vocabulary
-    num_out_tokens: int  # output-modality vocabulary
-    in_shape: tuple[int, ...]  # latent shape of the input modality (e.g. (text_len,))
-    out_shape: tuple[int, ...]  # latent shape of the output modality (e.g. (T, H, W) of video codes)
-    d_model: int = 768  # transformer width
-    num_heads: int = 8  # attention heads
-    num_layers: int = 8  # decoder blocks
-    dim_feedforward: int | None = None  # MLP width (None: 4 * d_model)
-    dropout: float = 0.0  # residual / MLP dropout
-    attn_dropout: float = 0.0  # attention-probability dropout
-    activation: str = "gelu"  # MLP activation
-    in_dim: int | None = None  # input token embedding size before projection (None: d_model, no projection)
-    out_dim: int | None = None  # output token embedding size before projection (None: d_model)
+    in_embed: Embedding  # input-modality token table (num_in_tokens rows)
+    out_embed: Embedding  # output-modality token table (num_out_tokens rows)
+    in_pos: BroadcastedPositionEmbedding  # positions over the input latent shape (e.g. (text_len,))
+    out_pos: BroadcastedPositionEmbedding  # positions over the output latent shape (e.g. (T, H, W) of video codes)
+    decoder: TransformerDecoder  # pre-norm causal blocks without cross-attention
+    in_proj: Linear | None = None  # input token embedding -> d_model (None: the table is d_model wide)
+    out_proj: Linear | None = None  # output token embedding -> d_model
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "in_shape", tuple(self.in_shape))
-        object.__setattr__(self, "out_shape", tuple(self.out_shape))
+        d = self.d_model
+        for name in ("in", "out"):
+            emb, pos, proj = (getattr(self, f"{name}_{k}") for k in ("embed", "pos", "proj"))
+            width = emb.embedding_dim if proj is None else proj.out_features
+            if proj is not None and proj.in_features != emb.embedding_dim:
+                raise ValueError(f"MultimodalGPT: {name}_proj: expected in_features {emb.embedding_dim}, "
+                                 f"got {proj.in_features}")
+            if width != d or pos.embedding_dim != d:
+                raise ValueError(f"MultimodalGPT: the {name} embeddings must be d_model ({d}) wide, got token "
+                                 f"width {width} and position width {pos.embedding_dim}")
+
+    @property
+    def d_model(self) -> int:
+        return self.decoder.layer.d_model
+
+    @property
+    def num_in_tokens(self) -> int:
+        return self.in_embed.num_embeddings
+
+    @property
+    def num_out_tokens(self) -> int:
+        return self.out_embed.num_embeddings
+
+    @property
+    def in_shape(self) -> tuple[int, ...]:
+        return self.in_pos.latent_shape
+
+    @property
+    def out_shape(self) -> tuple[int, ...]:
+        return self.out_pos.latent_shape
 
     @property
     def in_len(self) -> int:
-        return int(torch.tensor(self.in_shape).prod())
+        return math.prod(self.in_shape)
 
     @property
     def out_len(self) -> int:
-        return int(torch.tensor(self.out_shape).prod())
+        return math.prod(self.out_shape)
 
     @property
     def vocab(self) -> int:
         return self.num_in_tokens + self.num_out_tokens
 
-    def decoder(self) -> TransformerDecoder:
-        layer = TransformerDecoderLayer(self.d_model, self.num_heads, self.dim_feedforward or 4 * self.d_model,
-                                        dropout=self.dropout, attn_dropout=self.attn_dropout,
-                                        activation=self.activation, norm_first=True, cross_attention=False)
-        return TransformerDecoder(layer, self.num_layers, cross_attention_every=0)
-
-    def block_stacks(self) -> list[str]:
-        return [f"decoder.{s}" for s in self.decoder().block_stacks()]
-
-    def _parts(self):
-        d_in, d_out = self.in_dim or self.d_model, self.out_dim or self.d_model
-        return (Embedding(self.num_in_tokens, d_in, weight_init="normal", init_std=0.02),
-                Embedding(self.num_out_tokens, d_out, weight_init="normal", init_std=0.02),
-                BroadcastedPositionEmbedding(self.in_shape, self.d_model),
-                BroadcastedPositionEmbedding(self.out_shape, self.d_model))
-
     def init(self, *, key: Tensor) -> Params:
         ks = pr.split(key, 8)
-        ie, oe, ip, op = self._parts()
-        p = {"in_embed": ie.init(key=ks[0]), "out_embed": oe.init(key=ks[1]), "in_pos": ip.init(key=ks[2]),
-             "out_pos": op.init(key=ks[3]), "sos": pr.normal(ks[4], (self.d_model,)) * 0.02,
-             "decoder": self.decoder().init(key=ks[5]), "norm": LayerNorm(self.d_model).init(key=key),
+        p = {"in_embed": self.in_embed.init(key=ks[0]), "out_embed": self.out_embed.init(key=ks[1]),
+             "in_pos": self.in_pos.init(key=ks[2]), "out_pos": self.out_pos.init(key=ks[3]),
+             "sos": pr.normal(ks[4], (self.d_model,)) * 0.02, "decoder": self.decoder.init(key=ks[5]),
+             "norm": LayerNorm(self.d_model).init(key=key),
              "to_logit": {"weight": torch.zeros(self.vocab, self.d_model)}}
-        if self.in_dim is not None:
-            p["in_proj"] = Linear(self.in_dim, self.d_model, weight_init="normal").init(key=ks[6])
-        if self.out_dim is not None:
-            p["out_proj"] = Linear(self.out_dim, self.d_model, weight_init="normal").init(key=ks[7])
+        if self.in_proj is not None:
+            p["in_proj"] = self.in_proj.init(key=ks[6])
+        if self.out_proj is not None:
+            p["out_proj"] = self.out_proj.init(key=ks[7])
         return p
 
     # -- pieces ---------------------------------------------------------------------------
@@ -117,11 +126,10 @@ class MultimodalGPT(Spec):
         if modality not in ("in", "out"):
             raise ValueError(f"modality must be 'in' or 'out', got {modality!r}")
         check_dtype(ids, f"{modality}_ids", _INT, self)
-        ie, oe, ip, op = self._parts()
-        emb, pos = (ie, ip) if modality == "in" else (oe, op)
+        emb, pos, proj = (getattr(self, f"{modality}_{k}") for k in ("embed", "pos", "proj"))
         x = emb(params[f"{modality}_embed"], ids)
-        if f"{modality}_proj" in params:
-            x = Linear(x.shape[-1], self.d_model)(params[f"{modality}_proj"], x)
+        if proj is not None:
+            x = proj(params[f"{modality}_proj"], x)
         if positions is None:
             positions = torch.arange(ids.shape[-1], device=ids.device)
         return x + pos(params[f"{modality}_pos"], positions)
@@ -159,7 +167,7 @@ class MultimodalGPT(Spec):
             check_ndim(out_ids, "out_ids", (1, 2), "(B, L_out)", self)
             parts.append(self.embed(params, out_ids, "out"))
         x = self.right_shift(params, torch.cat(parts, dim=-2))
-        dec = self.decoder()(params["decoder"], x, key=key, return_hidden_states=return_hidden_states)
+        dec = self.decoder(params["decoder"], x, key=key, return_hidden_states=return_hidden_states)
         n_out = 0 if out_ids is None else out_ids.shape[-1]
         mask = self.logits_mask(in_ids.shape[-1], n_out, device=x.device)
         return GPTOutput(self.project(params, dec.last_hidden_state, mask), dec)
@@ -173,7 +181,7 @@ class MultimodalGPT(Spec):
         """Run ``[sos, in tokens]`` once; returns the logits predicting the first output token
         ``(B, vocab)`` (masked to the output vocabulary) and the KV cache."""
         x = torch.cat([params["sos"].expand(in_ids.shape[0], 1, self.d_model), self.embed(params, in_ids, "in")], 1)
-        dec = self.decoder()(params["decoder"], x, use_cache=True)
+        dec = self.decoder(params["decoder"], x, use_cache=True)
         mask = self.logits_mask(0, 1, device=x.device)[0]
         return self.project(params, dec.last_hidden_state[:, -1], mask), dec.cache
 
@@ -182,13 +190,34 @@ class MultimodalGPT(Spec):
         the next output token ``(B, vocab)`` and the grown cache."""
         pos = torch.as_tensor(position, device=out_id.device).reshape(1)
         x = self.embed(params, out_id[:, None], "out", positions=pos)
-        dec = self.decoder()(params["decoder"], x, cache=cache)
+        dec = self.decoder(params["decoder"], x, cache=cache)
         mask = self.logits_mask(0, 1, device=x.device)[0]
         return self.project(params, dec.last_hidden_state[:, -1], mask), dec.cache
+
+
+def multimodal_gpt(num_in_tokens: int, num_out_tokens: int, in_shape: tuple[int, ...], out_shape: tuple[int, ...], *,
+                   d_model: int = 768, num_heads: int = 8, num_layers: int = 8, dim_feedforward: int | None = None,
+                   dropout: float = 0.0, attn_dropout: float = 0.0, activation: str = "gelu",
+                   in_dim: int | None = None, out_dim: int | None = None) -> MultimodalGPT:
+    """A :class:`MultimodalGPT` from the usual hyperparameters: vocabularies and latent shapes of
+    the two modalities, width, heads, depth, MLP width (default 4 x d_model), dropouts; ``in_dim`` /
+    ``out_dim``: token embeddings that narrow, projected to ``d_model`` (None: d_model wide)."""
+    layer = TransformerDecoderLayer(d_model, num_heads, dim_feedforward or 4 * d_model, dropout=dropout,
+                                    attn_dropout=attn_dropout, activation=activation, norm_first=True,
+                                    cross_attention=False)
+    d_in, d_out = in_dim or d_model, out_dim or d_model
+    return MultimodalGPT(
+        in_embed=Embedding(num_in_tokens, d_in, weight_init="normal", init_std=0.02),
+        out_embed=Embedding(num_out_tokens, d_out, weight_init="normal", init_std=0.02),
+        in_pos=BroadcastedPositionEmbedding(tuple(in_shape), d_model),
+        out_pos=BroadcastedPositionEmbedding(tuple(out_shape), d_model),
+        decoder=TransformerDecoder(layer, num_layers, cross_attention_every=0),
+        in_proj=None if in_dim is None else Linear(in_dim, d_model, weight_init="normal"),
+        out_proj=None if out_dim is None else Linear(out_dim, d_model, weight_init="normal"))
 
 
 def video_gpt(in_shape=(4, 32, 32), out_shape=(8, 32, 32), num_in_tokens=2048, num_out_tokens=2048) -> MultimodalGPT:
     """VideoGPT-style configuration (TorchMultimodal's ``video_gpt``: d_model 576, 4 heads, 8 layers,
     MLP 4x; conditioning frames' codes as the input modality)."""
-    return MultimodalGPT(num_in_tokens, num_out_tokens, in_shape, out_shape, d_model=576, num_heads=4, num_layers=8,
-                         dropout=0.2, attn_dropout=0.3)
+    return multimodal_gpt(num_in_tokens, num_out_tokens, in_shape, out_shape, d_model=576, num_heads=4, num_layers=8,
+                          dropout=0.2, attn_dropout=0.3)
