@@ -62,6 +62,10 @@ def _text_trimmer(model: Any) -> Callable[[Tensor], Tensor] | None:
     """The model's ``trim_text(tokens) -> tokens`` when it has one: it promises the same embeddings
     for the trimmed rows (polymodal's CLIP, spec or shell)."""
     trim = getattr(model, "trim_text", None)
+    if trim is None:  # a polymodal shell: its spec's method
+        from ..nn.shell import Shell
+
+        trim = getattr(model.spec, "trim_text", None) if isinstance(model, Shell) else None
     return trim if callable(trim) else None
 
 
