@@ -6,8 +6,11 @@ A spec is a frozen dataclass of static hyperparameters (hashable, no tensors) wi
 * ``__call__(params, *inputs, ...)``: the pure forward.
 
 Randomness at call time (dropout, drop-path, masking) takes a keyword ``key``;
-``key=None`` means deterministic inference. Stateful specs also define
-``init_state() -> Params`` and take ``state=`` / return ``(out, new_state)``.
+``key=None`` means deterministic inference. A stateful spec (``init_state()`` is not
+``None``: running statistics, codebooks, caches) takes ``state`` (``None``: a fresh
+``init_state()``) and always returns ``(out, new_state)``, whatever the mode; a stateless
+spec returns ``out`` alone. A model spec holds its sub-specs as fields (built once by a
+builder function), so traced code rarely builds specs.
 
 >>> from dataclasses import dataclass
 >>> import torch
@@ -51,6 +54,8 @@ class Spec:
         Why: torch.compile up to at least 2.11 hashes a spec that the traced code builds (``self.conv()``)
         before its fields exist, to ask whether it is a random function, and is prepared only for
         ``TypeError``; with the generated hash every such call failed to compile (InternalTorchDynamoError).
+        torch 2.14 compiles those calls with the generated hash too; layers still build their helper
+        specs in traced code (``LayerNorm(...)``, ``layer_at(i)``), so this stays while 2.11 is supported.
         """
         if not dataclasses.is_dataclass(self):
             return object.__hash__(self)

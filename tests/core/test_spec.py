@@ -62,3 +62,41 @@ def test_specs_built_inside_compiled_code_trace():
     torch._dynamo.reset()
     got = torch.compile(f, fullgraph=True, backend="eager")(w, x)
     torch.testing.assert_close(got, f(w, x))
+
+
+def test_stateful_specs_always_return_out_and_state():
+    """The core's rule: ``init_state()`` not None -> ``(out, new_state)`` in every mode, ``state=None``
+    meaning fresh state; stateless specs return ``out`` alone (CLIP with a ViT tower)."""
+    from polymodal.core import random as pr
+    from polymodal.core.layers.batchnorm import BatchNorm2d
+    from polymodal.core.layers.codebook import Codebook
+    from polymodal.models.clip import CLIPOutput
+
+    x = torch.randn(2, 4, 3, 3)
+    clip_rn, clip_vit = build("clip_tiny_rn"), build("clip_tiny")
+    images, tokens = torch.randn(2, 3, 64, 64), torch.randint(1, 49000, (2, 16))
+    cases = [(BatchNorm2d(4), lambda s, p, st, **kw: s(p, x, st, **kw)),
+             (Codebook(num_embeddings=8, embedding_dim=4), lambda s, p, st, **kw: s(p, x, st, **kw, key=pr.key(1))),
+             (clip_rn, lambda s, p, st, **kw: s(p, images, tokens, st, **kw))]
+    for spec, call in cases:
+        p, fresh = spec.init(key=pr.key(0)), spec.init_state()
+        assert fresh is not None
+        for state in (None, fresh):
+            for training in (False, True):
+                out = call(spec, p, state, training=training)
+                assert isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], dict), type(spec).__name__
+    assert clip_vit.init_state() is None
+    assert isinstance(clip_vit(clip_vit.init(key=pr.key(0)), images, tokens), CLIPOutput)
+
+
+def test_model_specs_hold_their_sub_specs_as_fields():
+    """CLIP's and GPT's parts are fields (no method rebuilds a sub-spec from copied hyperparameters),
+    and their params nest under the field names."""
+    from polymodal.core import random as pr
+    from polymodal.models.gpt import video_gpt
+
+    for spec in (build("clip_tiny"), build("clip_tiny_rn"), video_gpt()):
+        parts = {f.name for f in dataclasses.fields(spec) if isinstance(getattr(spec, f.name), Spec)}
+        assert len(parts) >= 2, type(spec).__name__
+        with torch.device("meta"):
+            assert parts <= set(spec.init(key=pr.key(0))), type(spec).__name__
