@@ -31,6 +31,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
+from polymodal.data.images import to_rgb
+
 try:  # optional dependency (the "data" extra)
     import webdataset as wds
 
@@ -55,11 +57,16 @@ class _Entry(NamedTuple):
 
 
 def load_image(source: str | os.PathLike | bytes, name: str | None = None) -> Image.Image:
-    """Decode an image file (a path or its bytes) fully, as RGB; ``BadSampleError`` if it cannot be read."""
+    """Decode an image file (a path or its bytes) fully, as 8-bit RGB; ``BadSampleError`` if it cannot be read.
+
+    16-bit greys are scaled to 8 bits and transparent images composited on white
+    (:func:`polymodal.data.images.to_rgb`), not clipped / stripped of alpha by ``convert("RGB")``."""
     name = name or (str(source) if not isinstance(source, bytes) else "<bytes>")
     try:
         with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as im:
-            return im.convert("RGB")  # convert() loads the pixels, so truncated files fail here
+            im.load()  # decode all pixels here, so truncated files fail inside this try
+            out = to_rgb(im)
+            return out if out is not im else im.copy()  # the copy outlives the closed file
     except FileNotFoundError:
         raise BadSampleError(f"{name}: missing image file") from None
     except Exception as e:  # noqa: BLE001 - whatever the decoder trips on, the file is unreadable

@@ -21,6 +21,8 @@ from polymodal.data.tokenizer import CLIPTokenizer
 
 try:
     from PIL import Image
+
+    from polymodal.data.images import to_rgb
 except ImportError:  # pragma: no cover - pillow comes with torchvision
     Image = None
 
@@ -78,7 +80,8 @@ class CLIPImageTransform:
             into every worker process, so all workers would repeat the same crops: use it for
             single-process pipelines (a warning says so if it is used in a worker).
 
-    Accepts a PIL image (any mode; converted to RGB first) or a ``uint8`` tensor ``(C, H, W)``
+    Accepts a PIL image (any mode; converted to RGB first by :func:`polymodal.data.images.to_rgb`:
+    16-bit greys scaled to 8 bits, transparency composited on white) or a ``uint8`` tensor ``(C, H, W)``
     with C = 1 or 3. PIL images are resized by PIL (as in open_clip), tensors by torch, whose
     antialiased bicubic kernel differs slightly from PIL's (under half a grey level on average).
     Unlike open_clip, which converts to RGB after resizing, conversion comes first, so RGBA and
@@ -156,6 +159,11 @@ class CLIPImageTransform:
                 f"CLIPImageTransform: image: expected a PIL.Image.Image or a uint8 torch.Tensor "
                 f"(C, H, W), got {type(image).__module__}.{type(image).__qualname__}"
             )
+        else:
+            image = to_rgb(image)  # 16-bit greys scaled, transparency on white (not convert("RGB"))
+        height, width = (image.shape[-2], image.shape[-1]) if isinstance(image, torch.Tensor) else image.size[::-1]
+        if height < 1 or width < 1:
+            raise ValueError(f"CLIPImageTransform: image: expected at least 1 x 1 pixels, got {height} x {width} (height x width)")
         if self.is_train and self.generator is not None and not self._warned and get_worker_info() is not None:
             self._warned = True
             warnings.warn(
