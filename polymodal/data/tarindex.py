@@ -68,9 +68,11 @@ def index_tar(path: str | os.PathLike) -> TarIndex:
             raise ValueError(f"{path}: expected an uncompressed tar file (read by seeking), got a compressed one")
         offset, long_name, pax = 0, None, {}
         while True:
+            if offset > total:  # cut inside the padding after a member's data: what followed is lost
+                return TarIndex(members, f"the file ends at byte {total}, inside padding before byte {offset}", None)
             f.seek(offset)
             h = f.read(_BLOCK)
-            if len(h) == 0 or h == bytes(_BLOCK):  # the end (the zero blocks may be missing, as tarfile allows)
+            if not h.strip(b"\0"):  # the end: zero blocks, some of them, or none (as tarfile allows)
                 return TarIndex(members, None, None)
             if len(h) < _BLOCK:
                 return TarIndex(members, f"the file ends inside a header at byte {offset}", None)
@@ -99,7 +101,7 @@ def index_tar(path: str | os.PathLike) -> TarIndex:
                 text = name.decode("utf-8", "surrogateescape")
                 if data + size > total:
                     return TarIndex(members, f"the file ends at byte {total}, inside {text!r}", text)
-                if kind in _FILE_TYPES:
+                if kind in _FILE_TYPES and not text.endswith("/"):  # old tars mark folders by the slash only
                     members.append(Member(text, data, size))
                 long_name, pax = None, {}
             offset = data + -(-size // _BLOCK) * _BLOCK
