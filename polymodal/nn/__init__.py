@@ -1,6 +1,12 @@
-"""``torch.nn.Module`` shells over the core specs (one generic mechanism: :class:`Shell`)."""
+"""``torch.nn.Module`` shells over the core specs (one generic mechanism: :class:`Shell`).
+
+Layers are listed here; model families are not: ``polymodal.nn.build("clip_vit_b32")`` (alias
+``Model``) builds the shell of any registered builder, and ``polymodal.nn.<SpecClass>`` (``CLIP``,
+``MultimodalGPT``, ...) is found through the family registry (:mod:`.family`) on first use.
+"""
 
 from ..core import layers as _L
+from .family import FamilyShell, Model, build, spec_shell
 from .shell import Shell, shell_class
 
 Linear = shell_class(_L.Linear)
@@ -12,7 +18,7 @@ MLP = shell_class(_L.MLP)
 Dropout = shell_class(_L.Dropout)
 DropPath = shell_class(_L.DropPath)
 
-__all__ = ["Shell", "shell_class", "Linear", "Embedding", "LayerNorm", "RMSNorm", "GroupNorm", "MLP", "Dropout", "DropPath"]
+__all__ = ["Shell", "shell_class", "FamilyShell", "Model", "build", "spec_shell", "Linear", "Embedding", "LayerNorm", "RMSNorm", "GroupNorm", "MLP", "Dropout", "DropPath"]
 
 from ..core import losses as _losses  # noqa: E402
 
@@ -49,20 +55,12 @@ ShiftedWindowAttention3d = shell_class(_window.ShiftedWindowAttention3d)
 PatchEmbed3d = shell_class(_swin3d.PatchEmbed3d)
 PatchMerging = shell_class(_swin3d.PatchMerging)
 SwinTransformerBlock3d = shell_class(_swin3d.SwinTransformerBlock3d)
-Swin3D = shell_class(_swin3d.Swin3D)
+Swin3D = spec_shell(_swin3d.Swin3D)  # also a family's model: the same class build("swin3d_t") gives
 __all__ += ["ShiftedWindowAttention3d", "PatchEmbed3d", "PatchMerging", "SwinTransformerBlock3d", "Swin3D"]
 
 MultiHeadAttention = shell_class(_L.MultiHeadAttention)
 __all__ += ["MultiHeadAttention"]
 
-from ..models.gpt import MultimodalGPT as _MultimodalGPT  # noqa: E402
-
-MultimodalGPT = shell_class(_MultimodalGPT)
-__all__ += ["MultimodalGPT"]
-
-from .clip import CLIP, CLIPModifiedResNet, CLIPTextTransformer, CLIPVisionTransformer  # noqa: E402
-
-__all__ += ["CLIP", "CLIPVisionTransformer", "CLIPModifiedResNet", "CLIPTextTransformer"]
 
 TransformerEncoderLayer = shell_class(_L.TransformerEncoderLayer)
 TransformerDecoderLayer = shell_class(_L.TransformerDecoderLayer)
@@ -72,3 +70,13 @@ AttentionPooler = shell_class(_L.AttentionPooler)
 CascadedAttentionPooler = shell_class(_L.CascadedAttentionPooler)
 __all__ += ["TransformerEncoderLayer", "TransformerDecoderLayer", "TransformerEncoder", "TransformerDecoder",
             "AttentionPooler", "CascadedAttentionPooler"]
+
+
+def __getattr__(name: str):
+    """A family's shell by its spec class name (``CLIP``, ``MultimodalGPT``, ...), found once."""
+    from .family import find_shell
+
+    if name.startswith("_") or (shell := find_shell(name)) is None:
+        raise AttributeError(f"module 'polymodal.nn' has no attribute {name!r}")
+    globals()[name] = shell
+    return shell

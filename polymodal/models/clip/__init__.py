@@ -42,6 +42,7 @@ register_family(
              "vit-b16": "clip_vit_b16", "rn50": "clip_rn50"},
     task="polymodal.models.clip.task:CLIPTask",
     description="contrastive image-text pretraining (Radford et al. 2021)",
+    extra={"build": build, "load_pretrained": load_pretrained},  # OpenAI / open_clip names; polymodal.nn shells
 )
 # The same presets' image towers + a linear head, classifying the synthetic shapes (optionally DP-SGD).
 register_family(
