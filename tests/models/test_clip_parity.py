@@ -220,3 +220,21 @@ def test_conversion_errors_name_the_keys():
         from_torchmultimodal({k: v for k, v in tmm.items() if k != "encoder_b.projection.weight"}, spec)
     with pytest.raises(ValueError, match="cannot infer the CLIP architecture"):
         from_open_clip({"logit_scale": torch.zeros(())})
+
+
+@pytest.mark.parametrize("resnet", [False, True])
+def test_both_layouts_round_trip_exactly_both_ways(resnet):
+    spec = _our_tiny(resnet)
+    params = spec.init(key=pr.key(3))
+    state = spec.init_state()
+    if state is not None:  # non-initial statistics, so state is not just regenerated
+        state = pytree.tree_map(lambda t: t + 3 if t.is_floating_point() else t + 2, state)
+    for to, back in ((to_open_clip, from_open_clip), (to_torchmultimodal, from_torchmultimodal)):
+        sd = to(params, state, spec)
+        p2, s2 = back(sd, spec, with_state=True)  # TorchMultimodal's missing logit_scale: the spec's initial one
+        assert_close(p2, params, atol=0, rtol=0, msg=to.__name__)
+        assert (s2 is None) == (state is None)
+        if state is not None:
+            assert_close(s2, state, atol=0, rtol=0, msg=to.__name__)
+        again = to(p2, s2, spec)
+        assert list(again) == list(sd) and all(torch.equal(again[k], sd[k]) for k in sd), to.__name__
