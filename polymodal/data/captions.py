@@ -328,7 +328,9 @@ def webdataset_pipeline(
 
     Shards are split over distributed ranks and ``DataLoader`` worker processes, so wrap it in
     ``DataLoader(pipeline, batch_size=..., num_workers=...)`` (or pass ``batch_size`` here and
-    ``batch_size=None`` to the loader).
+    ``batch_size=None`` to the loader). It reads any URL webdataset can (``pipe:``, ``http://``) but
+    cannot resume mid-epoch; for training runs that stop and resume, read local shards with
+    :class:`polymodal.data.ShardStream` (what ``polymodal train clip --data 'shards/{...}.tar'`` uses).
 
     Args:
         urls: shard paths / URLs, a list or a brace pattern (``"data/shard-{000..009}.tar"``).

@@ -107,6 +107,21 @@ def test_items_decode_image_and_caption_from_txt_and_json(shards):
     assert [tuple(x.shape) for x, _ in clip.batch(0)] == [(3, 8, 8)] * 4
 
 
+def test_json_captions_take_caption_or_text_and_name_what_is_wrong(tmp_path):
+    image = Image.new("RGB", (6, 4))
+    bad = {"k000": {"png": image, "json": {"text": "from text"}}, "k001": {"png": image, "json": {"title": "x"}},
+           "k002": {"png": image, "json": b"{not json"}}
+    urls = _write(tmp_path, sizes=(3,), bad=bad)
+    mk = lambda n: ShardStream(urls, batch_size=n, num_samples=n, key=0, shuffle_in_shard=False,  # noqa: E731
+                               pair_transform=_caption)
+    assert mk(1).batch(0) == ["from text"]
+    with pytest.raises(BadSampleError, match=r"sample 'k001': json: expected an object with a 'caption' or 'text' "
+                                             r"string, got \{'title': 'x'\}"):
+        mk(2).batch(0)
+    with pytest.raises(BadSampleError, match=r"sample 'k002': json: expected UTF-8 text holding JSON, got"):
+        ShardStream(urls, batch_size=1, num_samples=3, key=0, shuffle_in_shard=False).batch(2)
+
+
 def test_random_crops_are_reproducible_on_resume(tmp_path):
     _write(tmp_path, noise=True)
     shards = str(tmp_path / "shard-{000000..000002}.tar")
