@@ -321,3 +321,16 @@ def test_decoder_returns_self_and_cross_weights_per_layer():
     plain = TransformerEncoder(TransformerEncoderLayer(8, 2, 16), 2)
     out = plain(plain.init(key=pr.key(0)), rand(3, 1, 4, 8), return_attention_weights=True)
     assert out.cross_attentions is None and len(out.attentions) == 2
+
+
+@few
+@given(st.booleans(), st.integers(0, 2), seeds)
+def test_select_with_cross_attention_equals_rows_of_the_full_output(norm_first, row, seed):
+    spec = TransformerEncoder(TransformerEncoderLayer(8, 2, 16, norm_first=norm_first, dim_kv=6), 2,
+                              cross_attention_every=1)
+    p = randomize(spec.init(key=pr.key(seed)), seed)
+    x, mem = rand(seed + 1, 2, 3, 8), rand(seed + 2, 2, 4, 6)
+    pad = torch.tensor([[False] * 4, [False, True, True, True]])
+    full = spec(p, x, mem, memory_key_padding_mask=pad).last_hidden_state
+    one = spec(p, x, mem, memory_key_padding_mask=pad, select=row).last_hidden_state
+    torch.testing.assert_close(one, full[:, row:row + 1], **TOL)
