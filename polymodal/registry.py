@@ -1,4 +1,4 @@
-"""The family registry: how the CLI, the trainer and the shells find a model family, with no central list.
+"""The family registry: how the CLI, the training loop and the shells find a model family, with no central list.
 
 A family registers itself in its package's ``__init__.py``::
 
