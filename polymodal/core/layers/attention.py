@@ -111,6 +111,11 @@ def _check_attention(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor |
                          f"got {tuple(key_padding_mask.shape)}")
     if mask is not None and not (mask.dtype == torch.bool or mask.is_floating_point()):
         raise TypeError(f"attention: mask: expected a bool or floating mask, got dtype {mask.dtype}")
+    if mask is not None:
+        target = (b, h, q.shape[2], k.shape[2])
+        if mask.dim() > 4 or any(m not in (1, t) for m, t in zip(mask.shape[::-1], target[::-1])):
+            raise ValueError(f"attention: mask: expected a shape broadcastable to (B, H, Tq, Tk) = {target}, "
+                             f"got {tuple(mask.shape)}")
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"attention: dropout: expected a rate in [0, 1), got {dropout}")
 
