@@ -127,6 +127,9 @@ def contrastive_loss_with_temperature(
     check_floating(emb_a, "contrastive loss: emb_a")
     check_floating(emb_b, "contrastive loss: emb_b")
     check_ndim(emb_a, "contrastive loss: emb_a", 2, "(B, D)")
+    if emb_a.shape[0] == 0:  # the mean over no pairs would be nan
+        raise ValueError(f"contrastive loss: emb_a: expected at least one pair, shape (B >= 1, D), "
+                         f"got {tuple(emb_a.shape)}")
     if emb_b.shape != emb_a.shape:
         raise ValueError(
             f"contrastive loss: emb_b: expected shape {tuple(emb_a.shape)} (as emb_a), got {tuple(emb_b.shape)}"

@@ -136,7 +136,9 @@ class CLIP(Spec):
         """Both towers, L2-normalised, and the log temperature.
 
         Args:
-            images: ``(B, 3, S, S)`` float. tokens: ``(B', T <= context_length)`` int.
+            images: ``(B, 3, S, S)`` float. tokens: ``(B', T <= context_length)`` int. ``B'`` may
+                differ from ``B`` (zero-shot: images against class prompts); a contrastive loss
+                over the output needs pairs and says so (``expected shape (B, E) (as emb_a)``).
             state: batch-norm statistics (ResNet towers; ``None``: fresh ones). ``training=True``
                 normalises with batch statistics and advances them (unless ``frozen_bn``).
             key: patch-dropout key (ViT towers with ``patch_dropout > 0``).
