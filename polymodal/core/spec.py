@@ -29,14 +29,17 @@ torch.Size([2, 3])
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor
 
 from .pytree import Params
 
-__all__ = ["Spec", "check_tensor", "check_last_dim", "check_ndim", "check_floating", "check_dtype"]
+__all__ = [
+    "Spec", "check_tensor", "check_last_dim", "check_ndim", "check_floating", "check_dtype", "check_ids",
+    "take_params", "check_param_dtype", "check_sizes", "reading_values_ok",
+]
 
 
 class Spec:
@@ -130,3 +133,68 @@ def check_dtype(x: Tensor, name: str, dtypes: Sequence[torch.dtype], spec: objec
     if x.dtype not in dtypes:
         raise TypeError(f"{_where(name, spec)}: expected dtype in {[str(d) for d in dtypes]}, got {x.dtype}")
     return x
+
+
+def reading_values_ok() -> bool:
+    """Neither ``torch.compile`` tracing nor a ``torch.func`` transform (vmap, grad) is active, so a
+    check may read tensor values (``int(ids.max())``) without breaking a graph or a transform."""
+    return not torch.compiler.is_compiling() and torch._C._functorch.maybe_current_level() is None
+
+
+def check_ids(ids: Tensor, name: str, vocab_size: int, spec: object | None = None) -> Tensor:
+    """Integer ids in ``[0, vocab_size)``.
+
+    The dtype is always checked. The values only on CPU and outside ``torch.compile`` / ``torch.func``
+    transforms (:func:`reading_values_ok`): there an out-of-range id would otherwise be an unclear
+    ``IndexError``, and reading the min / max costs no device sync. On accelerators the check would
+    stall the device queue on every call, so it is left to the kernel (a device-side assert on CUDA):
+    validate ids on the host (the tokenizers' ids always fit their vocabulary).
+    """
+    check_dtype(ids, name, (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8), spec)
+    if ids.device.type == "cpu" and ids.numel() and reading_values_ok():
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= vocab_size:
+            raise ValueError(f"{_where(name, spec)}: expected ids in [0, {vocab_size}) (the vocabulary size is "
+                             f"{vocab_size}), got ids from {lo} to {hi}")
+    return ids
+
+
+def take_params(params: Params, spec: object, **wanted: bool) -> tuple:
+    """The entries a spec uses from its ``params``: each ``name=True`` must be present, each
+    ``name=False`` absent (or ``None``: returned as ``None``), so a missing bias is an error, not
+    silently a layer without one. One dict lookup per name: cheap on the hot path.
+
+    >>> take_params({"weight": 1, "bias": 2}, None, weight=True, bias=True)
+    (1, 2)
+    """
+    if not isinstance(params, Mapping):
+        raise TypeError(f"{_where('params', spec)}: expected a dict of tensors, got {type(params).__name__}")
+    missing = [k for k, need in wanted.items() if need and k not in params]
+    extra = [k for k, need in wanted.items() if not need and params.get(k) is not None]
+    if missing or extra:
+        expected = sorted(k for k, need in wanted.items() if need)
+        raise ValueError(f"{_where('params', spec)}: expected keys {expected}, got {sorted(params)}"
+                         + (f" (missing {missing})" if missing else "")
+                         + (f" ({extra} given, but the spec was built without them)" if extra else ""))
+    return tuple(params[k] if need else None for k, need in wanted.items())
+
+
+def check_param_dtype(x: Tensor, name: str, param: Tensor, spec: object | None = None) -> Tensor:
+    """``x`` in the floating dtype of the params it meets (``param``), unless autocast is on.
+
+    A float64 or bfloat16 input against float32 params is an error naming both dtypes (torch's own
+    message names neither layer nor fix). Under ``torch.autocast`` for ``x``'s device the kernels cast
+    their inputs themselves, so mixed dtypes are what is intended and pass.
+    """
+    if x.dtype != param.dtype and not torch.is_autocast_enabled(x.device.type):
+        raise TypeError(f"{_where(name, spec)}: expected dtype {param.dtype} (the params' dtype), got {x.dtype}: "
+                        f"cast the input (x.to({param.dtype})) or the params (pytree.cast), or run under "
+                        "torch.autocast")
+    return x
+
+
+def check_sizes(spec: object, **sizes: object) -> None:
+    """Each size (a layer's width, count, ...) is an int ``>= 0``; for ``__post_init__``."""
+    for name, v in sizes.items():
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"{_where(name, spec)}: expected an int >= 0, got {v!r}")

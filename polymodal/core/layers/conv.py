@@ -16,7 +16,7 @@ from torch import Tensor
 
 from .. import random as pr
 from ..pytree import Params
-from ..spec import Spec, check_floating
+from ..spec import Spec, check_floating, check_param_dtype, check_sizes, take_params
 from .init import uniform_fan_in
 
 __all__ = [
@@ -84,6 +84,7 @@ class Conv(Spec):
 
     def __post_init__(self) -> None:
         name = type(self).__name__
+        check_sizes(self, in_channels=self.in_channels, out_channels=self.out_channels)
         if self.dims not in _CONV:
             raise ValueError(f"{name}: dims must be 1, 2 or 3, got {self.dims}")
         for f in ("kernel_size", "stride", "dilation"):
@@ -122,8 +123,10 @@ class Conv(Spec):
         return out
 
     def __call__(self, params: Params, x: Tensor) -> Tensor:
+        w, b = take_params(params, self, weight=True, bias=self.bias)
         _check_input(self, x, self.in_channels, self.dims)
-        conv, w, b = _CONV[self.dims], params["weight"], params.get("bias")
+        check_param_dtype(x, "x", w, self)
+        conv = _CONV[self.dims]
         if self.padding_mode != "zeros":
             x = F.pad(x, self._explicit_padding(), mode=self.padding_mode)
             return conv(x, w, b, self.stride, 0, self.dilation, self.groups)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..pytree import Params
-from ..spec import Spec, check_dtype
+from ..spec import Spec, check_dtype, check_ids, check_sizes, take_params
 from .init import initializer
 
 __all__ = ["Embedding"]
@@ -43,6 +43,14 @@ class Embedding(Spec):
             w[self.padding_idx] = 0.0
         return {"weight": w}
 
+    def __post_init__(self) -> None:
+        check_sizes(self, num_embeddings=self.num_embeddings, embedding_dim=self.embedding_dim)
+
     def __call__(self, params: Params, ids: Tensor) -> Tensor:
+        """``ids (*)`` in ``[0, num_embeddings)`` -> ``(*, embedding_dim)``. Out-of-range ids raise a
+        ``ValueError`` naming the range on CPU, outside ``torch.compile`` and ``torch.func``
+        transforms (``core.spec.check_ids``: elsewhere it would cost a device sync per call)."""
+        (w,) = take_params(params, self, weight=True)
         check_dtype(ids, "ids", _INT, self)
-        return F.embedding(ids, params["weight"], padding_idx=self.padding_idx)
+        check_ids(ids, "ids", self.num_embeddings, self)
+        return F.embedding(ids, w, padding_idx=self.padding_idx)

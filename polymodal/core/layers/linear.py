@@ -9,7 +9,7 @@ from torch import Tensor
 
 from .. import random as pr
 from ..pytree import Params
-from ..spec import Spec, check_floating, check_last_dim
+from ..spec import Spec, check_floating, check_last_dim, check_param_dtype, check_sizes, take_params
 from .init import initializer
 
 __all__ = ["Linear", "Identity"]
@@ -47,10 +47,15 @@ class Linear(Spec):
                 params["bias"] = initializer("zeros")(kb, (self.out_features,))
         return params
 
+    def __post_init__(self) -> None:
+        check_sizes(self, in_features=self.in_features, out_features=self.out_features)
+
     def __call__(self, params: Params, x: Tensor) -> Tensor:
+        w, b = take_params(params, self, weight=True, bias=self.bias)
         check_floating(x, "x", self)
         check_last_dim(x, "x", self.in_features, self)
-        return F.linear(x, params["weight"], params.get("bias"))
+        check_param_dtype(x, "x", w, self)
+        return F.linear(x, w, b)
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..pytree import Params
-from ..spec import Spec, check_floating, check_last_dim, check_ndim
+from ..spec import Spec, check_floating, check_last_dim, check_ndim, check_sizes, take_params
 
 __all__ = ["LayerNorm", "RMSNorm", "GroupNorm"]
 
@@ -39,10 +39,13 @@ class LayerNorm(Spec):
             p["bias"] = torch.zeros(self.dim)
         return p
 
+    def __post_init__(self) -> None:
+        check_sizes(self, dim=self.dim)
+
     def __call__(self, params: Params, x: Tensor) -> Tensor:
         check_floating(x, "x", self)
         check_last_dim(x, "x", self.dim, self)
-        w, b = params.get("weight"), params.get("bias")
+        w, b = take_params(params, self, weight=self.affine, bias=self.affine and self.bias)
         if self.fp32 and x.dtype != torch.float32:
             y = F.layer_norm(
                 x.float(), (self.dim,), None if w is None else w.float(), None if b is None else b.float(), self.eps
