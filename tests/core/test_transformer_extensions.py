@@ -334,3 +334,12 @@ def test_select_with_cross_attention_equals_rows_of_the_full_output(norm_first, 
     full = spec(p, x, mem, memory_key_padding_mask=pad).last_hidden_state
     one = spec(p, x, mem, memory_key_padding_mask=pad, select=row).last_hidden_state
     torch.testing.assert_close(one, full[:, row:row + 1], **TOL)
+
+
+def test_encoder_layer_memory_errors():
+    fusion = TransformerEncoderLayer(8, 2, 16, cross_attention=True, dim_kv=6)
+    with pytest.raises(ValueError, match=r"cross_attention=True needs memory \(B, S, 6\), got None"):
+        fusion(fusion.init(key=pr.key(0)), torch.ones(1, 3, 8))
+    plain = TransformerEncoderLayer(8, 2, 16)
+    with pytest.raises(ValueError, match="memory was given but this layer has no cross-attention"):
+        plain(plain.init(key=pr.key(0)), torch.ones(1, 3, 8), torch.ones(1, 4, 8))

@@ -96,14 +96,6 @@ class _LayerBase(Spec):
             p["norm3"] = n.init(key=key)
         return p
 
-    def _check_memory(self, memory: Tensor | None, cache: Params | None) -> None:
-        name = type(self).__name__
-        if self.cross_attention and memory is None and (cache is None or "cross" not in cache):
-            raise ValueError(f"{name}: cross_attention=True needs memory (B, S, {self.dim_kv or self.d_model}) "
-                             "or a cross cache")
-        if memory is not None and not self.cross_attention:
-            raise ValueError(f"{name}: memory was given but this layer has no cross-attention (cross_attention=False)")
-
     def _layer(self, params: Params, x: Tensor, memory: Tensor | None, ks: list, *, self_kw: dict, cross_kw: dict,
                cache: Params, keep: bool, need_weights: bool) -> tuple[Tensor, tuple, Params]:
         """Self-attention, [cross-attention], feed-forward; returns ``(y, (self w, cross w), new cache)``."""
@@ -196,7 +188,12 @@ class TransformerEncoderLayer(_LayerBase):
         """
         check_floating(x, "x", self)
         check_last_dim(x, "x", self.d_model, self)
-        self._check_memory(memory, None)
+        if self.cross_attention and memory is None:
+            raise ValueError(f"TransformerEncoderLayer: cross_attention=True needs memory (B, S, "
+                             f"{self.dim_kv or self.d_model}), got None")
+        if memory is not None and not self.cross_attention:
+            raise ValueError("TransformerEncoderLayer: memory was given but this layer has no cross-attention "
+                             "(cross_attention=False)")
         if self.cross_attention:
             ks = pr.maybe_split(key, 9)
         else:  # the split from before cross-attention existed: same key, same dropout
