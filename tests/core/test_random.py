@@ -111,3 +111,15 @@ def test_extreme_bits_give_finite_normals(monkeypatch):
         assert torch.isfinite(z).all() and 5.0 < z.abs().min() < 5.5
         t = pr.truncated_normal(pr.key(0), (4,), -2.0, 2.0)
         assert torch.isfinite(t).all() and t.abs().max() <= 2.0
+
+
+def test_vmap_draws_per_example_only_with_split_keys():
+    """README: under vmap, mapped split keys give each example its own draw; a closed-over key does not."""
+    from polymodal.core.layers.dropout import dropout
+
+    x = torch.ones(4, 64)
+    k = pr.key(3)
+    same = torch.func.vmap(lambda xi: dropout(xi, 0.5, key=k))(x)
+    assert all(torch.equal(same[0], row) for row in same)
+    own = torch.func.vmap(lambda xi, ki: dropout(xi, 0.5, key=ki))(x, pr.split(k, 4))
+    assert not all(torch.equal(own[0], row) for row in own)
