@@ -82,6 +82,9 @@ class _Signature:
         return tuple(o for o in flat if o is not None)
 
     def _trace_shapes(self) -> tuple:
+        # Fake tensors carry no values: value checks (spec.reading_values_ok) must stand aside,
+        # as they do under torch.compile / torch.export, which trace with fake tensors too.
+        compiling, torch.compiler._is_compiling_flag = torch.compiler._is_compiling_flag, True
         try:
             with FakeTensorMode():
                 fakes = [torch.empty(s, dtype=d) for s, d in zip(self.in_shapes, self.in_dtypes)]
