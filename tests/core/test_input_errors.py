@@ -60,6 +60,15 @@ def test_empty_text_row(tiny_clip):
         spec.encode_text(p, torch.zeros(2, 0, dtype=torch.long))
 
 
+def test_all_padding_text_row(tiny_clip):
+    """A row with no end-of-text token would pool a padding position: refused, naming the row."""
+    spec, p = tiny_clip
+    tokens = torch.tensor([[49406, 320, 49407, 0], [0, 0, 0, 0]])
+    with pytest.raises(ValueError, match=r"tokens: expected every row to hold a non-zero token .* got empty rows \[1\]"):
+        spec.encode_text(p, tokens)
+    assert spec.encode_text(p, tokens[:1]).shape == (1, 128)
+
+
 def test_mismatched_image_text_batches_in_the_loss(tiny_clip):
     spec, p = tiny_clip
     images, tokens = torch.randn(3, 3, 64, 64), torch.tensor([[49406, 320, 49407]] * 2)

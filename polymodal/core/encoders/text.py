@@ -33,7 +33,7 @@ from ..layers.norm import LayerNorm
 from ..layers.pooling import eot_pool, mean_pool
 from ..layers.transformer import TransformerEncoder, TransformerEncoderLayer
 from ..pytree import Params
-from ..spec import Spec, check_dtype
+from ..spec import Spec, check_dtype, reading_values_ok
 
 __all__ = ["TextTransformer", "TextOutput", "text_transformer"]
 
@@ -103,6 +103,19 @@ class TextTransformer(Spec):
             raise ValueError(f"{name}: tokens: expected shape (B, T) with 1 <= T <= {t} (context_length {t}), "
                              f"got {tuple(tokens.shape)}")
 
+    def check_rows(self, tokens: Tensor) -> None:
+        """``pool="eot"``: every row holds its end-of-text token. An empty row (all padding) would
+        silently pool a padding position. Values are read only on CPU outside ``torch.compile`` /
+        ``torch.func`` transforms (as ``core.spec.check_ids``)."""
+        if self.pool == "eot" and tokens.device.type == "cpu" and tokens.numel() and reading_values_ok():
+            has_eot = tokens.amax(-1) > 0 if self.eot_id is None else (tokens == self.eot_id).any(-1)
+            if not bool(has_eot.all()):
+                rows = (~has_eot).reshape(-1).nonzero().flatten().tolist()
+                what = "a non-zero token (the end-of-text id is the row's largest)" if self.eot_id is None \
+                    else f"the end-of-text id {self.eot_id}"
+                raise ValueError(f"{type(self).__name__}: tokens: expected every row to hold {what}, "
+                                 f"got empty rows {rows[:10]}")
+
     def valid(self, tokens: Tensor, attention_mask: Tensor | None) -> Tensor | None:
         """``(B, T)`` bool, True at real tokens, or ``None`` when nothing is padding."""
         if attention_mask is not None:
@@ -130,6 +143,7 @@ class TextTransformer(Spec):
             raise ValueError(f"{type(self).__name__}: pooled_only needs pool 'eot' or 'cls' and no "
                              f"return_hidden_states, got pool={self.pool!r}")
         valid = self.valid(tokens, attention_mask)
+        self.check_rows(tokens)
         x = self.token_embedding(params["token_embedding"], tokens)
         x = x + params["positional_embedding"][: tokens.shape[-1]].to(x.dtype)
         select = None
