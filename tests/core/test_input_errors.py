@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from polymodal.core import random as pr
-from polymodal.core.layers import Conv, Embedding, LayerNorm, Linear
+from polymodal.core.layers import MLP, Conv, Embedding, LayerNorm, Linear
 from polymodal.core.layers.attention import MultiHeadAttention, attention
 from polymodal.core.losses.contrastive import contrastive_loss_with_temperature
 from polymodal.models.clip import build
@@ -161,6 +161,7 @@ def test_autocast_keeps_working(tiny_clip):
     (lambda: Linear(-1, 3), "in_features"), (lambda: Linear(3, -2), "out_features"),
     (lambda: Embedding(-5, 4), "num_embeddings"), (lambda: LayerNorm(-4), "dim"),
     (lambda: Conv(2, 3, -8, 3), "out_channels"), (lambda: Linear(2.5, 3), "in_features"),
+    (lambda: MultiHeadAttention(-8, 2), "dim_q"), (lambda: MLP(4, 2, hidden_dims=(8, -1)), r"hidden_dims\[1\]"),
 ])
 def test_negative_layer_sizes(make, field):
     with pytest.raises(ValueError, match=rf": {field}: expected an int >= 0, got "):

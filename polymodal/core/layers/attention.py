@@ -29,7 +29,7 @@ from torch import Tensor
 
 from .. import random as pr
 from ..pytree import Params
-from ..spec import Spec, check_floating
+from ..spec import Spec, check_floating, check_sizes
 from .attention_kernel import repeat_kv, sdpa
 from .init import initializer
 
@@ -223,6 +223,7 @@ class MultiHeadAttention(Spec):
 
     def __post_init__(self) -> None:
         name = type(self).__name__
+        check_sizes(self, dim_q=self.dim_q, num_heads=self.num_heads)
         if self.num_heads < 1 or (self.head_dim is None and self.dim_q % self.num_heads):
             raise ValueError(f"{name}: dim_q ({self.dim_q}) must be divisible by num_heads ({self.num_heads}) "
                              "unless head_dim is given")

@@ -8,7 +8,7 @@ from torch import Tensor
 
 from .. import random as pr
 from ..pytree import Params
-from ..spec import Spec
+from ..spec import Spec, check_sizes
 from .activation import activation
 from .dropout import dropout
 from .linear import Linear
@@ -47,6 +47,8 @@ class MLP(Spec):
             object.__setattr__(self, "hidden_dims", (self.hidden_dims,))
         else:
             object.__setattr__(self, "hidden_dims", tuple(self.hidden_dims))
+        check_sizes(self, in_dim=self.in_dim, out_dim=self.out_dim,
+                    **{f"hidden_dims[{i}]": d for i, d in enumerate(self.hidden_dims)})
 
     def _linears(self) -> list[Linear]:
         gate = 2 if self.activation == "geglu" else 1
