@@ -1,7 +1,8 @@
 """Checkpoints: verified single files, run directories, and sharded (DCP) checkpoints.
 
-- :func:`save_checkpoint` / :func:`load_checkpoint`: params + ``torch.optim`` state + extras in
-  one safetensors file with per-tensor sha256; a truncated or corrupted file raises
+- :func:`save_checkpoint` / :func:`load_checkpoint`: params + ``torch.optim`` state + extras, and
+  the model state (batch-norm statistics) as a tree of its own (``state=``), in one safetensors
+  file with per-tensor sha256; a truncated or corrupted file raises
   :class:`CheckpointError` (a ``ValueError``) naming the file and the problem.
 - :class:`RunDir`: ``ckpt-{step:08d}.safetensors`` files, a ``latest.json`` pointer, keep-last-N,
   every write atomic.
