@@ -1,6 +1,7 @@
 """polymodal.data"""
 
 from .captions import BadSampleError, CaptionPipeline, ImageTextFolder, load_image, webdataset_pipeline
+from .images import to_rgb
 from .stream import ShardStream, expand_shards, is_shard_pattern
 from . import synthetic
 from .synthetic import SyntheticCaptions
