@@ -144,6 +144,16 @@ def test_input_dtype_against_float32_params(dtype, tiny_clip):
         spec.encode_image(cp, torch.ones(1, 3, 64, 64, dtype=dtype))
 
 
+def test_layernorm_float64_input_against_float32_params():
+    ln = LayerNorm(4)
+    p = ln.init(key=None)
+    with pytest.raises(TypeError, match=r"LayerNorm: x: expected dtype torch.float32 \(the params' dtype\), "
+                                        r"got torch.float64"):
+        ln(p, torch.ones(2, 4, dtype=torch.float64))
+    y = ln(p, torch.ones(2, 4, dtype=torch.bfloat16))  # torch's mixed mode: 16-bit input, float32 affine
+    assert y.dtype == torch.bfloat16
+
+
 def test_autocast_keeps_working(tiny_clip):
     lin = Linear(3, 2)
     p = lin.init(key=pr.key(0))

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..pytree import Params
-from ..spec import Spec, check_floating, check_last_dim, check_ndim, check_sizes, take_params
+from ..spec import Spec, check_floating, check_last_dim, check_ndim, check_param_dtype, check_sizes, take_params
 
 __all__ = ["LayerNorm", "RMSNorm", "GroupNorm"]
 
@@ -51,6 +51,8 @@ class LayerNorm(Spec):
                 x.float(), (self.dim,), None if w is None else w.float(), None if b is None else b.float(), self.eps
             )
             return y.to(x.dtype)
+        if w is not None and torch.finfo(x.dtype).bits > torch.finfo(w.dtype).bits:
+            check_param_dtype(x, "x", w, self)  # wider input (float64 vs float32); 16-bit input is torch's mixed mode
         return F.layer_norm(x, (self.dim,), w, b, self.eps)
 
 
