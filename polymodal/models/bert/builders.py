@@ -25,37 +25,37 @@ def bert_base_uncased(**kw) -> BERTTextEncoder:
 
 def bert_large_uncased(**kw) -> BERTTextEncoder:
     """BERT-large (Devlin et al. 2019, Section 3: L=24, H=1024, A=16; 340M): 335,141,888 params."""
-    return bert_text_encoder(hidden_size=1024, num_layers=24, num_heads=16, intermediate_size=4096, **kw)
+    return bert_text_encoder(**(dict(hidden_size=1024, num_layers=24, num_heads=16, intermediate_size=4096) | kw))
 
 
 def roberta_base(**kw) -> BERTTextEncoder:
     """RoBERTa-base (Liu et al. 2019, BERT-base sizes; BPE vocabulary 50,265, positions offset by the
     padding id 1, one token type, LayerNorm eps 1e-5): 124,645,632 params."""
-    return bert_text_encoder(vocab_size=50265, max_position_embeddings=514, type_vocab_size=1, pad_token_id=1,
-                             layer_norm_eps=1e-5, position_offset=True, **kw)
+    return bert_text_encoder(**(dict(vocab_size=50265, max_position_embeddings=514, type_vocab_size=1, pad_token_id=1,
+                             layer_norm_eps=1e-5, position_offset=True) | kw))
 
 
 def distilbert_base_uncased(**kw) -> BERTTextEncoder:
     """DistilBERT-base (Sanh et al. 2019, Section 3: 6 layers of BERT-base, no token types, no pooler): 66,362,880."""
-    return bert_text_encoder(num_layers=6, type_vocab_size=0, pooler=False, **kw)
+    return bert_text_encoder(**(dict(num_layers=6, type_vocab_size=0, pooler=False) | kw))
 
 
 def minilm_l6_h384(**kw) -> BERTTextEncoder:
     """The layout of sentence-transformers' all-MiniLM-L6-v2 (Wang et al. 2020, MiniLM: L=6, H=384, A=12,
     BERT's uncased vocabulary): 22,713,216 params."""
-    return bert_text_encoder(hidden_size=384, num_layers=6, num_heads=12, intermediate_size=1536, **kw)
+    return bert_text_encoder(**(dict(hidden_size=384, num_layers=6, num_heads=12, intermediate_size=1536) | kw))
 
 
 def tmm_flava_text_encoder(**kw) -> BERTTextEncoder:
     """TorchMultimodal's ``flava_text_encoder`` (Singh et al. 2022, FLAVA, Section 3.1: ViT-B/16-sized text
     encoder): pre-norm blocks, a final LayerNorm and the tanh pooler; 109,483,776 params."""
-    return bert_text_encoder(norm_first=True, final_norm=True, **kw)
+    return bert_text_encoder(**(dict(norm_first=True, final_norm=True) | kw))
 
 
 def tmm_albef_text_encoder(**kw) -> BERTTextEncoder:
     """TorchMultimodal's ``bert_text_encoder`` defaults, ALBEF's text encoder (Li et al. 2021, Section 3:
     the first 6 layers of BERT-base): post-norm, no pooler."""
-    return bert_text_encoder(num_layers=6, pooler=False, **kw)
+    return bert_text_encoder(**(dict(num_layers=6, pooler=False) | kw))
 
 
 def bert_tiny(**kw) -> BERTTextEncoder:

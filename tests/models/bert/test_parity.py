@@ -1,0 +1,155 @@
+"""Parity with randomly initialised `transformers` and TorchMultimodal models: same hidden states,
+pooled outputs and logits (1e-5) on padded batches of different lengths; exact round trips; one error
+naming every mismatched key."""
+
+import pytest
+import torch
+
+from polymodal.core.pytree import flatten
+from polymodal.models.bert import bert_text_encoder, builders as B
+from polymodal.models.bert.convert import (
+    from_huggingface, from_torchmultimodal, to_huggingface, to_torchmultimodal,
+)
+
+t = pytest.importorskip("transformers")
+SMALL = dict(vocab_size=60, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+             max_position_embeddings=40, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+
+
+def _batch(pad: int, types: bool, start: int = 2):
+    """Three rows of lengths 7, 4 and 1 padded with ``pad`` (ids avoid the pad id), mask, token types."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 60, (3, 7), generator=g)
+    ids[:, 0] = start
+    lengths = torch.tensor([7, 4, 1])
+    mask = (torch.arange(7) < lengths[:, None]).long()
+    ids = ids.masked_fill(mask == 0, pad)
+    tt = (torch.arange(7) >= 3).long().expand(3, 7) * mask if types else None
+    return ids, mask, tt
+
+
+def _hf(kind):
+    torch.manual_seed(0)
+    if kind == "bert":
+        return t.BertModel(t.BertConfig(**SMALL))
+    if kind == "roberta":
+        return t.RobertaModel(t.RobertaConfig(**SMALL | {"max_position_embeddings": 42}, pad_token_id=1,
+                                              type_vocab_size=1))
+    return t.DistilBertModel(t.DistilBertConfig(vocab_size=60, dim=32, n_layers=2, n_heads=4, hidden_dim=64,
+                                                max_position_embeddings=40, dropout=0.0, attention_dropout=0.0))
+
+
+def _randomise(module):
+    """Non-trivial LayerNorms and biases (HF initialises them to 1 / 0)."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if "LayerNorm" in name or "layer_norm" in name or name.endswith("bias"):
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+    return module.eval()
+
+
+@pytest.mark.parametrize("kind,types", [("bert", True), ("bert", False), ("roberta", False), ("distilbert", False)])
+def test_huggingface_encoder_parity(kind, types):
+    ref = _randomise(_hf(kind))
+    sd = ref.state_dict()
+    spec, params = from_huggingface(sd, ref.config.to_dict())
+    pad = 1 if kind == "roberta" else 0
+    ids, mask, tt = _batch(pad, types, start=0 if kind == "roberta" else 2)
+    kw = {} if tt is None else {"token_type_ids": tt}
+    with torch.no_grad():
+        want = ref(input_ids=ids, attention_mask=mask, output_hidden_states=True, **kw)
+    got = spec(params, ids, mask, tt, return_hidden_states=True)
+    torch.testing.assert_close(got.last_hidden_state, want.last_hidden_state, atol=1e-5, rtol=1e-5)
+    for a, b in zip(got.hidden_states, want.hidden_states, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    if kind != "distilbert":
+        torch.testing.assert_close(got.pooled, want.pooler_output, atol=1e-5, rtol=1e-5)
+    back = to_huggingface(params, spec)
+    assert list(back) == [k for k in sd if "position_ids" not in k and "token_type_ids" not in k] or \
+        set(back) == set(sd)
+    assert all(torch.equal(back[k], sd[k]) for k in back)
+    # without config.json: the architecture from the shapes (heads = hidden // 64 is the only guess)
+    spec2, _ = from_huggingface(sd, {"num_attention_heads": 4, "n_heads": 4})
+    assert spec2.encoder.num_layers == 2 and spec2.embeddings.type_vocab_size == (0 if kind == "distilbert" else
+                                                                                  1 if kind == "roberta" else 2)
+
+
+def test_masked_lm_and_classifier_parity():
+    torch.manual_seed(0)
+    mlm = _randomise(t.BertForMaskedLM(t.BertConfig(**SMALL)))
+    clf = _randomise(t.BertForSequenceClassification(t.BertConfig(**SMALL, num_labels=3)))
+    ids, mask, tt = _batch(0, True)
+    for ref in (mlm, clf):
+        sd = ref.state_dict()
+        spec, params = from_huggingface(sd, ref.config.to_dict())
+        with torch.no_grad():
+            want = ref(input_ids=ids, attention_mask=mask, token_type_ids=tt).logits
+        torch.testing.assert_close(spec(params, ids, mask, tt), want, atol=1e-5, rtol=1e-5)
+        back = to_huggingface(params, spec)
+        assert set(back) == set(sd) and all(torch.equal(back[k], sd[k]) for k in sd)
+        type(ref)(ref.config).load_state_dict(back, strict=True)
+    # an encoder read out of the masked-LM checkpoint (prefix "bert.", head ignored)
+    spec, params = from_huggingface(mlm.state_dict(), mlm.config.to_dict(), model="encoder")
+    with torch.no_grad():
+        want = mlm.bert(input_ids=ids, attention_mask=mask, token_type_ids=tt).last_hidden_state
+    torch.testing.assert_close(spec(params, ids, mask, tt).last_hidden_state, want, atol=1e-5, rtol=1e-5)
+
+
+def test_cross_attention_layout_loads_into_transformers():
+    ref = t.BertModel(t.BertConfig(**SMALL, is_decoder=True, add_cross_attention=True))
+    sd = ref.state_dict()
+    spec, params = from_huggingface(sd, ref.config.to_dict())
+    assert spec.encoder.cross_attention_every == 1
+    back = to_huggingface(params, spec)
+    assert set(back) == set(sd) and all(torch.equal(back[k], sd[k]) for k in sd)
+    spec_kv = bert_text_encoder(vocab_size=60, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
+                                max_position_embeddings=40, cross_attention_every=1, dim_kv=24)
+    ref_kv = t.BertModel(t.BertConfig(**SMALL, is_decoder=True, add_cross_attention=True, encoder_width=24))
+    from polymodal.core import random as pr
+    sd_kv = to_huggingface(spec_kv.init(key=pr.key(0)), spec_kv)
+    assert {k: tuple(v.shape) for k, v in sd_kv.items() if "crossattention" in k} == \
+        {k: (v.shape[0], 24) if "crossattention.self.key.weight" in k or "crossattention.self.value.weight" in k
+         else tuple(v.shape) for k, v in ref_kv.state_dict().items() if "crossattention" in k}
+
+
+def test_mismatched_checkpoint_names_every_key():
+    sd = dict(_hf("bert").state_dict())
+    spec, _ = from_huggingface(sd)
+    del sd["encoder.layer.1.output.dense.bias"]
+    sd["encoder.layer.0.extra.weight"] = torch.zeros(1)
+    sd["pooler.dense.weight"] = torch.zeros(3, 3)
+    with pytest.raises(ValueError) as e:
+        from_huggingface(sd, spec=spec)
+    msg = str(e.value)
+    assert "encoder.layer.1.output.dense.bias" in msg and "encoder.layer.0.extra.weight" in msg
+    assert "pooler.dense.weight: expected (32, 32), got (3, 3)" in msg
+
+
+@pytest.mark.parametrize("flava", [False, True])
+def test_torchmultimodal_parity(flava):
+    from torchmultimodal.models.flava.text_encoder import flava_text_encoder
+    from torchmultimodal.modules.encoders.bert_text_encoder import bert_text_encoder as tmm_bert
+    small = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=60,
+                 max_position_embeddings=40)
+    torch.manual_seed(0)
+    if flava:
+        ref, spec = flava_text_encoder(**small), B.tmm_flava_text_encoder(
+            hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, vocab_size=60, max_position_embeddings=40)
+    else:
+        ref, spec = tmm_bert(**small, dropout=0.1), B.tmm_albef_text_encoder(  # its MLP then has a Dropout (model.3)
+            hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, vocab_size=60, max_position_embeddings=40)
+    ref = _randomise(ref)
+    sd = ref.state_dict()
+    params = from_torchmultimodal(sd, spec)
+    ids, mask, tt = _batch(0, True)
+    with torch.no_grad():
+        want = ref(input_ids=ids, attention_mask=mask, token_type_ids=tt)
+    got = spec(params, ids, mask, tt)
+    torch.testing.assert_close(got.last_hidden_state, want.last_hidden_state, atol=1e-5, rtol=1e-5)
+    if flava:
+        torch.testing.assert_close(got.pooled, want.pooler_output, atol=1e-5, rtol=1e-5)
+    back = to_torchmultimodal(params, spec, mlp_dropout=not flava)
+    assert any(".feedforward.model.3." in k for k in sd) == (not flava)
+    assert set(back) == set(sd) and all(torch.equal(back[k], sd[k]) for k in sd)
+    assert set(flatten(params)) == set(flatten(spec.init(key=__import__("polymodal").core.random.key(0))))
