@@ -135,10 +135,19 @@ def check_dtype(x: Tensor, name: str, dtypes: Sequence[torch.dtype], spec: objec
     return x
 
 
-def reading_values_ok() -> bool:
-    """Neither ``torch.compile`` tracing nor a ``torch.func`` transform (vmap, grad) is active, so a
-    check may read tensor values (``int(ids.max())``) without breaking a graph or a transform."""
-    return not torch.compiler.is_compiling() and torch._C._functorch.maybe_current_level() is None
+def reading_values_ok(*tensors: Tensor) -> bool:
+    """Neither ``torch.compile`` tracing nor a ``torch.func`` transform (vmap, grad) is active and
+    none of ``tensors`` is a fake tensor (shape inference), so a check may read their values
+    (``int(ids.max())``) without breaking a graph or a transform."""
+    if torch.compiler.is_compiling() or torch._C._functorch.maybe_current_level() is not None:
+        return False
+    return not any(_is_fake(t) for t in tensors)
+
+
+def _is_fake(t: Tensor) -> bool:
+    from torch._subclasses.fake_tensor import is_fake
+
+    return is_fake(t)
 
 
 def check_ids(ids: Tensor, name: str, vocab_size: int, spec: object | None = None) -> Tensor:
@@ -152,7 +161,7 @@ def check_ids(ids: Tensor, name: str, vocab_size: int, spec: object | None = Non
     validate ids on the host (the tokenizers' ids always fit their vocabulary).
     """
     check_dtype(ids, name, (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8), spec)
-    if ids.device.type == "cpu" and ids.numel() and reading_values_ok():
+    if ids.device.type == "cpu" and ids.numel() and reading_values_ok(ids):
         lo, hi = (int(t) for t in torch.aminmax(ids))
         if lo < 0 or hi >= vocab_size:
             raise ValueError(f"{_where(name, spec)}: expected ids in [0, {vocab_size}) (the vocabulary size is "

@@ -107,7 +107,7 @@ class TextTransformer(Spec):
         """``pool="eot"``: every row holds its end-of-text token. An empty row (all padding) would
         silently pool a padding position. Values are read only on CPU outside ``torch.compile`` /
         ``torch.func`` transforms (as ``core.spec.check_ids``)."""
-        if self.pool == "eot" and tokens.device.type == "cpu" and tokens.numel() and reading_values_ok():
+        if self.pool == "eot" and tokens.device.type == "cpu" and tokens.numel() and reading_values_ok(tokens):
             has_eot = tokens.amax(-1) > 0 if self.eot_id is None else (tokens == self.eot_id).any(-1)
             if not bool(has_eot.all()):
                 rows = (~has_eot).reshape(-1).nonzero().flatten().tolist()
