@@ -113,6 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
     z.add_argument("--image", required=True, help="image file (PNG, JPEG, ...)")
     z.add_argument("--labels", required=True, help="comma-separated labels, e.g. \"a red circle,a blue square\"")
     z.add_argument("--template", default="a photo of a {}", help="prompt template (default: %(default)r)")
+    et = sub.add_parser("embed-text", help="sentence embeddings from a local BERT-family model folder",
+                        description="Embed texts with a Hugging Face BERT / RoBERTa / DistilBERT / MiniLM folder "
+                                    "(mean pooling + L2 normalisation, the sentence-transformers recipe).")
+    et.add_argument("--model", required=True, help="Hugging Face model folder (config.json, weights, tokenizer files)")
+    et.add_argument("texts", nargs="+", help="texts to embed")
+    et.add_argument("--output", default=None, help="save the (N, D) embeddings here (.pt or .npy) instead of printing")
+    et.add_argument("--no-normalize", action="store_true", help="mean pooling without L2 normalisation")
     return parser
 
 
@@ -141,7 +148,7 @@ def _cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
 
     from .data.stream import is_shard_pattern
     from .registry import family
-    from .train.loop import LoopConfig, init_distributed, resolve_device, train
+    from .train.loop import LoopConfig, UsageError, init_distributed, resolve_device, train
     from .train.task import make_task
 
     fam = family(args.family)
@@ -173,6 +180,8 @@ def _cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
     init_distributed(resolve_device(cfg.device))
     try:
         metrics = train(task, cfg)
+    except UsageError as e:
+        raise CLIError(str(e)) from None
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -250,6 +259,7 @@ def _cmd_zero_shot(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     from .data.captions import BadSampleError
+    from .train.checkpoint import CheckpointError
 
     argv = sys.argv[1:] if argv is None else argv
     try:
@@ -263,8 +273,11 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_train(args, argv)
         if args.command == "eval":
             return _cmd_eval(args)
+        if args.command == "embed-text":
+            from .models.bert.cli import embed_text_command
+            return embed_text_command(args)
         return _cmd_zero_shot(args)
-    except (CLIError, FileNotFoundError, BadSampleError, FloatingPointError) as e:
+    except (CLIError, FileNotFoundError, BadSampleError, FloatingPointError, CheckpointError) as e:
         print(f"polymodal: error: {e}", file=sys.stderr)
         return 2
 
