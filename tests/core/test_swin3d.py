@@ -15,8 +15,9 @@ from polymodal import nn as pnn
 from polymodal.core import pytree
 from polymodal.core import random as pr
 from polymodal.core.encoders.swin3d import (
-    PatchEmbed3d, PatchMerging, Swin3D, SwinTransformerBlock3d, swin3d_b, swin3d_s, swin3d_t,
+    PatchEmbed3d, PatchMerging, Swin3D, SwinTransformerBlock3d, swin3d, swin3d_b, swin3d_s, swin3d_t,
 )
+from polymodal.core.layers import LayerNorm, Linear
 from polymodal.core.layers.window import (
     ShiftedWindowAttention3d, relative_position_index, shifted_window_mask, window_and_shift, window_partition,
     window_reverse,
@@ -165,7 +166,7 @@ def test_drop_path_rate_zero_is_identity_and_positive_rate_drops_per_example():
     # with both branches dropped an example passes through unchanged; some but not all do (p = 1/4)
     passed = (y == x).flatten(1).all(1)
     assert 0 < int(passed.sum()) < 64
-    tiny = Swin3D(embed_dim=8, depths=(1, 1), num_heads=(1, 2), window_size=(2, 2, 2), stochastic_depth_prob=0.0)
+    tiny = swin3d(embed_dim=8, depths=(1, 1), num_heads=(1, 2), window_size=(2, 2, 2), stochastic_depth_prob=0.0)
     tp, v = tiny.init(key=pr.key(0)), x_of(2, 1, 3, 4, 16, 16)
     assert torch.equal(tiny(tp, v, key=pr.key(1)).features, tiny(tp, v).features)
 
@@ -231,7 +232,7 @@ def test_headless_swin3d_matches_torchmultimodal():
 
 def test_tiny_swin3d_with_padding_matches_torchvision_and_passes_generic_checks():
     ref = tiny_tv()
-    spec = Swin3D(embed_dim=8, depths=(1, 2), num_heads=(1, 2), window_size=(2, 3, 3), stochastic_depth_prob=0.2,
+    spec = swin3d(embed_dim=8, depths=(1, 2), num_heads=(1, 2), window_size=(2, 3, 3), stochastic_depth_prob=0.2,
                   num_classes=5)
     p = from_torchvision(ref.state_dict(), spec)
     x = x_of(0, 2, 3, 5, 26, 18)  # T, H, W not multiples of the patch; odd sizes at the merge
@@ -263,7 +264,7 @@ def test_conversion_errors_name_keys():
     with pytest.raises(ValueError, match=r"unexpected keys \(1\): features\.0\.0\.attn\.extra"):
         from_torchvision({**sd, "features.0.0.attn.extra": torch.zeros(1)}, spec)
     with pytest.raises(ValueError, match=r"relative_position_index: does not match window_size \(3, 3, 3\)"):
-        from_torchvision(sd, Swin3D(embed_dim=8, depths=(1, 2), num_heads=(1, 2), window_size=(3, 3, 3), num_classes=5))
+        from_torchvision(sd, swin3d(embed_dim=8, depths=(1, 2), num_heads=(1, 2), window_size=(3, 3, 3), num_classes=5))
     with pytest.raises(ValueError, match=r"has 75 rows, but window_size \(8, 7, 7\) needs 2535"):
         from_torchvision(sd)
     with pytest.raises(ValueError, match=r"unknown keys \(1\): bogus"):
@@ -283,8 +284,59 @@ def test_parameter_counts_equal_torchvision(builder, tv_builder, expected):
     assert pytree.num_params(params["head"]) == (builder().num_features + 1) * 400
 
 
+@pytest.mark.parametrize("builder, tv_builder", [
+    (swin3d_t, torchvision.models.video.swin3d_t), (swin3d_b, torchvision.models.video.swin3d_b)])
+def test_builders_make_torchvisions_parts(builder, tv_builder):
+    """Each part the builder makes once is the torchvision module at the same place (meta: nothing runs)."""
+    spec = builder()
+    with torch.device("meta"):
+        ref = tv_builder(weights=None)
+    assert spec.patch_embed.patch_size == ref.patch_embed.tuple_patch_size
+    assert spec.patch_embed.embed_dim == ref.patch_embed.proj.out_channels
+    assert len(spec.stages) == len(spec.merges) + 1 == len(ref.features) // 2 + 1
+    for i, stage in enumerate(spec.stages):
+        assert len(stage) == len(ref.features[2 * i])
+        for blk, tv in zip(stage, ref.features[2 * i]):
+            assert (blk.dim, blk.num_heads, blk.hidden_dim) == (tv.norm1.normalized_shape[0], tv.attn.num_heads,
+                                                                tv.mlp[0].out_features)
+            assert (list(blk.window_size), list(blk.shift_size)) == (tv.attn.window_size, tv.attn.shift_size)
+            assert blk.stochastic_depth_prob == tv.stochastic_depth.p and blk.norm_eps == tv.norm1.eps
+        if i < len(spec.merges):
+            assert 4 * spec.merges[i].dim == ref.features[2 * i + 1].reduction.in_features
+    assert (spec.norm.dim, spec.norm.eps) == (ref.norm.normalized_shape[0], ref.norm.eps) == (spec.num_features, 1e-5)
+    assert (spec.head.in_features, spec.head.out_features) == (ref.head.in_features, ref.head.out_features)
+    assert builder(num_classes=None).head is None and builder(num_classes=None).num_classes is None
+
+
+def test_spec_composed_from_parts_equals_the_builders_and_checks_them():
+    spec = swin3d(embed_dim=8, depths=(1, 2), num_heads=(1, 2), window_size=(2, 3, 3), num_classes=5)
+    pe, stages, merges, norm, head = spec.patch_embed, spec.stages, spec.merges, spec.norm, spec.head
+    by_hand = Swin3D(patch_embed=pe, stages=[list(s) for s in stages], merges=list(merges), norm=norm, head=head)
+    assert by_hand == spec and hash(by_hand) == hash(spec)  # lists are kept as tuples: hashable
+    assert (spec.depths, spec.num_heads, spec.embed_dim, spec.num_features) == ((1, 2), (1, 2), 8, 16)
+    s1 = stages[1]
+    with pytest.raises(ValueError, match=r"Swin3D: merges: expected 1 \(one between consecutive stages\), got 0"):
+        Swin3D(pe, stages, (), norm, head)
+    with pytest.raises(ValueError, match=r"Swin3D: stages\[1\]\[0\]: expected dim 16, got 8"):
+        Swin3D(pe, (stages[0], stages[0]), merges, norm, head)
+    with pytest.raises(ValueError, match=r"Swin3D: stages\[1\]\[1\]: expected the window of every block, \(2, 3, 3\), "
+                                         r"got \(2, 2, 2\)"):
+        Swin3D(pe, (stages[0], (s1[0], SwinTransformerBlock3d(16, 2, (2, 2, 2)))), merges, norm, head)
+    with pytest.raises(ValueError, match=r"Swin3D: merges\[0\]: expected dim 8, got 16"):
+        Swin3D(pe, stages, (PatchMerging(16),), norm, head)
+    with pytest.raises(ValueError, match=r"Swin3D: norm: expected dim 16 \(the last stage's\), got 8"):
+        Swin3D(pe, stages, merges, LayerNorm(8), head)
+    with pytest.raises(ValueError, match=r"Swin3D: head: expected in_features 16, got 8"):
+        Swin3D(pe, stages, merges, norm, Linear(8, 5))
+    with pytest.raises(ValueError, match=r"Swin3D: stages: expected at least one stage of at least one block, "
+                                         r"got depths \(1, 0\)"):
+        Swin3D(pe, (stages[0], ()), merges, norm, head)
+    with pytest.raises(TypeError, match=r"Swin3D: stages\[0\]\[0\]: expected SwinTransformerBlock3d, got Linear"):
+        Swin3D(pe, ((Linear(8, 8),), s1), merges, norm, head)
+
+
 def test_bad_inputs_raise_clear_errors():
-    spec = Swin3D(embed_dim=8, depths=(1,), num_heads=(1,), window_size=(2, 2, 2))
+    spec = swin3d(embed_dim=8, depths=(1,), num_heads=(1,), window_size=(2, 2, 2))
     p = spec.init(key=pr.key(0))
     with pytest.raises(ValueError, match=r"Swin3D: x: expected shape \(B, 3, T, H, W\) or \(3, T, H, W\), got \(3, 64, 64\)"):
         spec(p, torch.zeros(3, 64, 64))
@@ -301,13 +353,13 @@ def test_bad_inputs_raise_clear_errors():
         ShiftedWindowAttention3d(8, 2, (2, 2, 2), (2, 0, 0))
     with pytest.raises(ValueError, match=r"dim \(8\) must be divisible by num_heads \(3\)"):
         ShiftedWindowAttention3d(8, 3)
-    with pytest.raises(ValueError, match=r"one positive depth per stage"):
-        Swin3D(depths=(2, 2), num_heads=(1,))
+    with pytest.raises(ValueError, match=r"swin3d: expected one positive depth per stage"):
+        swin3d(depths=(2, 2), num_heads=(1,))
 
 
 def test_shells():
     ref = tiny_tv()
-    spec = Swin3D(embed_dim=8, depths=(1, 2), num_heads=(1, 2), window_size=(2, 3, 3), stochastic_depth_prob=0.5,
+    spec = swin3d(embed_dim=8, depths=(1, 2), num_heads=(1, 2), window_size=(2, 3, 3), stochastic_depth_prob=0.5,
                   num_classes=5)
     m = pnn.Swin3D.from_params(spec, from_torchvision(ref.state_dict(), spec)).eval()
     assert sorted(m.state_dict()) == sorted(pytree.flatten(m.params))

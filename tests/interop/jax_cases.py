@@ -10,7 +10,7 @@ import torch
 
 from polymodal.core import layers as L
 from polymodal.core import random as pr
-from polymodal.core.encoders.swin3d import PatchMerging, Swin3D, SwinTransformerBlock3d
+from polymodal.core.encoders.swin3d import PatchMerging, SwinTransformerBlock3d, swin3d
 
 
 class Case(NamedTuple):
@@ -109,7 +109,7 @@ def encoder_cases() -> list[Case]:
         _spec("PatchMerging", PatchMerging(8), _g(1, 2, 4, 4, 8)),
         _spec("SwinTransformerBlock3d", SwinTransformerBlock3d(8, 2, window_size=(2, 2, 2), shift_size=(1, 1, 1)),
               _g(1, 2, 4, 4, 8)),
-        _spec("Swin3D", Swin3D(embed_dim=8, depths=(2, 1), num_heads=(1, 2), window_size=(2, 2, 2), num_classes=5),
+        _spec("Swin3D", swin3d(embed_dim=8, depths=(2, 1), num_heads=(1, 2), window_size=(2, 2, 2), num_classes=5),
               _g(1, 3, 4, 16, 16)),
         _spec("BERT-layout encoder", bert, _g(2, 8, 64), key_padding_mask=mask),
     ]

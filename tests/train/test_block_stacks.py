@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from polymodal.core import random as pr
-from polymodal.core.encoders.swin3d import Swin3D
+from polymodal.core.encoders.swin3d import swin3d
 from polymodal.core.layers.seam import record_stacks
 from polymodal.core.layers.transformer import (
     TransformerDecoder, TransformerDecoderLayer, TransformerEncoder, TransformerEncoderLayer,
@@ -38,7 +38,7 @@ class _Pair(Spec):
 def _cases():
     clip, clip_rn = build("clip_tiny"), build("clip_tiny_rn")
     gpt = multimodal_gpt(7, 5, (3,), (2, 2), d_model=16, num_heads=2, num_layers=2)
-    swin = Swin3D(embed_dim=4, depths=(2, 1, 1), num_heads=(1, 1, 2), window_size=(2, 2, 2), num_classes=3)
+    swin = swin3d(embed_dim=4, depths=(2, 1, 1), num_heads=(1, 1, 2), window_size=(2, 2, 2), num_classes=3)
     layer = TransformerEncoderLayer(8, 2, 16)
     pair = _Pair(TransformerEncoder(layer, 2), TransformerDecoder(TransformerDecoderLayer(8, 2, 16), 2))
     tokens = torch.randint(0, 100, (2, clip.context_length))
@@ -63,7 +63,7 @@ def test_declared_stacks_are_the_ones_the_seam_runs(name):
 
 
 def test_swin3d_merges_are_not_a_stack():
-    swin = Swin3D(embed_dim=4, depths=(1, 1), num_heads=(1, 2), window_size=(2, 2, 2))
+    swin = swin3d(embed_dim=4, depths=(1, 1), num_heads=(1, 2), window_size=(2, 2, 2))
     params = swin.init(key=pr.key(0))
     assert "merges" in params and "merges" not in block_stacks(swin, params)
 

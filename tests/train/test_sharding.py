@@ -19,7 +19,7 @@ from torch.distributed.tensor import DTensor
 from torch.multiprocessing.reductions import StorageWeakRef
 
 from polymodal.core import random as pr
-from polymodal.core.encoders.swin3d import Swin3D
+from polymodal.core.encoders.swin3d import swin3d
 from polymodal.core.layers import Embedding, Linear
 from polymodal.core.layers.seam import run_layers, use_policy
 from polymodal.core.layers.transformer import TransformerEncoder, TransformerEncoderLayer
@@ -98,7 +98,7 @@ def _reference(spec, params, batches):
 
 
 # A tiny Swin3D classifier: two stages run through the seam, a patch-merging layer between them that does not.
-SWIN = Swin3D(patch_size=(2, 4, 4), embed_dim=4, depths=(2, 1), num_heads=(1, 2), window_size=(2, 2, 2),
+SWIN = swin3d(patch_size=(2, 4, 4), embed_dim=4, depths=(2, 1), num_heads=(1, 2), window_size=(2, 2, 2),
               stochastic_depth_prob=0.0, num_classes=3)
 SWIN_LR = 0.1
 

@@ -6,16 +6,17 @@ stages of :class:`SwinTransformerBlock3d` (window attention, shifted every other
 mean over (T', H', W') -> optional linear head. Each stage's blocks run through the block seam
 (:func:`polymodal.core.layers.seam.run_layers`); stochastic depth grows linearly over all blocks.
 
-Params: ``patch_embed {proj, norm}``, ``stages`` (a list per stage of block trees), ``merges``
-(one :class:`PatchMerging` tree between consecutive stages), ``norm``, ``head`` (with
-``num_classes``). Block trees carry torchvision's names (``norm1``, ``attn.qkv``, ``attn.proj``,
-``attn.relative_position_bias_table``, ``norm2``, ``mlp.0``, ``mlp.3``), so torchvision's
-``features.{2i}.{j}`` / ``features.{2i+1}`` keys map onto ``stages.{i}.{j}`` / ``merges.{i}``
-(``polymodal.models.swin3d.convert``).
+``Swin3D(patch_embed, stages, merges, norm, head, dropout)``: the fields are the parts, built once
+by :func:`swin3d` from the usual hyperparameters; ``swin3d_t/s/b`` are the paper's configurations.
+Params nest under the field names: ``patch_embed {proj, norm}``, ``stages`` (a list per stage of
+block trees), ``merges``, ``norm``, ``head`` (when there is one). Block trees carry torchvision's
+names (``norm1``, ``attn.qkv``, ``attn.proj``, ``attn.relative_position_bias_table``, ``norm2``,
+``mlp.0``, ``mlp.3``), so torchvision's ``features.{2i}.{j}`` / ``features.{2i+1}`` keys map onto
+``stages.{i}.{j}`` / ``merges.{i}`` (``polymodal.models.swin3d.convert``).
 
 >>> import torch
 >>> from polymodal.core import random as pr
->>> spec = Swin3D(embed_dim=8, depths=(1, 1), num_heads=(1, 2), window_size=(2, 2, 2), num_classes=5)
+>>> spec = swin3d(embed_dim=8, depths=(1, 1), num_heads=(1, 2), window_size=(2, 2, 2), num_classes=5)
 >>> out = spec(spec.init(key=pr.key(0)), torch.ones(1, 3, 4, 16, 16))
 >>> out.features.shape, out.pooled.shape, out.logits.shape
 (torch.Size([1, 2, 2, 2, 16]), torch.Size([1, 16]), torch.Size([1, 5]))
@@ -42,7 +43,7 @@ from ..layers.norm import LayerNorm
 from ..layers.seam import run_layers
 from ..layers.window import ShiftedWindowAttention3d, Size3, _triple, check_tokens
 
-__all__ = ["PatchEmbed3d", "PatchMerging", "SwinTransformerBlock3d", "Swin3D", "Swin3DOutput",
+__all__ = ["PatchEmbed3d", "PatchMerging", "SwinTransformerBlock3d", "Swin3D", "Swin3DOutput", "swin3d",
            "swin3d_t", "swin3d_s", "swin3d_b"]
 
 
@@ -222,119 +223,197 @@ class Swin3DOutput(NamedTuple):
 class Swin3D(Spec):
     """Video Swin encoder: ``x (B, in_channels, T, H, W)`` (or unbatched) -> :class:`Swin3DOutput`.
 
-    Defaults are ``swin3d_t`` without a head. With ``num_classes`` the logits equal torchvision's
+    The fields are the parts, built once by :func:`swin3d` (or ``swin3d_t/s/b``): stage ``i``'s
+    blocks are ``embed_dim * 2**i`` wide, odd blocks shift by ``window // 2``, and each carries its
+    own drop-path rate. With a ``head`` the logits equal torchvision's
     ``SwinTransformer3d.forward`` (norm, average pool, head). ``key`` drives dropout and
     stochastic depth (``None``: inference).
     """
 
-    patch_size: Size3 = (2, 4, 4)  # (pt, ph, pw) of the patch embedding
-    embed_dim: int = 96  # channels after the patch embedding (doubled by each PatchMerging)
-    depths: tuple[int, ...] = (2, 2, 6, 2)  # blocks per stage
-    num_heads: tuple[int, ...] = (3, 6, 12, 24)  # attention heads per stage
-    window_size: Size3 = (8, 7, 7)  # attention window (Wd, Wh, Ww); odd blocks shift by window // 2
-    mlp_ratio: float = 4.0  # MLP hidden width / channels
-    dropout: float = 0.0  # dropout after the patch embedding, attention projections and MLPs
-    attention_dropout: float = 0.0  # dropout on attention probabilities
-    stochastic_depth_prob: float = 0.1  # drop-path rate of the last block (0 for the first, linear between)
-    num_classes: int | None = None  # classification head size, or None for no head
-    in_channels: int = 3  # channels of the video
-    norm_eps: float = 1e-5  # LayerNorm epsilon everywhere
+    patch_embed: PatchEmbed3d  # video -> (B, T', H', W', embed_dim) tokens (Conv3d, LayerNorm)
+    stages: tuple[tuple[SwinTransformerBlock3d, ...], ...]  # the blocks of each stage, run through the seam
+    merges: tuple[PatchMerging, ...]  # one between consecutive stages (halves H and W, doubles C)
+    norm: LayerNorm  # final LayerNorm over the last stage's channels
+    head: Linear | None = None  # classifier on the pooled features, or None (TorchMultimodal's head-less encoder)
+    dropout: float = 0.0  # dropout on the patch tokens (torchvision's pos_drop)
 
     def __post_init__(self) -> None:
         name = type(self).__name__
-        object.__setattr__(self, "patch_size", _triple(self.patch_size, "patch_size", name))
-        object.__setattr__(self, "window_size", _triple(self.window_size, "window_size", name))
-        object.__setattr__(self, "depths", tuple(int(d) for d in self.depths))
-        object.__setattr__(self, "num_heads", tuple(int(h) for h in self.num_heads))
-        if len(self.depths) != len(self.num_heads) or not self.depths or min(self.depths) < 1:
-            raise ValueError(f"{name}: expected one positive depth per stage and as many num_heads, "
-                             f"got depths={self.depths}, num_heads={self.num_heads}")
+        object.__setattr__(self, "stages", tuple(tuple(s) for s in self.stages))
+        object.__setattr__(self, "merges", tuple(self.merges))
+        _check_type(self.patch_embed, PatchEmbed3d, "patch_embed")
+        _check_type(self.norm, LayerNorm, "norm")
+        if self.head is not None:
+            _check_type(self.head, Linear, "head")
+        if not self.stages or not all(self.stages):
+            raise ValueError(f"{name}: stages: expected at least one stage of at least one block, "
+                             f"got depths {tuple(len(s) for s in self.stages)}")
+        if len(self.merges) != len(self.stages) - 1:
+            raise ValueError(f"{name}: merges: expected {len(self.stages) - 1} (one between consecutive stages), "
+                             f"got {len(self.merges)}")
+        for i, stage in enumerate(self.stages):
+            for j, block in enumerate(stage):
+                _check_type(block, SwinTransformerBlock3d, f"stages[{i}][{j}]")
+        dim, window = self.patch_embed.embed_dim, self.stages[0][0].window_size
+        for i, stage in enumerate(self.stages):
+            for j, block in enumerate(stage):
+                if block.dim != dim:
+                    raise ValueError(f"{name}: stages[{i}][{j}]: expected dim {dim}, got {block.dim}")
+                if block.window_size != window:
+                    raise ValueError(f"{name}: stages[{i}][{j}]: expected the window of every block, {window}, "
+                                     f"got {block.window_size}")
+            if i < len(self.merges):
+                _check_type(self.merges[i], PatchMerging, f"merges[{i}]")
+                if self.merges[i].dim != dim:
+                    raise ValueError(f"{name}: merges[{i}]: expected dim {dim}, got {self.merges[i].dim}")
+                dim *= 2
+        if self.norm.dim != dim:
+            raise ValueError(f"{name}: norm: expected dim {dim} (the last stage's), got {self.norm.dim}")
+        if self.head is not None and self.head.in_features != dim:
+            raise ValueError(f"{name}: head: expected in_features {dim}, got {self.head.in_features}")
+
+    @property
+    def in_channels(self) -> int:
+        return self.patch_embed.in_channels
+
+    @property
+    def patch_size(self) -> tuple[int, int, int]:
+        return self.patch_embed.patch_size
+
+    @property
+    def embed_dim(self) -> int:
+        """Channels after the patch embedding (doubled by each PatchMerging)."""
+        return self.patch_embed.embed_dim
+
+    @property
+    def depths(self) -> tuple[int, ...]:
+        """Blocks per stage."""
+        return tuple(len(s) for s in self.stages)
+
+    @property
+    def num_heads(self) -> tuple[int, ...]:
+        """Attention heads per stage (of its first block)."""
+        return tuple(s[0].num_heads for s in self.stages)
+
+    @property
+    def window_size(self) -> tuple[int, int, int]:
+        """The attention window ``(Wd, Wh, Ww)`` every block shares."""
+        return self.stages[0][0].window_size
 
     @property
     def num_features(self) -> int:
         """Channels of the last stage: ``embed_dim * 2 ** (stages - 1)``."""
-        return self.embed_dim * 2 ** (len(self.depths) - 1)
+        return self.norm.dim
+
+    @property
+    def num_classes(self) -> int | None:
+        return None if self.head is None else self.head.out_features
 
     def drop_path_rates(self) -> list[float]:
-        """Per block over all stages: ``stochastic_depth_prob * i / (total - 1)`` (torchvision)."""
-        total = sum(self.depths)
-        return [self.stochastic_depth_prob * i / max(total - 1, 1) for i in range(total)]
-
-    def patch_embed(self) -> PatchEmbed3d:
-        return PatchEmbed3d(self.patch_size, self.in_channels, self.embed_dim, True, self.norm_eps)
-
-    def blocks(self, stage: int) -> list[SwinTransformerBlock3d]:
-        first = sum(self.depths[:stage])
-        rates = self.drop_path_rates()[first: first + self.depths[stage]]
-        return [
-            SwinTransformerBlock3d(
-                self.embed_dim * 2**stage, self.num_heads[stage], self.window_size,
-                tuple([0 if j % 2 == 0 else w // 2 for w in self.window_size]), self.mlp_ratio, self.dropout,
-                self.attention_dropout, rate, self.norm_eps,
-            )
-            for j, rate in enumerate(rates)
-        ]
-
-    def merge(self, stage: int) -> PatchMerging:
-        return PatchMerging(self.embed_dim * 2**stage, self.norm_eps)
-
-    def head(self) -> Linear:
-        return Linear(self.num_features, self.num_classes or 0, weight_init="trunc_normal")
+        """The blocks' stochastic-depth rates over all stages, in order."""
+        return [b.stochastic_depth_prob for s in self.stages for b in s]
 
     def block_stacks(self) -> list[str]:
         """Each stage's blocks run through the seam; the patch-merging layers between them do not."""
-        return [f"stages.{i}" for i in range(len(self.depths))]
+        return [f"stages.{i}" for i in range(len(self.stages))]
 
     def init(self, *, key: Tensor) -> Params:
-        n = len(self.depths)
+        n = len(self.stages)
         keys = pr.split(key, 2 * n + 1)
-        p: Params = {"patch_embed": self.patch_embed().init(key=keys[0])}
-        p["stages"] = [[b.init(key=k) for b, k in zip(self.blocks(i), pr.split(keys[1 + i], self.depths[i]))]
-                       for i in range(n)]
-        p["merges"] = [self.merge(i).init(key=keys[1 + n + i]) for i in range(n - 1)]
-        p["norm"] = LayerNorm(self.num_features, self.norm_eps).init(key=key)
-        if self.num_classes is not None:
-            p["head"] = self.head().init(key=keys[2 * n])
+        p: Params = {"patch_embed": self.patch_embed.init(key=keys[0])}
+        p["stages"] = [[b.init(key=k) for b, k in zip(stage, pr.split(keys[1 + i], len(stage)))]
+                       for i, stage in enumerate(self.stages)]
+        p["merges"] = [m.init(key=keys[1 + n + i]) for i, m in enumerate(self.merges)]
+        p["norm"] = self.norm.init(key=key)
+        if self.head is not None:
+            p["head"] = self.head.init(key=keys[2 * n])
         return p
 
     def __call__(self, params: Params, x: Tensor, *, key: Tensor | None = None) -> Swin3DOutput:
         """``x (B, in_channels, T, H, W)`` -> ``Swin3DOutput``; leading B may be absent."""
         _check_video(x, self.in_channels, self)
-        n = len(self.depths)
+        n = len(self.stages)
         keys = pr.maybe_split(key, n + 1)
-        x = _dropout(self.patch_embed()(params["patch_embed"], x), self.dropout, key=keys[0])
-        for i in range(n):
-            blocks = self.blocks(i)
+        x = _dropout(self.patch_embed(params["patch_embed"], x), self.dropout, key=keys[0])
+        for i, blocks in enumerate(self.stages):
             x, _ = run_layers(lambda j, p, h, k, _e, b=blocks: (b[j](p, h, key=k), None),
                               params["stages"][i], x, key=keys[1 + i])
             if i < n - 1:
-                x = self.merge(i)(params["merges"][i], x)
-        x = LayerNorm(self.num_features, self.norm_eps)(params["norm"], x)
+                x = self.merges[i](params["merges"][i], x)
+        x = self.norm(params["norm"], x)
         pooled = x.mean(dim=(-4, -3, -2))
-        logits = self.head()(params["head"], pooled) if self.num_classes is not None else None
+        logits = self.head(params["head"], pooled) if self.head is not None else None
         return Swin3DOutput(x, pooled, logits)
 
 
-def _builder(embed_dim: int, depths: Sequence[int], num_heads: Sequence[int], num_classes: int | None, **kw) -> Swin3D:
-    cfg = dict(patch_size=(2, 4, 4), embed_dim=embed_dim, depths=tuple(depths), num_heads=tuple(num_heads),
-               window_size=(8, 7, 7), stochastic_depth_prob=0.1, num_classes=num_classes)
-    return Swin3D(**{**cfg, **kw})
+def _check_type(value: object, cls: type, name: str) -> None:
+    if not isinstance(value, cls):
+        raise TypeError(f"Swin3D: {name}: expected {cls.__name__}, got {type(value).__name__}")
+
+
+def swin3d(*, patch_size: Size3 = (2, 4, 4), embed_dim: int = 96, depths: Sequence[int] = (2, 2, 6, 2),
+           num_heads: Sequence[int] = (3, 6, 12, 24), window_size: Size3 = (8, 7, 7), mlp_ratio: float = 4.0,
+           dropout: float = 0.0, attention_dropout: float = 0.0, stochastic_depth_prob: float = 0.1,
+           num_classes: int | None = None, in_channels: int = 3, norm_eps: float = 1e-5) -> Swin3D:
+    """A :class:`Swin3D` from the usual hyperparameters (torchvision's ``SwinTransformer3d``
+    arguments; the defaults are ``swin3d_t`` without a head).
+
+    Args:
+        patch_size: ``(pt, ph, pw)`` of the patch embedding. embed_dim: its channels (stage 0).
+        depths, num_heads: blocks and attention heads per stage (stage ``i`` is ``embed_dim * 2**i`` wide).
+        window_size: ``(Wd, Wh, Ww)`` of every block; odd blocks of a stage shift by ``window // 2``.
+        mlp_ratio: MLP hidden width / channels. dropout: on the patch tokens, attention projections
+            and MLPs. attention_dropout: on attention probabilities.
+        stochastic_depth_prob: drop-path rate of the last block; block ``k`` of ``N`` over all stages
+            gets ``stochastic_depth_prob * k / (N - 1)`` (torchvision's rule).
+        num_classes: head size, or ``None`` for no head. in_channels: of the video. norm_eps: every LayerNorm's.
+    """
+    window = _triple(window_size, "window_size", "swin3d")
+    depths, num_heads = tuple(int(d) for d in depths), tuple(int(h) for h in num_heads)
+    if len(depths) != len(num_heads) or not depths or min(depths) < 1:
+        raise ValueError(f"swin3d: expected one positive depth per stage and as many num_heads, "
+                         f"got depths={depths}, num_heads={num_heads}")
+    total = sum(depths)
+    rates = [stochastic_depth_prob * k / max(total - 1, 1) for k in range(total)]
+    shifted = tuple(w // 2 for w in window)
+    stages, first = [], 0
+    for i, (depth, heads) in enumerate(zip(depths, num_heads)):
+        stages.append(tuple(
+            SwinTransformerBlock3d(embed_dim * 2**i, heads, window_size=window,
+                                   shift_size=(0, 0, 0) if j % 2 == 0 else shifted, mlp_ratio=mlp_ratio,
+                                   dropout=dropout, attention_dropout=attention_dropout,
+                                   stochastic_depth_prob=rates[first + j], norm_eps=norm_eps)
+            for j in range(depth)))
+        first += depth
+    num_features = embed_dim * 2 ** (len(depths) - 1)
+    return Swin3D(
+        patch_embed=PatchEmbed3d(patch_size, in_channels, embed_dim, norm=True, norm_eps=norm_eps),
+        stages=tuple(stages),
+        merges=tuple(PatchMerging(embed_dim * 2**i, norm_eps) for i in range(len(depths) - 1)),
+        norm=LayerNorm(num_features, norm_eps),
+        head=None if num_classes is None else Linear(num_features, num_classes, weight_init="trunc_normal"),
+        dropout=dropout)
 
 
 def swin3d_t(num_classes: int | None = 400, **overrides) -> Swin3D:
-    """Swin3D-T (Liu et al., "Video Swin Transformer", arXiv:2106.13230, Table 1/6; torchvision
-    ``swin3d_t``: embed 96, depths [2, 2, 6, 2], heads [3, 6, 12, 24], window (8, 7, 7), patch
-    (2, 4, 4), stochastic depth 0.1, 400 Kinetics classes). ``num_classes=None``: no head."""
-    return _builder(96, (2, 2, 6, 2), (3, 6, 12, 24), num_classes, **overrides)
+    """Swin3D-T: Liu et al., "Video Swin Transformer" (CVPR 2022, arXiv:2106.13230), Section 3.3
+    "Architecture Variants" (Swin-T: C = 96, layers {2, 2, 6, 2}; head dimension 32, so heads
+    (3, 6, 12, 24); MLP ratio 4; window 8 x 7 x 7) and Section 3.1 (2 x 4 x 4 patches); Kinetics-400
+    results in Table 1. Stochastic depth 0.1 and 400 classes are torchvision's ``swin3d_t``'s.
+    ``num_classes=None``: no head; ``overrides``: any other :func:`swin3d` argument."""
+    return swin3d(**{"embed_dim": 96, "depths": (2, 2, 6, 2), "num_heads": (3, 6, 12, 24), "num_classes": num_classes,
+                     **overrides})
 
 
 def swin3d_s(num_classes: int | None = 400, **overrides) -> Swin3D:
-    """Swin3D-S (arXiv:2106.13230; torchvision ``swin3d_s``: embed 96, depths [2, 2, 18, 2],
-    heads [3, 6, 12, 24], window (8, 7, 7), patch (2, 4, 4), stochastic depth 0.1)."""
-    return _builder(96, (2, 2, 18, 2), (3, 6, 12, 24), num_classes, **overrides)
+    """Swin3D-S: Liu et al. 2022, Section 3.3 (Swin-S: C = 96, layers {2, 2, 18, 2}, heads (3, 6, 12, 24));
+    otherwise as :func:`swin3d_t` (torchvision's ``swin3d_s``)."""
+    return swin3d(**{"embed_dim": 96, "depths": (2, 2, 18, 2), "num_heads": (3, 6, 12, 24), "num_classes": num_classes,
+                     **overrides})
 
 
 def swin3d_b(num_classes: int | None = 400, **overrides) -> Swin3D:
-    """Swin3D-B (arXiv:2106.13230; torchvision ``swin3d_b``: embed 128, depths [2, 2, 18, 2],
-    heads [4, 8, 16, 32], window (8, 7, 7), patch (2, 4, 4), stochastic depth 0.1)."""
-    return _builder(128, (2, 2, 18, 2), (4, 8, 16, 32), num_classes, **overrides)
+    """Swin3D-B: Liu et al. 2022, Section 3.3 (Swin-B: C = 128, layers {2, 2, 18, 2}, heads (4, 8, 16, 32));
+    otherwise as :func:`swin3d_t` (torchvision's ``swin3d_b``)."""
+    return swin3d(**{"embed_dim": 128, "depths": (2, 2, 18, 2), "num_heads": (4, 8, 16, 32), "num_classes": num_classes,
+                     **overrides})

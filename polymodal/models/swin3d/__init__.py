@@ -6,10 +6,10 @@ plus torchvision checkpoint conversion (:mod:`.convert`).
 768
 """
 
-from ...core.encoders.swin3d import Swin3D, Swin3DOutput, swin3d_b, swin3d_s, swin3d_t
+from ...core.encoders.swin3d import Swin3D, Swin3DOutput, swin3d, swin3d_b, swin3d_s, swin3d_t
 from .convert import from_torchvision, infer_spec, to_torchvision
 
-__all__ = ["Swin3D", "Swin3DOutput", "swin3d_t", "swin3d_s", "swin3d_b", "from_torchvision", "to_torchvision", "infer_spec"]
+__all__ = ["Swin3D", "Swin3DOutput", "swin3d", "swin3d_t", "swin3d_s", "swin3d_b", "from_torchvision", "to_torchvision", "infer_spec"]
 
 from ...registry import register_family  # noqa: E402
 

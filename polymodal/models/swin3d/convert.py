@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from torch import Tensor
 
 from ...core.convert import Derived, Rule, Table
-from ...core.encoders.swin3d import Swin3D
+from ...core.encoders.swin3d import Swin3D, swin3d
 from ...core.layers.window import relative_position_index
 from ...core.pytree import Params, flatten, unflatten
 
@@ -69,13 +69,13 @@ def infer_spec(flat: Mapping[str, Tensor], window_size: tuple[int, int, int] | N
     except KeyError as e:
         raise ValueError(f"cannot read a Swin3D layout from these keys: missing {e.args[0]!r}") from None
     head = flat.get("head.weight")
-    spec = Swin3D(
+    spec = swin3d(
         patch_size=tuple(w.shape[2:]), embed_dim=w.shape[0], depths=tuple(depths), num_heads=tuple(heads),
         window_size=window_size or _TV_WINDOW, mlp_ratio=hidden / w.shape[0], in_channels=w.shape[1],
         num_classes=None if head is None else head.shape[0],
     )
     rows = flat["stages.0.0.attn.relative_position_bias_table"].shape[0]
-    expected = spec.blocks(0)[0].attn().table_size
+    expected = spec.stages[0][0].attn().table_size
     if rows != expected:
         raise ValueError(
             f"relative_position_bias_table has {rows} rows, but window_size {spec.window_size} needs {expected}; "

@@ -293,8 +293,8 @@ def block_stacks(stacks: Spec | Iterable[str], params: Params | None = None) -> 
             patch-merging layers) or the paths themselves.
         params: when given, every path must name a list in it.
 
-    >>> from polymodal.core.encoders.swin3d import Swin3D
-    >>> block_stacks(Swin3D(depths=(1, 1), num_heads=(1, 2)))
+    >>> from polymodal.core.encoders.swin3d import swin3d
+    >>> block_stacks(swin3d(depths=(1, 1), num_heads=(1, 2)))
     ['stages.0', 'stages.1']
     """
     paths = stacks.block_stacks() if isinstance(stacks, Spec) else list(stacks)
