@@ -53,7 +53,7 @@ def batches(clip, n: int) -> list[tuple[jax.Array, jax.Array]]:
 
 def train(clip, params, model_fn, data, label: str):
     """An ordinary optax loop over a JAX model function ``model_fn(params, images, tokens)``."""
-    opt = optax.adamw(1e-3, weight_decay=0.1)
+    opt = optax.adamw(3e-4, weight_decay=0.1)
 
     @jax.jit
     def step(p, state, images, tokens):

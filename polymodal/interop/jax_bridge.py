@@ -6,8 +6,11 @@ the same containers. How each JAX transformation sees it:
 
 * **eager** (concrete arrays): the arrays cross into torch through DLPack and back, no copies.
 * **jax.jit**: the call is a ``jax.pure_callback`` whose output shapes and dtypes are worked out
-  once per input signature (shapes and dtypes) by running ``fn`` on fake tensors; on the host
-  the callback views JAX's buffers as tensors (no copy) and returns numpy views of the outputs.
+  once per input signature (shapes and dtypes) by running ``fn`` on fake tensors. JAX's callback
+  mechanism hands the callback host copies of its operands (so a large model's params are copied
+  on every jitted call: see ``benchmarks/results/jax_interop.md``); those are viewed as tensors
+  without a further copy, and the outputs go back as numpy views. For models whose params are
+  large, prefer the eager bridge or the translation (``export_to_jax``) under ``jax.jit``.
 * **jax.grad / value_and_grad / vjp**: a ``jax.custom_vjp`` whose backward runs
   ``torch.func.vjp`` of ``fn`` (floating leaves only; integer leaves get zero cotangents). The
   backward recomputes the forward inside torch (the residuals JAX keeps are the inputs, as with
