@@ -10,14 +10,50 @@ Hugging Face and TorchMultimodal converters, local Hugging Face folders, a DP fi
 from ...core.encoders.bert import BERTOutput, BERTTextEmbeddings, BERTTextEncoder, bert_text_encoder
 from ...core.encoders.bert_heads import MaskedLMHead, SequenceClassificationHead
 from .builders import (
-    BUILDERS, bert_base_uncased, bert_large_uncased, bert_tiny, build, distilbert_base_uncased, minilm_l6_h384,
-    roberta_base, tmm_albef_text_encoder, tmm_flava_text_encoder,
+    BUILDERS, bert_base_uncased, bert_base_uncased_mlm, bert_large_uncased, bert_tiny, bert_tiny_classifier, build,
+    distilbert_base_uncased, minilm_l6_h384, minilm_l6_h384_classifier, roberta_base, tmm_albef_text_encoder,
+    tmm_flava_text_encoder,
 )
+from .convert import from_huggingface, from_torchmultimodal, to_huggingface, to_torchmultimodal
+from .pretrained import Pretrained, load_pretrained
+from .sentence import embed_texts, mean_pool_normalize
 from .model import BERTClassifier, BERTForMaskedLM, bert_classifier, bert_for_masked_lm
 
 __all__ = [
     "BERTOutput", "BERTTextEmbeddings", "BERTTextEncoder", "bert_text_encoder", "MaskedLMHead",
     "SequenceClassificationHead", "BUILDERS", "build", "bert_base_uncased", "bert_large_uncased", "roberta_base",
     "distilbert_base_uncased", "minilm_l6_h384", "tmm_flava_text_encoder", "tmm_albef_text_encoder", "bert_tiny",
-    "BERTClassifier", "BERTForMaskedLM", "bert_classifier", "bert_for_masked_lm",
+    "BERTClassifier", "BERTForMaskedLM", "bert_classifier", "bert_for_masked_lm", "bert_tiny_classifier",
+    "minilm_l6_h384_classifier", "bert_base_uncased_mlm", "from_huggingface", "to_huggingface",
+    "from_torchmultimodal", "to_torchmultimodal", "Pretrained", "load_pretrained", "embed_texts",
+    "mean_pool_normalize",
 ]
+
+from ...registry import register_family  # noqa: E402
+
+
+def _load_pretrained(name, path=None, cache_dir=None, **kw):
+    """``polymodal.nn`` shells' loader: ``path`` is a local Hugging Face folder (nothing is downloaded)."""
+    if path is None:
+        raise ValueError(f"bert: {name!r}: pass path=<a local Hugging Face model folder>; polymodal downloads no "
+                         "BERT weights (e.g. huggingface-cli download bert-base-uncased --local-dir DIR)")
+    from .pretrained import load_pretrained
+    pre = load_pretrained(path, model="auto", tokenizer=False)
+    return pre.spec, pre.params, None
+
+
+register_family(
+    "bert",
+    builders=BUILDERS,
+    description="BERT-family text encoders (BERT, RoBERTa, DistilBERT, MiniLM; Devlin et al. 2019)",
+    extra={"build": build, "load_pretrained": _load_pretrained},
+)
+# Fine-tune a BERT classifier on the built-in synthetic sentence task, optionally with DP-SGD.
+register_family(
+    "bert-classifier",
+    builders={},
+    builders_from="bert",
+    presets={"tiny": "bert_tiny_classifier", "minilm": "minilm_l6_h384_classifier"},
+    task="polymodal.models.bert.task:BERTClassifierTask",
+    description="fine-tune a small BERT on a synthetic sentence task, optionally with DP-SGD",
+)

@@ -9,12 +9,15 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from ...core.encoders.bert import BERTTextEncoder, bert_text_encoder
+from .model import BERTClassifier, BERTForMaskedLM, bert_classifier, bert_for_masked_lm
 
 __all__ = [
     "bert_base_uncased", "bert_large_uncased", "roberta_base", "distilbert_base_uncased", "minilm_l6_h384",
-    "tmm_flava_text_encoder", "tmm_albef_text_encoder", "bert_tiny", "BUILDERS", "build",
+    "tmm_flava_text_encoder", "tmm_albef_text_encoder", "bert_tiny", "bert_tiny_classifier",
+    "minilm_l6_h384_classifier", "bert_base_uncased_mlm", "BUILDERS", "build",
 ]
 
 
@@ -65,12 +68,28 @@ def bert_tiny(**kw) -> BERTTextEncoder:
     return bert_text_encoder(**args)
 
 
-BUILDERS: dict[str, Callable[..., BERTTextEncoder]] = {f.__name__: f for f in (
+def bert_tiny_classifier(num_labels: int = 3, **kw) -> BERTClassifier:
+    """:func:`bert_tiny` + a ``num_labels`` classifier on its pooled output (the ``tiny`` training preset)."""
+    return bert_classifier(bert_tiny(**kw), num_labels)
+
+
+def minilm_l6_h384_classifier(num_labels: int = 3, **kw) -> BERTClassifier:
+    """:func:`minilm_l6_h384` + a classifier (the ``minilm`` training preset)."""
+    return bert_classifier(minilm_l6_h384(**kw), num_labels)
+
+
+def bert_base_uncased_mlm(**kw) -> BERTForMaskedLM:
+    """``BertForMaskedLM`` over :func:`bert_base_uncased`: 109,514,298 params."""
+    return bert_for_masked_lm(bert_base_uncased(**kw))
+
+
+BUILDERS: dict[str, Callable[..., Any]] = {f.__name__: f for f in (
     bert_base_uncased, bert_large_uncased, roberta_base, distilbert_base_uncased, minilm_l6_h384,
-    tmm_flava_text_encoder, tmm_albef_text_encoder, bert_tiny)}
+    tmm_flava_text_encoder, tmm_albef_text_encoder, bert_tiny, bert_tiny_classifier, minilm_l6_h384_classifier,
+    bert_base_uncased_mlm)}
 
 
-def build(name: str, **kw) -> BERTTextEncoder:
+def build(name: str, **kw) -> Any:
     """A registered builder by name (``"bert_base_uncased"``; dashes allowed)."""
     key = name.replace("-", "_")
     if key not in BUILDERS:
