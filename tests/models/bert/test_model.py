@@ -69,3 +69,23 @@ def test_bad_input_errors():
     with pytest.raises(ValueError, match=r"no token types"):
         d = bert_tiny(type_vocab_size=0, pooler=False)
         d(d.init(key=pr.key(0)), ids, None, torch.zeros_like(ids))
+
+
+def test_declared_block_stacks_are_the_ones_the_seam_runs():
+    from polymodal.core.layers.seam import record_stacks
+    from polymodal.train.distributed.sharding import block_stacks
+    for spec, expected in ((bert_tiny(), ["encoder.layers"]),
+                           (bert_classifier(bert_tiny(), 3), ["bert.encoder.layers"]),
+                           (bert_for_masked_lm(bert_tiny()), ["bert.encoder.layers"])):
+        params = spec.init(key=pr.key(0))
+        assert block_stacks(spec, params) == expected
+        assert sorted(record_stacks(lambda p: spec(p, _ids(2, 4)), params)) == expected
+
+
+def test_dropout_follows_the_key():
+    enc = bert_tiny(dropout=0.3)
+    p, ids = enc.init(key=pr.key(0)), _ids(2, 5)
+    a, b = (enc(p, ids, key=pr.key(k)).last_hidden_state for k in (1, 1))
+    c = enc(p, ids, key=pr.key(2)).last_hidden_state
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert torch.equal(enc(p, ids).last_hidden_state, enc(p, ids).last_hidden_state)  # key=None: no dropout

@@ -75,6 +75,17 @@ def test_huggingface_encoder_parity(kind, types):
                                                                                   1 if kind == "roberta" else 2)
 
 
+def test_attention_weights_equal_transformers():
+    ref = _randomise(t.BertModel(t.BertConfig(**SMALL, attn_implementation="eager")))
+    spec, params = from_huggingface(ref.state_dict(), ref.config.to_dict())
+    ids, mask, tt = _batch(0, True)
+    with torch.no_grad():
+        want = ref(input_ids=ids, attention_mask=mask, token_type_ids=tt, output_attentions=True).attentions
+    got = spec(params, ids, mask, tt, return_attention_weights=True).attentions
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a * mask[:, None, None, :], b * mask[:, None, None, :], atol=1e-5, rtol=1e-5)
+
+
 def test_masked_lm_and_classifier_parity():
     torch.manual_seed(0)
     mlm = _randomise(t.BertForMaskedLM(t.BertConfig(**SMALL)))
