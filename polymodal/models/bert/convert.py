@@ -51,6 +51,7 @@ from ...core.pytree import Params
 from .model import BERTForMaskedLM, bert_classifier, bert_for_masked_lm
 
 __all__ = ["from_huggingface", "to_huggingface", "from_torchmultimodal", "to_torchmultimodal", "config_from_huggingface",
+           "legacy_names",
            "huggingface_table", "torchmultimodal_table"]
 
 _PREFIXES = ("bert.", "roberta.", "distilbert.")
@@ -137,7 +138,10 @@ def huggingface_table(spec: Any, prefix: str | None = None) -> Table:
     if isinstance(spec, BERTForMaskedLM):
         rules += (Rule("cls.predictions.transform.{n}.{p}", "predictions.transform.{n}.{p}"),
                   Rule("cls.predictions.bias", "predictions.bias"))
-        drop = ("cls.predictions.decoder.weight", "cls.predictions.decoder.bias")
+        # the tied decoder; BertForPreTraining's next-sentence head and pooler (BertForMaskedLM has neither)
+        drop = ("cls.predictions.decoder.weight", "cls.predictions.decoder.bias", "cls.seq_relationship.{p}")
+        if not enc.pooler:
+            drop += (f"{prefix}pooler.{{p*}}",)
     else:
         rules += (Rule("classifier.{p}", "classifier.{p}"),)
         drop = ()
@@ -209,6 +213,18 @@ def config_from_huggingface(state_dict: Mapping[str, Tensor], config: Mapping[st
     return bert_text_encoder(**args)
 
 
+def legacy_names(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """TensorFlow-era names some hub checkpoints still carry (``bert-base-uncased``'s
+    ``LayerNorm.gamma`` / ``LayerNorm.beta``) renamed to ``weight`` / ``bias``, as ``transformers`` does."""
+    def fix(k: str) -> str:
+        if k.endswith(".gamma"):
+            return k[:-6] + ".weight"
+        if k.endswith(".beta"):
+            return k[:-5] + ".bias"
+        return k
+    return {fix(k): v for k, v in state_dict.items()}
+
+
 def _task_spec(state_dict: Mapping[str, Tensor], enc: BERTTextEncoder, model: str) -> Any:
     if model == "auto":
         model = "mlm" if "cls.predictions.transform.dense.weight" in state_dict else \
@@ -230,6 +246,7 @@ def from_huggingface(state_dict: Mapping[str, Tensor], config: Mapping[str, Any]
     ``model``: ``"encoder"`` (heads ignored), ``"mlm"``, ``"classifier"`` or ``"auto"`` (by the keys).
     ``spec`` skips the inference. Raises one ``ValueError`` naming every missing, unexpected and
     mis-shaped key (and the tied decoder when it differs from the word table)."""
+    state_dict = legacy_names(state_dict)
     if spec is None:
         spec = _task_spec(state_dict, config_from_huggingface(state_dict, config), model)
     if isinstance(spec, BERTTextEncoder):

@@ -107,6 +107,22 @@ def test_masked_lm_and_classifier_parity():
     torch.testing.assert_close(spec(params, ids, mask, tt).last_hidden_state, want, atol=1e-5, rtol=1e-5)
 
 
+def test_pretraining_checkpoint_with_legacy_names():
+    """BertForPreTraining's keys (MLM + next-sentence heads, pooler) with TensorFlow-era LayerNorm
+    gamma/beta names, as in the hub's bert-base-uncased: read as an encoder and as a masked LM."""
+    ref = _randomise(t.BertForPreTraining(t.BertConfig(**SMALL)))
+    sd = {k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v
+          for k, v in ref.state_dict().items()}
+    ids, mask, tt = _batch(0, True)
+    with torch.no_grad():
+        want = ref(input_ids=ids, attention_mask=mask, token_type_ids=tt)
+    spec, params = from_huggingface(sd, ref.config.to_dict(), model="encoder")
+    torch.testing.assert_close(spec(params, ids, mask, tt).pooled, ref.bert(ids, mask, tt).pooler_output,
+                               atol=1e-5, rtol=1e-5)
+    spec, params = from_huggingface(sd, ref.config.to_dict())  # auto: the masked-LM head
+    torch.testing.assert_close(spec(params, ids, mask, tt), want.prediction_logits, atol=1e-5, rtol=1e-5)
+
+
 def test_cross_attention_layout_loads_into_transformers():
     ref = t.BertModel(t.BertConfig(**SMALL, is_decoder=True, add_cross_attention=True))
     sd = ref.state_dict()
