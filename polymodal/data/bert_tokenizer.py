@@ -86,6 +86,11 @@ class _Base:
             if len(pairs) != len(texts):
                 raise ValueError(f"{type(self).__name__}: expected as many pairs as texts ({len(texts)}), "
                                  f"got {len(pairs)}")
+        for what, seq in (("texts", texts), ("pairs", pairs or [])):
+            bad = next((i for i, x in enumerate(seq) if not isinstance(x, str)), None)
+            if bad is not None:
+                raise TypeError(f"{type(self).__name__}: {what}: expected strings, got {type(seq[bad]).__name__} "
+                                f"at index {bad}")
         if padding not in ("longest", "max_length", False, True):
             raise ValueError(f"{type(self).__name__}: padding: expected 'longest', 'max_length' or False, "
                              f"got {padding!r}")

@@ -68,6 +68,16 @@ def test_tokenizer_json_and_directory(vocab_txt, tmp_path):
     assert load_tokenizer(vocab_txt)(texts)["input_ids"].tolist() == ref(texts, padding=True)["input_ids"]
 
 
+def test_bad_input_is_named(vocab_txt):
+    tok = BertTokenizer(vocab_txt / "vocab.txt")
+    with pytest.raises(TypeError, match=r"texts: expected strings, got int at index 1"):
+        tok(["a", 3])
+    with pytest.raises(ValueError, match=r"expected as many pairs as texts \(2\), got 1"):
+        tok(["a", "b"], ["c"])
+    with pytest.raises(ValueError, match=r"padding: expected"):
+        tok(["a"], padding="left")
+
+
 def test_missing_vocabulary_names_the_file(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"vocab.txt.*put it in the model folder"):
         BertTokenizer(tmp_path / "vocab.txt")
