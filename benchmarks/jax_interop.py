@@ -16,7 +16,7 @@ Rows per model (the whole CLIP: both towers on a batch of images and captions):
   torch) and through the translation.
 
 Time is wall-clock per call, the median of ``--repeats`` calls after ``--warmup`` calls (compile
-time excluded and reported separately). torch and XLA both run on ``--threads`` threads (default 1:
+time excluded and reported separately), the rows of a model timed in turns (round robin). torch and XLA both run on ``--threads`` threads (default 1:
 on a shared, loaded machine more threads spin-wait on each other and the times swing tenfold).
 """
 
@@ -36,19 +36,24 @@ import torch.nn.functional as F
 RESULTS = Path(__file__).parent / "results" / "jax_interop.md"
 
 
-def _timeit(fn, warmup: int, repeats: int) -> tuple[float, float]:
-    """(first-call seconds, median seconds of later calls); ``fn`` blocks until its result is ready."""
-    t = time.perf_counter()
-    fn()
-    first = time.perf_counter() - t
-    for _ in range(warmup - 1):
-        fn()
-    times = []
-    for _ in range(repeats):
+def _timeit_round_robin(fns: list, warmup: int, repeats: int) -> list[tuple[float, float]]:
+    """(first-call seconds, median seconds) per function; after the first calls and ``warmup`` more,
+    the functions are timed in turns, one call each per round, so that the load of a shared machine
+    drifting over time weighs on every row alike. Each ``fn`` blocks until its result is ready."""
+    first = []
+    for fn in fns:
         t = time.perf_counter()
         fn()
-        times.append(time.perf_counter() - t)
-    return first, statistics.median(times)
+        first.append(time.perf_counter() - t)
+        for _ in range(warmup - 1):
+            fn()
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for i, fn in enumerate(fns):
+            t = time.perf_counter()
+            fn()
+            times[i].append(time.perf_counter() - t)
+    return [(f, statistics.median(ts)) for f, ts in zip(first, times)]
 
 
 def _bench_model(name: str, batch: int, grad: bool, warmup: int, repeats: int) -> list[tuple]:
@@ -113,8 +118,7 @@ def _bench_model(name: str, batch: int, grad: bool, warmup: int, repeats: int) -
             ("gradient", "torch.compile(torch.func.grad)", lambda: grad_c(params)),
         ]
     out = []
-    for kind, label, fn in rows:
-        first, median = _timeit(fn, warmup, repeats)
+    for (kind, label, _), (first, median) in zip(rows, _timeit_round_robin([r[2] for r in rows], warmup, repeats)):
         print(f"  {name:14s} {kind:8s} {label:34s} first {first:7.2f} s  median {median * 1e3:9.2f} ms", flush=True)
         out.append((name, batch, kind, label, first, median))
     print(f"  {name}: torch.export + translation setup {export_s:.1f} s", flush=True)
@@ -145,7 +149,8 @@ def main() -> None:
         "# JAX interop: bridge overhead and translated speed", "",
         "`benchmarks/jax_interop.py`: the whole CLIP (both towers) on a batch of images and 77- or 32-token "
         "captions. Wall-clock per call, median of "
-        f"{args.repeats} calls after {args.warmup} warm-up calls; 'first call' includes tracing and compiling.",
+        f"{args.repeats} calls after {args.warmup} warm-up calls, a model's rows timed in turns (round robin); "
+        "'first call' includes tracing and compiling.",
         f"Command: `python benchmarks/jax_interop.py --models {args.models} --grad-models {args.grad_models} "
         f"--warmup {args.warmup} --repeats {args.repeats} --threads {args.threads}`",
         f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, {torch.get_num_threads()} torch thread(s), "
@@ -162,7 +167,8 @@ def main() -> None:
     lines += ["", "'vs torch eager' > 1 is faster than torch eager. The bridge runs the torch function itself, so "
               "its overhead column is the cost of crossing (DLPack or the host callback, the custom_vjp, and for "
               "gradients the recomputed forward). The translation runs XLA-compiled JAX code with no torch at "
-              "call time."]
+              "call time. torch.compile's first call reads inductor's on-disk cache when an earlier run "
+              "filled it."]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n")
     print(f"wrote {args.out}")
