@@ -9,7 +9,13 @@ JAX and back.
    latest params, move them into JAX (DLPack, no copy on CPU), evaluate there, move them back and
    check that nothing changed.
 
-    .venv/bin/python examples/jax_interop.py          # about a minute on 2 CPU cores
+    .venv/bin/python examples/jax_interop.py          # about half a minute on 2 CPU cores
+
+Output (CPU; both routes compute the same numbers, the translation's first step compiles with XLA)::
+
+    bridge (torch runs the model)  loss 2.882 -> 2.749 in 6.9 s
+    translation (XLA runs it)      loss 2.882 -> 2.749 in 19.8 s
+    run 40 loaded, loss in JAX 2.721; params back in torch unchanged: True
 """
 
 from __future__ import annotations
