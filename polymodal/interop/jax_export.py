@@ -13,7 +13,8 @@ shapes exports again for those shapes (once per signature; ``retrace=False`` rai
 
 An op outside the table raises :class:`UnsupportedOpError` at export time, naming the op, the
 count, and the ways out (the callback bridge, or a new entry in the table). Randomness: keys
-are int64 data in torch, so keyed layers (dropout with a key) need ``jax_enable_x64``.
+are int64 data in torch, so keyed layers (dropout with a key) need ``jax_enable_x64``; without it
+the call raises a ``TypeError`` naming the fix (the bridge takes keys as uint32 words instead).
 """
 
 from __future__ import annotations
@@ -94,7 +95,12 @@ class _Graph:
                 args = torch.fx.node.map_aggregate(node.args, value)
                 kwargs = {k: torch.fx.node.map_aggregate(v, value) for k, v in node.kwargs.items()
                           if k not in _DROP_KWARGS}
-                out = OPS[node.target](*args, **kwargs)
+                try:
+                    out = OPS[node.target](*args, **kwargs)
+                except OverflowError as e:  # an int64 constant met 32-bit arrays
+                    raise TypeError(f"{self.name}: {node.target} needs 64-bit integers (random keys are int64 "
+                                    "words), but JAX has 64-bit types disabled; enable them with "
+                                    "jax.config.update('jax_enable_x64', True)") from e
                 if node.target in MUTATES and isinstance(out, tuple):  # torch writes into these arguments
                     out, *updates = out
                     for pos, new in zip(MUTATES[node.target], updates):
