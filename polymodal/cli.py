@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import os
 import sys
 
@@ -149,6 +150,7 @@ def _cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
     from .data.stream import is_shard_pattern
     from .registry import family
     from .train.loop import LoopConfig, UsageError, init_distributed, resolve_device, train
+    from .train.rundir import HELD_ENV, RunDirError, RunLock, agreed, check_out
     from .train.task import make_task
 
     fam = family(args.family)
@@ -163,12 +165,30 @@ def _cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
         resolve_device(args.device)
     except ValueError as e:
         raise CLIError(str(e)) from None
+    check = functools.partial(check_out, args.out, resume=args.resume, family=args.family)
     if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
-        return _relaunch(argv, args.nproc)
+        if args.batch_size % args.nproc:
+            raise CLIError(f"--nproc {args.nproc} does not divide --batch-size {args.batch_size}: each process takes "
+                           f"an equal slice of the batch (try --batch-size "
+                           f"{max(args.nproc, args.batch_size // args.nproc * args.nproc)})")
+        lock = RunLock(args.out)
+        try:  # checked and locked here, before the ranks start; they find the lock held (HELD_ENV)
+            check()
+            lock.acquire()
+        except RunDirError as e:
+            raise CLIError(str(e)) from None
+        held = os.environ.get(HELD_ENV)
+        os.environ[HELD_ENV] = os.path.realpath(lock.path)
+        try:
+            return _relaunch(argv, args.nproc)
+        finally:
+            lock.release()
+            if held is None:
+                os.environ.pop(HELD_ENV, None)
+            else:
+                os.environ[HELD_ENV] = held
     if args.shard and args.nproc == 1 and "LOCAL_RANK" not in os.environ:
         raise CLIError("--shard needs several processes: add --nproc 2 (or more)")
-    if os.path.exists(os.path.join(args.out, "checkpoints", "latest.json")) and not args.resume:
-        raise CLIError(f"{args.out} already holds a run: pass --resume to continue it, or choose another --out")
     data = getattr(args, "data", "synthetic")
     if data != "synthetic" and not os.path.exists(data) and not is_shard_pattern(data):  # shards: checked by the task
         raise CLIError(f"--data: no such file {data!r} (expected 'synthetic', a JSONL/CSV file or WebDataset shards)")
@@ -178,11 +198,19 @@ def _cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
     except ValueError as e:
         raise CLIError(str(e)) from None
     init_distributed(resolve_device(cfg.device))
+    lock = RunLock(cfg.out)
+
+    def check_and_lock() -> None:  # on rank 0; every rank gets its answer (agreed)
+        check()
+        lock.acquire()
+
     try:
+        agreed(check_and_lock)
         metrics = train(task, cfg)
-    except UsageError as e:
+    except (UsageError, RunDirError) as e:
         raise CLIError(str(e)) from None
     finally:
+        lock.release()
         if dist.is_initialized():
             dist.destroy_process_group()
     if int(os.environ.get("RANK", "0")) == 0:
@@ -260,6 +288,7 @@ def _cmd_zero_shot(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     from .data.captions import BadSampleError
     from .train.checkpoint import CheckpointError
+    from .train.rundir import RunDirError
 
     argv = sys.argv[1:] if argv is None else argv
     try:
@@ -277,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
             from .models.bert.cli import embed_text_command
             return embed_text_command(args)
         return _cmd_zero_shot(args)
-    except (CLIError, FileNotFoundError, BadSampleError, FloatingPointError, CheckpointError) as e:
+    except (CLIError, FileNotFoundError, BadSampleError, FloatingPointError, CheckpointError, RunDirError) as e:
         print(f"polymodal: error: {e}", file=sys.stderr)
         return 2
 

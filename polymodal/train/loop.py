@@ -40,15 +40,20 @@ from ..core import random as pr
 from ..core.layers.seam import default_policy, use_policy
 from .metrics import MetricsLog, plot_metrics, read_metrics
 from .policy import training_policy
+from .rundir import read_json, record_config
 from .runs import Run, load_run, load_training_checkpoint
 from .schedule import warmup_cosine
 from .task import LossOutput, option
 
-__all__ = ["LoopConfig", "train", "resolve_device", "init_distributed", "default_optimizer", "load_run", "Run",
+__all__ = ["LoopConfig", "UsageError", "train", "resolve_device", "init_distributed", "default_optimizer", "load_run", "Run",
            "DEVICES", "PRECISIONS"]
 
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+class UsageError(ValueError):
+    """A run that cannot start as asked (flags that do not fit together, another run in ``out``)."""
 
 
 @dataclass
@@ -172,11 +177,11 @@ def _sync_state(state, world: int):
 
 def _check(cfg: LoopConfig, world: int, custom_step: bool) -> None:
     if cfg.precision not in PRECISIONS:
-        raise ValueError(f"precision: expected one of {list(PRECISIONS)}, got {cfg.precision!r}")
+        raise UsageError(f"precision: expected one of {list(PRECISIONS)}, got {cfg.precision!r}")
     if cfg.shard and world == 1:
-        raise ValueError("--shard needs several ranks (use --nproc N)")
+        raise UsageError("--shard needs several ranks (use --nproc N)")
     if custom_step and (cfg.grad_accum > 1 or cfg.clip_grad or cfg.precision == "fp16" or cfg.shard):
-        raise ValueError("this task takes its own gradient step (DP-SGD): --grad-accum, --clip-grad, fp16 and "
+        raise UsageError("this task takes its own gradient step (DP-SGD): --grad-accum, --clip-grad, fp16 and "
                          "--shard do not apply")
 
 
@@ -197,14 +202,16 @@ def train(task: Any, cfg: LoopConfig) -> dict:
     latest = runs.latest()
     run_config = dict(getattr(task, "run_config", {}))
     if latest is not None and (out / "config.json").exists():
-        saved = json.loads((out / "config.json").read_text())
+        saved = read_json(out / "config.json", "unreadable run config")
         for k in ("family", "preset"):
             if k in run_config and k in saved and saved[k] != run_config[k]:
-                raise ValueError(f"{out} holds a {saved[k]!r} run; cannot resume it as {run_config[k]!r}")
-    if rank == 0:
+                raise UsageError(f"{out} holds a {saved[k]!r} run; cannot resume it as {run_config[k]!r}")
+    if cfg.warmup is not None and cfg.warmup > steps:
+        _say(f"warning: --warmup {cfg.warmup} exceeds the run's {steps} steps: the learning rate never reaches --lr")
+    if rank == 0:  # a resume that changes settings records them in config.json's config_history
         out.mkdir(parents=True, exist_ok=True)
         record = dataclasses.asdict(cfg) | run_config | {"steps": steps, "resolved_device": str(device)}
-        (out / "config.json").write_text(json.dumps(record, indent=2))
+        record_config(out, record, resumed_at=None if latest is None else latest.step)
 
     mesh = None
     if cfg.shard:
@@ -282,6 +289,8 @@ def train(task: Any, cfg: LoopConfig) -> dict:
             done = step + 1
             last = done == steps
             if (cfg.eval_every and done % cfg.eval_every == 0) or last:
+                if last and bar is not None:
+                    bar.set_description(f"evaluating {task.name}")  # the end-of-run evaluation can take a while
                 metrics = _eval(task, leaves, state, mesh, device)
                 if log is not None and metrics:
                     log.write({"step": done, **metrics})

@@ -106,7 +106,7 @@ def test_fp16_scaler_resumes_exactly(tmp_path, toy):
     assert losses(a) == losses(b) and torch.equal(load_run(a).params["w"], load_run(b).params["w"])
 
 
-def test_dp_classifier_resumes_exactly(tmp_path):
+def test_dp_classifier_resumes_exactly(tmp_path, capsys):
     common = ["train", "classifier", "--steps", "3", "--batch-size", "8", "--train-size", "32", "--eval-size", "8",
               "--dp", "--noise-multiplier", "1.0", "--save-every", "1", "--no-progress"]
     a, b = tmp_path / "a", tmp_path / "b"
@@ -116,6 +116,8 @@ def test_dp_classifier_resumes_exactly(tmp_path):
     assert losses(a) == losses(b) and losses(a, "epsilon") == losses(b, "epsilon")  # same noise, same accountant
     pa, pb = flatten(load_run(a).params), flatten(load_run(b).params)
     assert all(torch.equal(pa[k], pb[k]) for k in pa)
+    assert main([*common, "--grad-accum", "2", "--out", str(tmp_path / "c")]) == 2  # DP takes its own step
+    assert "takes its own gradient step" in capsys.readouterr().err
 
 
 def test_older_run_directory_with_state_inside_the_params_evaluates_resumes_and_converts(tmp_path, capsys):
