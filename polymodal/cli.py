@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import math
 import os
 import sys
 
@@ -32,6 +33,35 @@ def _positive_int(s: str) -> int:
     if v <= 0:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
     return v
+
+
+# Range checks of the flags (besides ``positive=True`` options): every float must be finite.
+_NON_NEGATIVE = {"lr", "min_lr", "warmup", "weight_decay", "workers", "eval_every", "save_every", "checkpointing",
+                 "clip_grad", "max_grad_norm", "noise_multiplier", "target_epsilon", "delta"}
+_POSITIVE = {"epochs", "clip_grad", "max_grad_norm", "target_epsilon"}
+
+
+def _ranged(kind: type, name: str):
+    """``kind`` parsed, then range-checked for field ``name`` (an argparse ``type=``)."""
+    if kind not in (int, float):
+        return kind
+
+    def conv(s: str):
+        try:
+            v = kind(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
+                                             f"got {s!r}") from None
+        if kind is float and not math.isfinite(v):
+            raise argparse.ArgumentTypeError(f"expected a finite number, got {s!r}")
+        if name in _POSITIVE and v <= 0:
+            raise argparse.ArgumentTypeError(f"expected a positive number, got {s!r}")
+        if name in _NON_NEGATIVE and v < 0:
+            raise argparse.ArgumentTypeError(f"expected a number >= 0, got {s!r}")
+        return v
+
+    conv.__name__ = kind.__name__
+    return conv
 
 
 class _Parser(argparse.ArgumentParser):
@@ -67,7 +97,7 @@ def _flags(parser: argparse.ArgumentParser, p, cls: type, defaults: dict | None 
         if kind is bool:
             target.add_argument(flag, action="store_true", default=default, help=meta["help"])
             continue
-        conv = _positive_int if meta.get("positive") else kind
+        conv = _positive_int if meta.get("positive") else _ranged(kind, f.name)
         shown = "" if default is None else " (default: %(default)s)"
         target.add_argument(flag, type=conv, default=default, choices=meta.get("choices"), metavar=meta.get("metavar"),
                             help=meta["help"] + shown)

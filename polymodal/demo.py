@@ -13,8 +13,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import itertools
 import os
-import shutil
 import sys
 import time
 
@@ -26,10 +26,12 @@ from polymodal.cli import main as cli
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=700)
-    ap.add_argument("--out", default="runs/demo")
+    ap.add_argument("--out", default=None, help="run directory, new or empty (default: the first free of "
+                    "runs/demo, runs/demo-2, ...); an existing run is never overwritten or deleted")
     args = ap.parse_args(argv)
-    if os.path.exists(os.path.join(args.out, "checkpoints")):
-        shutil.rmtree(args.out)  # the demo always starts fresh
+    if args.out is None:  # a fresh run in a new folder: earlier demos stay as they are
+        args.out = next(d for d in (f"runs/demo-{i}" if i > 1 else "runs/demo" for i in itertools.count(1))
+                        if not os.path.exists(d))
     print(f"polymodal demo: CLIP (tiny preset) from scratch on synthetic shapes, {args.steps} steps on "
           f"{torch.get_num_threads()} CPU threads\n", flush=True)
     t0 = time.perf_counter()

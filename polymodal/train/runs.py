@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from ..core.pytree import Params
-from .checkpoint import Checkpoint, CheckpointError, RunDir
+from .checkpoint import Checkpoint, CheckpointError, RunDir, verify
 
 __all__ = ["Run", "load_run", "run_task", "read_config", "load_training_checkpoint", "LEGACY_STATE"]
 
@@ -75,17 +76,40 @@ def _is_legacy(path: Path) -> bool:
         k.startswith(LEGACY_STATE + ".") for k in header)
 
 
+def _corrupt(path: Path) -> bool:
+    try:
+        verify(path)
+    except (CheckpointError, FileNotFoundError):
+        return True
+    return False
+
+
 def load_training_checkpoint(runs: RunDir, step: int | None = None, *, like: Params | None = None,
                              state_like: Params | None = None, optimizer: Any = None) -> Checkpoint:
     """``runs.load`` that also reads the older layout (state inside the params as ``bn_state``).
 
     Returns ``Checkpoint(step, params, extra, state)`` with params and state apart either way.
+    ``step=None`` loads the latest; when that file is corrupt (fails its integrity check) and an older
+    intact one exists, the older one is loaded and a warning naming both goes to stderr.
     """
     if step is None:
         info = runs.latest()
         if info is None:
             raise FileNotFoundError(f"no checkpoint in run directory {str(runs.path)!r}")
-        step = info.step
+        older = [s for s in runs.steps() if s < info.step]
+        try:
+            return load_training_checkpoint(runs, info.step, like=like, state_like=state_like, optimizer=optimizer)
+        except CheckpointError as e:
+            if not older or not _corrupt(info.path):  # a mismatch with the model is no reason to go back
+                raise
+            bad = e  # a corrupt newest file with an intact older one: resume from that one, and say so
+        for s in reversed(older):
+            if _corrupt(runs.file(s)):
+                continue
+            print(f"polymodal: warning: {bad.path} is unreadable ({bad.problem}); using step {s} "
+                  f"({runs.file(s).name}), the newest intact checkpoint", file=sys.stderr, flush=True)
+            return load_training_checkpoint(runs, s, like=like, state_like=state_like, optimizer=optimizer)
+        raise bad
     path = runs.file(step)
     if not path.is_file() or not _is_legacy(path):
         return runs.load(step, like=like, optimizer=optimizer, state_like=state_like)

@@ -80,9 +80,19 @@ def _meta_digest(meta: Mapping[str, str]) -> str:
 
 
 def _save_file(tensors: dict[str, Tensor], path: str, metadata: dict[str, str]) -> None:
+    """safetensors' ``save_file`` into ``path``; the writer's own temp file (``.tmpXXXXXX`` beside its
+    target) goes into a folder ``path + ".d"`` that we own, so a kill leaves only names we clean up."""
+    import shutil
+
     from safetensors.torch import save_file
 
-    save_file(tensors, path, metadata=metadata)
+    folder = path + ".d"
+    os.makedirs(folder, exist_ok=True)
+    try:
+        save_file(tensors, os.path.join(folder, "data"), metadata=metadata)
+        os.replace(os.path.join(folder, "data"), path)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def fsync_dir(directory: str) -> None:

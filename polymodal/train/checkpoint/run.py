@@ -29,6 +29,7 @@ import json
 import operator
 import os
 import re
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -42,7 +43,8 @@ from polymodal.train.checkpoint.file import Checkpoint, CheckpointError, fsync_d
 __all__ = ["RunDir", "RunInfo"]
 
 _NAME = re.compile(r"^ckpt-(\d{8,})\.safetensors$")
-_TMP = re.compile(r"^\.tmp-.*(ckpt-\d{8,}\.safetensors|latest\.json)$")
+_TMP = re.compile(r"^\.tmp-.*(ckpt-\d{8,}\.safetensors|latest\.json)(\.d)?$"  # ours (atomic_write, _save_file)
+                  r"|^\.tmp[A-Za-z0-9]{6}$")  # the safetensors writer's own, left by runs before polymodal 0.2
 POINTER = "latest.json"
 
 
@@ -103,9 +105,13 @@ class RunDir:
         extra = dict(extra or {})
         pointer = {"format": "polymodal.run/1", "step": step, "file": self.file(step).name,
                    "extra": encode(extra, inline)}  # validates extras before anything is written
-        save_checkpoint(self.file(step), params, optimizer, extra=extra, step=step, state=state)
-        text = json.dumps(pointer, indent=1, sort_keys=True)
-        _write_pointer(self.path / POINTER, text)
+        try:
+            save_checkpoint(self.file(step), params, optimizer, extra=extra, step=step, state=state)
+            text = json.dumps(pointer, indent=1, sort_keys=True)
+            _write_pointer(self.path / POINTER, text)
+        except OSError as e:  # disk full, quota, I/O error: one line saying what is still intact
+            self._remove_stale_temps()
+            raise CheckpointError(self.file(step), f"could not be saved ({e.strerror or e}); {self._intact()}") from e
         self._prune(step)
         return self.file(step)
 
@@ -153,11 +159,23 @@ class RunDir:
             self.file(s).unlink(missing_ok=True)
         fsync_dir(str(self.path))
 
+    def _intact(self) -> str:
+        try:
+            info = self.latest()
+        except (CheckpointError, OSError):
+            info = None
+        if info is None:
+            return f"no earlier checkpoint in {str(self.path)!r}"
+        return f"step {info.step} is still intact ({info.path})"
+
     def _remove_stale_temps(self) -> None:
-        # Temp files left by a writer that was killed: never renamed, so never referenced.
+        # Temp files (and writer folders) left by a writer that was killed: never renamed, so never referenced.
         for n in os.listdir(self.path):
             if _TMP.match(n):
-                (self.path / n).unlink(missing_ok=True)
+                if (self.path / n).is_dir():
+                    shutil.rmtree(self.path / n, ignore_errors=True)
+                else:
+                    (self.path / n).unlink(missing_ok=True)
 
 
 def _check_step(step: Any) -> int:
