@@ -86,3 +86,16 @@ def test_embed_text_cli(folder, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "a red car" in printed and "32" in printed
     assert main(["embed-text", "--model", str(tmp_path / "nope"), "x"]) == 2
+
+
+def test_loads_without_transformers(folder):
+    """The folder loads and embeds with `transformers` made unimportable."""
+    import subprocess
+    import sys
+    d, _ = folder
+    code = ("import sys; sys.modules['transformers'] = None\n"
+            "from polymodal.models.bert import load_pretrained, embed_texts\n"
+            f"pre = load_pretrained({str(d)!r})\n"
+            "print(tuple(embed_texts(pre.spec, pre.params, pre.tokenizer, ['a red car']).shape))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "(1, 32)", r.stderr[-2000:]
