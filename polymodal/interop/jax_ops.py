@@ -244,7 +244,20 @@ OPS[aten.unbind.int] = lambda x, dim=0: [jnp.take(x, i, axis=dim) for i in range
 OPS[aten.select.int] = lambda x, dim, i: jnp.take(x, i, axis=dim)
 OPS[aten.gather.default] = lambda x, dim, index, sparse_grad=False: jnp.take_along_axis(x, index, axis=dim)
 OPS[aten.index_select.default] = lambda x, dim, index: jnp.take(x, index, axis=dim)
-OPS[aten.embedding.default] = lambda w, ids, padding_idx=-1, scale=False, sparse=False: jnp.take(w, ids, axis=0)
+
+
+@register(aten.embedding.default)
+def _embedding(w, ids, padding_idx=-1, scale_grad_by_freq=False, sparse=False):
+    """Rows of ``w``; as torch's backward, positions holding ``padding_idx`` send no gradient
+    (BERT's word table: the padding row's gradient is zero)."""
+    if scale_grad_by_freq:
+        raise NotImplementedError("aten.embedding with scale_grad_by_freq=True is outside the translated set")
+    rows = jnp.take(w, ids, axis=0)
+    if padding_idx is None or padding_idx < 0:
+        return rows
+    return jnp.where((ids == padding_idx)[..., None], jax.lax.stop_gradient(rows), rows)
+
+
 OPS[aten.one_hot.default] = lambda x, num_classes=-1: jax.nn.one_hot(x, num_classes, dtype=jnp.int32)
 OPS[aten.repeat.default] = lambda x, reps: jnp.tile(x, tuple(reps))
 OPS[aten.outer.default] = lambda x, y: jnp.outer(x, y)

@@ -1,5 +1,6 @@
-"""Every core layer spec (and the CLIP, Swin3D and BERT-layout encoders) as ``fn(params, *inputs)``
-with small example inputs: the cases the JAX translation is checked on, spec by spec."""
+"""Every core layer spec (and the Swin3D and BERT-family encoders) as ``fn(params, *inputs)``
+with small example inputs: the cases the JAX translation is checked on, spec by spec (CLIP is built
+in the tests)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 from polymodal.core import layers as L
 from polymodal.core import random as pr
 from polymodal.core.encoders.swin3d import PatchMerging, SwinTransformerBlock3d, swin3d
+from polymodal.models.bert import bert_base_uncased, distilbert_base_uncased, roberta_base
 
 
 class Case(NamedTuple):
@@ -37,12 +39,31 @@ def _stateful(name: str, spec: Any, x: torch.Tensor, **kwargs: Any) -> Case:
     return Case(name, lambda p, x, s: spec(p, x, s, **kwargs), (params, x, spec.init_state()))
 
 
-def bert_layout_encoder(width: int = 64, layers: int = 2, heads: int = 4) -> L.TransformerEncoder:
-    """BERT's encoder layout (post-norm, GELU, 4x feed-forward, LayerNorm eps 1e-12) at a small
-    width (BERT-base is 768 x 12; tests use this small width to stay CPU-fast)."""
-    layer = L.TransformerEncoderLayer(width, heads, dim_feedforward=4 * width, activation="gelu", norm_first=False,
-                                      layer_norm_eps=1e-12)
-    return L.TransformerEncoder(layer, layers)
+# The BERT family's published layouts at a small width (2 layers, width 32: full size is too slow on CPU).
+BERT_SMALL = dict(vocab_size=50, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
+                  max_position_embeddings=16)
+
+
+def bert_inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``input_ids``, ``attention_mask`` (row 0 padded at its end, id 0 = BERT's pad) and
+    ``token_type_ids`` (segments A and B), each ``(2, 6)``."""
+    ids = torch.tensor([[2, 5, 7, 9, 3, 0], [2, 4, 8, 3, 6, 11]])
+    mask = torch.tensor([[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]])
+    types = torch.tensor([[0, 0, 0, 1, 1, 0], [0, 0, 1, 1, 1, 1]])
+    return ids, mask, types
+
+
+def bert_cases() -> list[Case]:
+    """The BERT family's encoders (``polymodal.models.bert`` builders, small width): BERT with an
+    attention mask and token types; RoBERTa (positions counted from ``pad_token_id + 1`` by a
+    cumulative sum, padding id 1 masked from the ids); DistilBERT (no token types, no pooler)."""
+    ids, mask, types = bert_inputs()
+    roberta_ids = torch.where(mask.bool(), ids + 2, torch.ones_like(ids))  # 1: RoBERTa's padding id
+    return [
+        _spec("BERT", bert_base_uncased(**BERT_SMALL), ids, mask, types),
+        _spec("RoBERTa", roberta_base(**BERT_SMALL), roberta_ids),
+        _spec("DistilBERT", distilbert_base_uncased(**BERT_SMALL), ids, mask),
+    ]
 
 
 def layer_cases() -> list[Case]:
@@ -59,6 +80,7 @@ def layer_cases() -> list[Case]:
         _spec("Linear", L.Linear(8, 4), x3),
         _spec("Identity", L.Identity(), x3),
         _spec("Embedding", L.Embedding(10, 6), _ids(10, 2, 5)),
+        _spec("Embedding-padding_idx", L.Embedding(10, 6, padding_idx=0), torch.tensor([[0, 3, 0], [5, 0, 3]])),
         _spec("MLP", L.MLP(8, 4, hidden_dims=(16,), activation="gelu", norm="layer_norm"), x3),
         _spec("MLP-silu", L.MLP(8, 4, hidden_dims=(16, 12), activation="silu"), x3),
         _spec("LayerNorm", L.LayerNorm(8), x3),
@@ -102,14 +124,12 @@ def layer_cases() -> list[Case]:
 
 
 def encoder_cases() -> list[Case]:
-    """The Swin3D pieces and encoder, and a BERT-layout encoder (CLIP is built in the tests)."""
-    bert = bert_layout_encoder()
-    mask = torch.tensor([[False] * 7 + [True]] * 2)
+    """The Swin3D pieces and encoder, and the BERT family's encoders."""
     return [
         _spec("PatchMerging", PatchMerging(8), _g(1, 2, 4, 4, 8)),
         _spec("SwinTransformerBlock3d", SwinTransformerBlock3d(8, 2, window_size=(2, 2, 2), shift_size=(1, 1, 1)),
               _g(1, 2, 4, 4, 8)),
         _spec("Swin3D", swin3d(embed_dim=8, depths=(2, 1), num_heads=(1, 2), window_size=(2, 2, 2), num_classes=5),
               _g(1, 3, 4, 16, 16)),
-        _spec("BERT-layout encoder", bert, _g(2, 8, 64), key_padding_mask=mask),
+        *bert_cases(),
     ]

@@ -15,12 +15,13 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from jax_cases import bert_layout_encoder  # noqa: E402
+from jax_cases import BERT_SMALL, bert_inputs  # noqa: E402
 from jax_testing import assert_tree_close, clip_loss_jax, clip_loss_torch, to_j  # noqa: E402
 from polymodal.core import pytree  # noqa: E402
 from polymodal.core import random as pr  # noqa: E402
 from polymodal.core.layers import MLP, Dropout  # noqa: E402
 from polymodal.interop.jax import key_from_jax, key_to_jax, to_jax_function  # noqa: E402
+from polymodal.models.bert import bert_base_uncased  # noqa: E402
 from polymodal.models.clip import build  # noqa: E402
 
 
@@ -46,21 +47,31 @@ def test_grad_through_clip_equals_torch_func_grad(clip_setup):
     np.testing.assert_allclose(float(value), float(clip_loss_torch(clip(params, images, tokens))), rtol=1e-6)
 
 
-def test_grad_through_bert_layout_encoder_equals_torch(clip_setup):
-    # BERT's encoder layout (post-norm, GELU, eps 1e-12) at width 64: 768 is too slow for CPU tests.
-    enc = bert_layout_encoder()
+def test_grad_through_bert_encoder_equals_torch_func_grad():
+    # A real BERT encoder (bert_base_uncased's layout, 2 layers x 32 wide) with an attention mask and
+    # token types; the loss weighs both outputs (last_hidden_state and the tanh pooler).
+    enc = bert_base_uncased(**BERT_SMALL)
     params = enc.init(key=pr.key(1))
-    x = torch.randn(2, 8, 64, generator=torch.Generator().manual_seed(1))
-    mask = torch.tensor([[False] * 6 + [True] * 2, [False] * 8])
-    w = torch.randn(2, 8, 64, generator=torch.Generator().manual_seed(2))
-    want = torch.func.grad(lambda p, x: (enc(p, x, key_padding_mask=mask).last_hidden_state * w).sum(),
-                           argnums=(0, 1))(params, x)
-    jenc = to_jax_function(lambda p, x, m: enc(p, x, key_padding_mask=m).last_hidden_state)
-    loss = lambda p, x, m: jnp.sum(jenc(p, x, m) * to_j(w))  # noqa: E731
-    for f in (jax.grad(loss, argnums=(0, 1)), jax.jit(jax.grad(loss, argnums=(0, 1)))):
-        gp, gx = f(pytree.to_jax(params), *to_j((x, mask)))
-        assert_tree_close(gp, want[0])
-        assert_tree_close({"x": gx}, {"x": want[1]})
+    ids, mask, types = bert_inputs()
+    g = torch.Generator().manual_seed(2)
+    w, v = torch.randn(2, 6, 32, generator=g), torch.randn(2, 32, generator=g)
+
+    def loss_t(p):
+        out = enc(p, ids, mask, types)
+        return (out.last_hidden_state * w).sum() + (out.pooled * v).sum()
+
+    want = torch.func.grad(loss_t)(params)
+    jenc = to_jax_function(lambda p, i, m, t: enc(p, i, m, t))
+
+    def loss(p, i, m, t):
+        out = jenc(p, i, m, t)  # a BERTOutput of JAX arrays
+        return jnp.sum(out.last_hidden_state * to_j(w)) + jnp.sum(out.pooled * to_j(v))
+
+    args = (pytree.to_jax(params), *to_j((ids, mask, types)))
+    assert_tree_close(jax.grad(loss)(*args), want)
+    value, grads = jax.jit(jax.value_and_grad(loss))(*args)
+    assert_tree_close(grads, want)
+    np.testing.assert_allclose(float(value), float(loss_t(params)), rtol=1e-5)
 
 
 @pytest.mark.parametrize("strategy", ["batched", "loop"])

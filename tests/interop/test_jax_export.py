@@ -1,4 +1,5 @@
-"""``export_to_jax``: every core layer spec, Swin3D, a BERT-layout encoder and CLIP tiny give torch's
+"""``export_to_jax``: every core layer spec, Swin3D, the BERT family's encoders (BERT with a mask and
+token types, RoBERTa, DistilBERT; small width) and CLIP tiny give torch's
 outputs and gradients in JAX (float32, 1e-5); jit / vmap / retracing; training under jit with
 optax; the errors for an unsupported op, 64-bit values and mis-structured arguments."""
 
