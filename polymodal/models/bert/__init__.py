@@ -1,6 +1,17 @@
 """The BERT family (BERT, RoBERTa, DistilBERT, MiniLM): builders, masked-LM / classifier models,
 Hugging Face and TorchMultimodal converters, local Hugging Face folders, a DP fine-tuning task.
 
+* specs: ``core/encoders/bert.py`` (:class:`BERTTextEmbeddings`, :class:`BERTTextEncoder`) and
+  ``core/encoders/bert_heads.py``; models :class:`BERTForMaskedLM`, :class:`BERTClassifier`;
+* checkpoints: :func:`from_huggingface` / :func:`to_huggingface` (key mapping in ``convert.py``),
+  :func:`from_torchmultimodal`; :func:`load_pretrained` reads a local Hugging Face folder
+  (no ``transformers`` needed); tokenizers in ``polymodal.data.bert_tokenizer``;
+* sentence embeddings :func:`embed_texts` (``polymodal embed-text --model DIR "text"``);
+* shells: ``polymodal.nn.BERTTextEncoder("bert_base_uncased")`` / ``polymodal.nn.build(...)``;
+  ``state_dict()`` keys are Hugging Face's for the embeddings, pooler and classifier, and
+  ``encoder.layers.{i}.<torch.nn.TransformerEncoderLayer names>`` for the layers (``convert.py``'s table);
+* training: ``polymodal train bert-classifier --preset tiny [--dp --noise-multiplier 1.0]``.
+
 >>> from polymodal.core import random as pr
 >>> enc = build("bert_tiny")
 >>> sorted(enc.init(key=pr.key(0)))

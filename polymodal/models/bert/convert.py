@@ -38,8 +38,11 @@ True
 from __future__ import annotations
 
 import functools
+import json
+import os
 import re
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -172,12 +175,14 @@ def _strip(sd: Mapping[str, Tensor]) -> tuple[str, dict[str, Tensor]]:
     return "", dict(sd)
 
 
-def config_from_huggingface(state_dict: Mapping[str, Tensor], config: Mapping[str, Any] | None = None
+def config_from_huggingface(state_dict: Mapping[str, Tensor], config: Mapping[str, Any] | str | os.PathLike | None = None
                             ) -> BERTTextEncoder:
-    """The encoder spec from ``config.json`` (a dict) or, without one, from the shapes. Shapes cannot
+    """The encoder spec from ``config.json`` (a dict or its path) or, without one, from the shapes. Shapes cannot
     show the head count (taken as ``hidden // 64``, BERT's convention), the activation (GELU), nor the
     padding id (0; RoBERTa's 1 when the keys say ``roberta.``): pass the config when you have it."""
     prefix, sd = _strip(state_dict)
+    if isinstance(config, (str, os.PathLike)):  # a config.json path
+        config = json.loads(Path(config).read_text(encoding="utf-8"))
     cfg = dict(config or {})
     mtype = cfg.get("model_type") or {"roberta.": "roberta", "distilbert.": "distilbert"}.get(prefix)
     distil = mtype == "distilbert" or any(k.startswith("transformer.layer.") for k in sd)
@@ -238,7 +243,7 @@ def _task_spec(state_dict: Mapping[str, Tensor], enc: BERTTextEncoder, model: st
     return enc
 
 
-def from_huggingface(state_dict: Mapping[str, Tensor], config: Mapping[str, Any] | None = None, *,
+def from_huggingface(state_dict: Mapping[str, Tensor], config: Mapping[str, Any] | str | os.PathLike | None = None, *,
                      spec: Any = None, model: str = "auto") -> tuple[Any, Params]:
     """A Hugging Face ``BertModel`` / ``BertForMaskedLM`` / ``BertForSequenceClassification`` /
     ``RobertaModel`` / ``DistilBertModel`` state dict -> ``(spec, params)``.

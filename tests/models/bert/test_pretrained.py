@@ -99,3 +99,11 @@ def test_loads_without_transformers(folder):
             "print(tuple(embed_texts(pre.spec, pre.params, pre.tokenizer, ['a red car']).shape))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "(1, 32)", r.stderr[-2000:]
+
+
+def test_from_huggingface_reads_a_config_path(folder):
+    from polymodal.models.bert import from_huggingface
+    from polymodal.models.bert.pretrained import read_weights
+    d, model = folder
+    spec, _ = from_huggingface(read_weights(d), d / "config.json")
+    assert spec.encoder.layer.num_heads == model.config.num_attention_heads == 4
