@@ -317,7 +317,7 @@ def _cmd_zero_shot(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     from .data.captions import BadSampleError
-    from .train.checkpoint import CheckpointError
+    from .train.checkpoint import CheckpointError, CheckpointSaveError
     from .train.rundir import RunDirError
 
     argv = sys.argv[1:] if argv is None else argv
@@ -336,7 +336,8 @@ def main(argv: list[str] | None = None) -> int:
             from .models.bert.cli import embed_text_command
             return embed_text_command(args)
         return _cmd_zero_shot(args)
-    except (CLIError, FileNotFoundError, BadSampleError, FloatingPointError, CheckpointError, RunDirError) as e:
+    except (CLIError, FileNotFoundError, BadSampleError, FloatingPointError, CheckpointError, CheckpointSaveError,
+            RunDirError) as e:
         print(f"polymodal: error: {e}", file=sys.stderr)
         return 2
 

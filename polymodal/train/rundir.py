@@ -4,7 +4,8 @@
 torchrun with ``--nproc``; under a torchrun of your own, rank 0 checks and every rank agrees on
 the answer, :func:`agreed`):
 
-- :func:`check_out`: a fresh run (no ``--resume``) needs ``--out`` to be new or empty; a
+- :func:`check_out`: a fresh run (no ``--resume``) needs ``--out`` to be new or empty (or to hold
+  only the ``config.json`` of a start that failed before its first step); a
   directory that holds a run, or anything else, is refused (never overwritten, never deleted)
   with the way to continue it (``--resume``) or to start over (a new ``--out``). ``--resume``
   needs a run of the same family and preset with at least one checkpoint, and says what is
@@ -90,12 +91,15 @@ def check_out(out: str | os.PathLike, *, resume: bool, family: str | None = None
                                   f"{saved[k]!r}, or start the {v!r} run in a new --out")
         if not _has_checkpoint(p):
             raise RunDirError(f"--resume: no checkpoint in {os.path.join(name, 'checkpoints')!r}: the run stopped "
-                              "before its first save, nothing to resume; start over in a new --out")
+                              "before its first save, nothing to resume: start over in a new --out (or without --resume when it "
+                              "never took a step)")
         return
     if not p.is_dir():
         return
     entries = sorted(n for n in os.listdir(p) if n != LOCK_NAME)
     ours = [n for n in entries if n in OURS]
+    if ours == ["config.json"] == entries:  # a start that failed before its first step: nothing to lose
+        return
     if ours:
         what = ""
         if (p / "config.json").is_file():

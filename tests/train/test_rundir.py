@@ -12,7 +12,7 @@ import textwrap
 import pytest
 import torch
 
-from polymodal.train.checkpoint import CheckpointError, RunDir
+from polymodal.train.checkpoint import CheckpointError, CheckpointSaveError, RunDir
 from polymodal.train.rundir import LOCK_NAME, RunDirError, RunLock, check_out, record_config
 from polymodal.train.runs import load_training_checkpoint
 
@@ -30,7 +30,9 @@ def test_check_out_refuses_what_it_would_overwrite_and_names_the_way_on(tmp_path
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.json").write_text(json.dumps({"family": "clip", "preset": "tiny"}))
-    with pytest.raises(RunDirError, match=r"holds a clip tiny run.*--resume.*new --out"):
+    check_out(run, resume=False)  # only the config of a start that failed before its first step
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    with pytest.raises(RunDirError, match=r"holds a clip tiny run \(config.json, metrics.jsonl\).*--resume.*new --out"):
         check_out(run, resume=False)
     with pytest.raises(RunDirError, match=r"--resume: no checkpoint in .*checkpoints"):
         check_out(run, resume=True, family="clip")
@@ -133,7 +135,7 @@ def test_disk_full_during_a_save_names_the_failed_file_and_the_intact_step(tmp_p
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(file, "_save_file", full)
-    with pytest.raises(CheckpointError) as e:
+    with pytest.raises(CheckpointSaveError) as e:  # an OSError
         runs.save(2, P)
     msg = str(e.value)
     assert "\n" not in msg and "ckpt-00000002" in msg and "No space left on device" in msg

@@ -49,10 +49,10 @@ class ClassifierOptions:
     delta: float = option(1e-5, "delta of the (epsilon, delta) guarantee", group=_DP)
 
     def __post_init__(self) -> None:
-        if self.dp and (self.noise_multiplier is None) == (self.target_epsilon is None):
-            raise ValueError("--dp needs exactly one of --noise-multiplier S or --target-epsilon E")
-        if not self.dp and (self.noise_multiplier is not None or self.target_epsilon is not None):
-            raise ValueError("--noise-multiplier / --target-epsilon only apply with --dp")
+        from ...train.dp.checks import check_dp_flags
+
+        check_dp_flags(dp=self.dp, noise_multiplier=self.noise_multiplier, target_epsilon=self.target_epsilon,
+                       delta=self.delta, max_grad_norm=self.max_grad_norm)
 
 
 class ClassifierTask:

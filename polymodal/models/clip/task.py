@@ -245,6 +245,10 @@ class CLIPTask:
                                       train_size=options.train_size, eval_size=options.eval_size,
                                       image_root=options.image_root, skip_bad=options.skip_bad)
             n = len(self.data.train)
+            if n < loop.batch_size:  # before any rank starts, naming the data
+                what = "--train-size" if options.data == "synthetic" else f"--data {options.data!r}"
+                raise ValueError(f"{what}: {n} training samples{' (the file holds none)' if n == 0 else ''}, fewer "
+                                 f"than one --batch-size {loop.batch_size}")
         self.steps = loop.steps if options.epochs is None else max(1, math.ceil(options.epochs * n / loop.batch_size))
         self.name, self.title = f"clip-{preset}", f"CLIP {preset} on {options.data}"
 

@@ -21,12 +21,13 @@
 """
 
 from polymodal.train.checkpoint.file import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint, verify
-from polymodal.train.checkpoint.run import RunDir, RunInfo
+from polymodal.train.checkpoint.run import CheckpointSaveError, RunDir, RunInfo
 from polymodal.train.checkpoint.sharded import consolidate, load_sharded, save_sharded
 
 __all__ = [
     "Checkpoint",
     "CheckpointError",
+    "CheckpointSaveError",
     "save_checkpoint",
     "load_checkpoint",
     "verify",

@@ -40,12 +40,19 @@ from polymodal.core.pytree import Params, atomic_write
 from polymodal.train.checkpoint.extras import decode, encode, from_inline, inline
 from polymodal.train.checkpoint.file import Checkpoint, CheckpointError, fsync_dir, load_checkpoint, save_checkpoint
 
-__all__ = ["RunDir", "RunInfo"]
+__all__ = ["RunDir", "RunInfo", "CheckpointSaveError"]
 
 _NAME = re.compile(r"^ckpt-(\d{8,})\.safetensors$")
 _TMP = re.compile(r"^\.tmp-.*(ckpt-\d{8,}\.safetensors|latest\.json)(\.d)?$"  # ours (atomic_write, _save_file)
                   r"|^\.tmp[A-Za-z0-9]{6}$")  # the safetensors writer's own, left by runs before polymodal 0.2
 POINTER = "latest.json"
+
+
+class CheckpointSaveError(OSError):
+    """Writing a checkpoint failed (disk full, quota, I/O): the message names the file and the step still intact."""
+
+    def __str__(self) -> str:
+        return self.strerror or super().__str__()
 
 
 class RunInfo(NamedTuple):
@@ -111,7 +118,8 @@ class RunDir:
             _write_pointer(self.path / POINTER, text)
         except OSError as e:  # disk full, quota, I/O error: one line saying what is still intact
             self._remove_stale_temps()
-            raise CheckpointError(self.file(step), f"could not be saved ({e.strerror or e}); {self._intact()}") from e
+            raise CheckpointSaveError(e.errno, f"checkpoint {str(self.file(step))!r} could not be saved "
+                                      f"({e.strerror or e}); {self._intact()}") from e
         self._prune(step)
         return self.file(step)
 
