@@ -223,6 +223,9 @@ def _cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
     if data != "synthetic" and not os.path.exists(data) and not is_shard_pattern(data):  # shards: checked by the task
         raise CLIError(f"--data: no such file {data!r} (expected 'synthetic', a JSONL/CSV file or WebDataset shards)")
     cfg = LoopConfig(**{k: given[k] for k in loop_fields if k in given}, progress=not args.no_progress)
+    if cfg.progress and int(os.environ.get("RANK", "0")) == 0:  # building the model, data (and DP noise) takes a while
+        extra = ", choosing the DP noise" if getattr(args, "target_epsilon", None) is not None else ""
+        print(f"preparing {args.family} ({args.preset}): model, data{extra} ...", file=sys.stderr, flush=True)
     try:
         task = make_task(args.family, args.preset, options, cfg)
     except ValueError as e:
@@ -253,7 +256,8 @@ def _summary(out: str, metrics: dict) -> None:
     for k, v in metrics.items():
         print(f"  {k.removeprefix('eval/'):24s} {v:.4g}")
     print(f"  metrics:    {os.path.join(out, 'metrics.jsonl')}")
-    print(f"  plot:       {os.path.join(out, 'curves.png')}")
+    plot = os.path.join(out, "curves.png")
+    print(f"  plot:       {plot}" if os.path.exists(plot) else "  plot:       none (matplotlib is not installed)")
     print(f"  checkpoint: {os.path.join(out, 'checkpoints')}")
 
 
@@ -275,16 +279,33 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if cfg.get("data", "synthetic") != "synthetic":
         raise CLIError("eval: only runs on the built-in synthetic data have an eval split")
     try:
-        task = run_task(args.run, **overrides, **({"train_size": 1} if cfg["family"] == "clip" else {}))
+        small = {"train_size": int(cfg.get("batch_size", 1))} if cfg["family"] == "clip" else {}  # eval only
+        task = run_task(args.run, **overrides, **small)
     except (ValueError, TypeError) as e:
         raise CLIError(f"eval: {e}") from None
     run = load_run(args.run)
     to = lambda t: tree_map(lambda x: x.to(device), t)  # noqa: E731
+    print(f"evaluating {args.run} ({cfg['family']} {cfg.get('preset', '')}) on {device} ...", file=sys.stderr,
+          flush=True)
     with torch.no_grad():
         metrics = task.evaluate(to(run.params), None if run.state is None else to(run.state), device=device)
     for k, v in metrics.items():
         print(f"{k.removeprefix('eval/'):24s} {v:.4f}")
     return 0
+
+
+def _check_template(template: str) -> None:
+    """``--template`` must have exactly one ``{}`` where the label goes (literal braces doubled: ``{{``)."""
+    import string
+
+    try:
+        fields = [f for _, f, spec, conv in string.Formatter().parse(template) if f is not None]
+    except ValueError as e:
+        raise CLIError(f"--template: {e} in {template!r}; expected one '{{}}' where the label goes, e.g. "
+                       "'a photo of a {}' (write literal braces as '{{' and '}}')") from None
+    if fields not in ([""], ["0"]):
+        raise CLIError(f"--template: expected exactly one '{{}}' where the label goes, e.g. 'a photo of a {{}}', "
+                       f"got {template!r}")
 
 
 def _cmd_zero_shot(args: argparse.Namespace) -> int:
@@ -297,6 +318,7 @@ def _cmd_zero_shot(args: argparse.Namespace) -> int:
     labels = [s.strip() for s in args.labels.split(",") if s.strip()]
     if len(labels) < 2:
         raise CLIError(f"--labels: expected at least two comma-separated labels, got {args.labels!r}")
+    _check_template(args.template)
     if not os.path.exists(args.image):
         raise CLIError(f"--image: no such file {args.image!r}")
     try:
@@ -305,7 +327,7 @@ def _cmd_zero_shot(args: argparse.Namespace) -> int:
         raise CLIError(f"--image: cannot read {args.image!r} as an image ({e})") from None
     model, params, _, state = load_run(args.run)
     x = CLIPImageTransform(model.image_size)(image)[None]
-    prompts = [args.template.format(label) if "{}" in args.template else label for label in labels]
+    prompts = [args.template.format(label) for label in labels]
     with torch.no_grad():
         img = model.encode_image(params, x, state=state)
         txt = model.encode_text(params, CLIPTokenizer(context_length=model.context_length)(prompts))

@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 __all__ = ["MetricsLog", "read_metrics", "plot_metrics"]
+
+_warned_no_plot = False
 
 
 class MetricsLog:
@@ -47,13 +50,18 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
 
 def plot_metrics(records: Iterable[Mapping], out: str | os.PathLike, title: str = "polymodal run") -> Path | None:
     """Loss (left; with DP-SGD also the epsilon spent) and evaluation accuracies/recalls (right)
-    against step; ``None`` without matplotlib."""
+    against step; ``None`` without matplotlib (a warning once a process says so)."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        global _warned_no_plot
+        if not _warned_no_plot:  # once a process: the run goes on, the summary leaves the plot out
+            _warned_no_plot = True
+            print(f"polymodal: warning: matplotlib is not installed, so {os.fspath(out)!r} is not written "
+                  "(pip install 'polymodal[plot]')", file=sys.stderr, flush=True)
         return None
     records = list(records)
     train = [r for r in records if "loss" in r]

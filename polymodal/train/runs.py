@@ -46,7 +46,9 @@ def read_config(run: str | os.PathLike) -> dict:
     if not path.exists():
         raise FileNotFoundError(f"{run} is not a polymodal run directory (no config.json); "
                                 "pass the --out directory of 'polymodal train'")
-    cfg = json.loads(path.read_text())
+    from .rundir import read_json
+
+    cfg = read_json(path, "unreadable run config")
     cfg.setdefault("family", "classifier" if cfg.get("task") == "classifier" else "clip")
     return cfg
 
