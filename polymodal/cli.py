@@ -170,7 +170,13 @@ def _relaunch(argv: list[str], nproc: int) -> int:
             continue
         rest.append(a)
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    torchrun(["--standalone", f"--nproc-per-node={nproc}", "-m", "polymodal.cli", *rest])
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    try:
+        torchrun(["--standalone", f"--nproc-per-node={nproc}", "-m", "polymodal.cli", *rest])
+    except ChildFailedError as e:  # the ranks printed their own error (one line, or a traceback when unexpected)
+        codes = sorted({f.exitcode for f in e.failures.values()})
+        raise CLIError(f"{len(e.failures)} of {nproc} processes failed (exit status {codes}); their output is above")             from None
     return 0
 
 

@@ -193,3 +193,27 @@ def test_without_matplotlib_one_warning_and_the_summary_says_no_plot(tmp_path, c
     _summary(str(tmp_path), {"eval/acc": 0.5})
     out = capsys.readouterr().out
     assert "curves.png" not in out and "plot:       none (matplotlib is not installed)" in out
+
+
+@pytest.mark.distributed
+def test_ranks_agree_on_a_refusal_and_a_locked_out_is_refused_before_spawning(clip_run, tmp_path):
+    """Under a torchrun of the user's own, rank 0 checks --out and every rank leaves with its answer
+    (no hang, no traceback); with --nproc the check and the lock happen before the ranks start."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = ["train", "clip", "--preset", "tiny-vit", *FAST, "--steps", "1", "--out", str(clip_run)]
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                        "-m", "polymodal.cli", *args], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode != 0 and "polymodal/cli.py" not in r.stderr, r.stderr[-3000:]  # no traceback of ours
+    assert r.stderr.count("polymodal: error: --out") == 2, r.stderr[-3000:]  # both ranks, one line each
+    out = tmp_path / "busy"
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        r = subprocess.run([sys.executable, "-m", "polymodal.cli", "train", "clip", *FAST, "--steps", "1",
+                            "--nproc", "2", "--out", str(out)], capture_output=True, text=True, env=env, timeout=300)
+        assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("polymodal: error: --out")
+        assert "in use by another run" in r.stderr and "torch.distributed" not in r.stderr  # no rank started
+    finally:
+        proc.kill()
+        proc.wait()
