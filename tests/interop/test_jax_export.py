@@ -21,7 +21,6 @@ from polymodal.core import pytree  # noqa: E402
 from polymodal.core import random as pr  # noqa: E402
 from polymodal.core.layers import MLP, Linear  # noqa: E402
 from polymodal.interop.jax import UnsupportedOpError, export_to_jax  # noqa: E402
-from polymodal.models.clip import build  # noqa: E402
 
 CASES = layer_cases() + encoder_cases()
 
@@ -69,19 +68,9 @@ def test_spec_gives_torch_outputs_and_gradients(case):
     assert_tree_close(list(got_g), list(want_g), atol=1e-5 * scale)
 
 
-@pytest.fixture(scope="module")
-def clip_setup():
-    clip = build("clip_tiny")
-    params = clip.init(key=pr.key(0))
-    g = torch.Generator().manual_seed(0)
-    images = torch.randn(4, 3, clip.image_size, clip.image_size, generator=g)
-    tokens = torch.randint(1, 1000, (4, clip.context_length), generator=g)
+def test_translated_clip_tiny_matches_torch_and_trains_under_jit_with_optax(clip_tiny):
+    clip, params, images, tokens, _, want = clip_tiny
     jclip = export_to_jax(lambda p, i, t: clip(p, i, t), (params, images, tokens))
-    return clip, params, images, tokens, jclip
-
-
-def test_translated_clip_tiny_matches_torch_and_trains_under_jit_with_optax(clip_setup):
-    clip, params, images, tokens, jclip = clip_setup
     opt = optax.adamw(2e-3, weight_decay=0.1)
     p, (i, t) = pytree.to_jax(params), to_j((images, tokens))
     state = opt.init(p)
@@ -90,21 +79,19 @@ def test_translated_clip_tiny_matches_torch_and_trains_under_jit_with_optax(clip
         out = jclip(p, i, t)
         return clip_loss_jax(out), out
 
-    @jax.jit
-    def step(p, state):
+    def step(carry, _):
+        p, state = carry
         (value, out), grads = jax.value_and_grad(loss, has_aux=True)(p)
         updates, state = opt.update(grads, state, p)
-        return optax.apply_updates(p, updates), state, value, out, grads
+        return (optax.apply_updates(p, updates), state), (value, out, grads)
 
-    losses = []
-    for n in range(6):
-        new_p, state, value, out, grads = step(p, state)
-        if n == 0:  # the first step's forward and gradient are torch's
-            assert type(out).__name__ == "CLIPOutput"
-            assert_tree_close(list(out), list(clip(params, images, tokens)))
-            assert_tree_close(grads, torch.func.grad(lambda p: clip_loss_torch(clip(p, images, tokens)))(params))
-        p = new_p
-        losses.append(float(value))
+    # Six optax steps as one jitted scan: one XLA compile (a Python loop of a jitted step compiles twice).
+    (p, _), (values, outs, grads) = jax.jit(lambda p, s: jax.lax.scan(step, (p, s), length=6))(p, state)
+    first = jax.tree_util.tree_map(lambda a: a[0], (outs, grads))  # the first step's forward and gradient: torch's
+    assert type(first[0]).__name__ == "CLIPOutput"
+    assert_tree_close(list(first[0]), list(clip(params, images, tokens)))
+    assert_tree_close(first[1], want)
+    losses = [float(v) for v in values]
     assert losses[-1] < 0.5 * losses[0], losses
     assert float(clip_loss_torch(clip(pytree.from_jax(p), images, tokens))) < losses[0]  # back in torch
 

@@ -12,22 +12,16 @@ import jax.numpy as jnp  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from jax_testing import clip_loss_jax, clip_loss_torch  # noqa: E402
+from jax_testing import clip_loss_jax  # noqa: E402
 from polymodal.core import pytree  # noqa: E402
 from polymodal.core import random as pr  # noqa: E402
 from polymodal.core.layers import MLP  # noqa: E402
 from polymodal.interop.jax import from_jax_function, tree_to_torch  # noqa: E402
-from polymodal.models.clip import build  # noqa: E402
 
 
-def test_jax_loss_on_clip_outputs_under_torch_func_grad():
-    clip = build("clip_tiny")
-    params = clip.init(key=pr.key(0))
-    g = torch.Generator().manual_seed(0)
-    images = torch.randn(3, 3, clip.image_size, clip.image_size, generator=g)
-    tokens = torch.randint(1, 1000, (3, clip.context_length), generator=g)
+def test_jax_loss_on_clip_outputs_under_torch_func_grad(clip_tiny):
+    clip, params, images, tokens, _, want = clip_tiny
     jloss = from_jax_function(clip_loss_jax)
-    want = torch.func.grad(lambda p: clip_loss_torch(clip(p, images, tokens)))(params)
     got = torch.func.grad(lambda p: jloss(clip(p, images, tokens)))(params)
     for k, v in pytree.flatten(want).items():
         torch.testing.assert_close(pytree.flatten(got)[k], v, atol=1e-5, rtol=1e-5)
