@@ -217,3 +217,17 @@ def test_ranks_agree_on_a_refusal_and_a_locked_out_is_refused_before_spawning(cl
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_the_demo_picks_a_free_folder_and_never_deletes_one(tmp_path, monkeypatch):
+    import polymodal.demo as demo
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "demo" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "runs" / "demo" / "config.json").write_text("{}")
+    (tmp_path / "runs" / "demo-2").mkdir()
+    seen = []
+    monkeypatch.setattr(demo, "cli", lambda argv: seen.append(argv) or 2)  # stop before training
+    assert demo.main(["--steps", "1"]) == 2
+    assert seen[0][seen[0].index("--out") + 1] == "runs/demo-3"
+    assert (tmp_path / "runs" / "demo" / "config.json").exists() and (tmp_path / "runs" / "demo-2").is_dir()
