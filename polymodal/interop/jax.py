@@ -9,7 +9,8 @@ Three routes between a polymodal (torch) function and JAX:
 * :func:`export_to_jax` (the **translation**): ``torch.export`` the function, then translate the
   ATen graph op by op into ``jax.numpy`` / ``jax.lax``: a pure JAX function that ``jit``,
   ``grad`` and ``vmap`` transform natively and XLA compiles. Covers the core's operator set
-  (:func:`translated_ops`); anything else raises :class:`UnsupportedOpError` naming the op.
+  (:func:`translated_ops`: every core layer, CLIP, Swin3D and the BERT family's encoders, BERT /
+  RoBERTa / DistilBERT, translate); anything else raises :class:`UnsupportedOpError` naming the op.
 * :func:`from_jax_function` (the other way): a JAX function (a JAX loss, an optax update)
   becomes a torch function with JAX's gradient, usable under ``torch.func.grad`` and ``vmap``.
 

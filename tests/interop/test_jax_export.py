@@ -130,11 +130,12 @@ def test_keyed_dropout_translates_with_x64_and_names_the_fix_without():
     mlp = MLP(6, 3, hidden_dims=(8,), dropout=0.5)
     params, x, k = mlp.init(key=pr.key(3)), torch.randn(4, 6, generator=torch.Generator().manual_seed(4)), pr.key(5)
     fn = lambda p, x, k: mlp(p, x, key=k)  # noqa: E731
+    jfn = export_to_jax(fn, (params, x, k))
     with jax.enable_x64(True):  # keys are int64 words: their arithmetic needs 64-bit integers
-        out = export_to_jax(fn, (params, x, k))(pytree.to_jax(params), to_j(x), jnp.asarray(k.numpy()))
+        out = jfn(pytree.to_jax(params), to_j(x), jnp.asarray(k.numpy()))
         torch.testing.assert_close(torch.from_numpy(np.array(out)), fn(params, x, k), atol=1e-6, rtol=1e-6)
     with pytest.raises(TypeError, match="needs 64-bit integers.*jax_enable_x64"):
-        export_to_jax(fn, (params, x, k))(pytree.to_jax(params), to_j(x), jnp.asarray(k.numpy()))
+        jfn(pytree.to_jax(params), to_j(x), jnp.asarray(k.numpy()))
 
 
 def test_misstructured_arguments_are_named():
