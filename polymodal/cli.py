@@ -176,7 +176,8 @@ def _relaunch(argv: list[str], nproc: int) -> int:
         torchrun(["--standalone", f"--nproc-per-node={nproc}", "-m", "polymodal.cli", *rest])
     except ChildFailedError as e:  # the ranks printed their own error (one line, or a traceback when unexpected)
         codes = sorted({f.exitcode for f in e.failures.values()})
-        raise CLIError(f"{len(e.failures)} of {nproc} processes failed (exit status {codes}); their output is above")             from None
+        msg = f"{len(e.failures)} of {nproc} processes failed (exit status {codes}); their output is above"
+        raise CLIError(msg) from None
     return 0
 
 

@@ -138,7 +138,8 @@ def test_a_second_run_on_the_same_out_is_refused(tmp_path, capsys):
 
 
 def test_damaged_run_files_are_one_line_naming_the_file(clip_run, tmp_path, capsys):
-    bad = {"config.json": b"{not json", "checkpoints/latest.json": b"\xff\xfe", "checkpoints/ckpt-00000001.safetensors": None}
+    bad = {"config.json": b"{not json", "checkpoints/latest.json": b"\xff\xfe",
+           "checkpoints/ckpt-00000001.safetensors": None}
     for name, data in bad.items():
         run = tmp_path / name.replace("/", "_")
         shutil.copytree(clip_run, run)
@@ -214,6 +215,13 @@ def test_ranks_agree_on_a_refusal_and_a_locked_out_is_refused_before_spawning(cl
                             "--nproc", "2", "--out", str(out)], capture_output=True, text=True, env=env, timeout=300)
         assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("polymodal: error: --out")
         assert "in use by another run" in r.stderr and "torch.distributed" not in r.stderr  # no rank started
+        # an error the ranks find themselves: one line from each, one from the launcher, no traceback
+        r = subprocess.run([sys.executable, "-m", "polymodal.cli", "train", "clip", *FAST, "--steps", "1",
+                            "--nproc", "2", "--data", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "m")],
+                           capture_output=True, text=True, env=env, timeout=300)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+        assert r.stderr.count("polymodal: error: --data: no such file") == 2
+        assert r.stderr.strip().splitlines()[-1].startswith("polymodal: error: 2 of 2 processes failed")
     finally:
         proc.kill()
         proc.wait()

@@ -91,8 +91,8 @@ def check_out(out: str | os.PathLike, *, resume: bool, family: str | None = None
                                   f"{saved[k]!r}, or start the {v!r} run in a new --out")
         if not _has_checkpoint(p):
             raise RunDirError(f"--resume: no checkpoint in {os.path.join(name, 'checkpoints')!r}: the run stopped "
-                              "before its first save, nothing to resume: start over in a new --out (or without --resume when it "
-                              "never took a step)")
+                              "before its first save, nothing to resume: start over in a new --out (or without "
+                              "--resume when it never took a step)")
         return
     if not p.is_dir():
         return
@@ -158,8 +158,12 @@ class RunLock:
             _held[key] = _held.get(key, 0) + 1
             self._entered = True
             return
-        self.out.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as e:  # a parent that is a file, no permission, a read-only file system
+            raise RunDirError(f"--out {os.fspath(self.out)!r}: cannot create the run directory "
+                              f"({e.strerror or e}): choose another --out") from None
         try:
             self._lock(fd)
         except BaseException:

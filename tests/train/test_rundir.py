@@ -84,6 +84,9 @@ def test_lock_refuses_a_second_process_and_takes_over_from_a_dead_one(tmp_path):
     proc = _holder(tmp_path)  # released on exit: another process gets it
     proc.communicate("")
     assert proc.returncode == 0
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(RunDirError, match=r"cannot create the run directory"):
+        RunLock(tmp_path / "file" / "run").acquire()
 
 
 def test_record_config_keeps_the_history_of_changed_settings(tmp_path):
