@@ -24,17 +24,10 @@ from polymodal.interop.jax import key_from_jax, key_to_jax, to_jax_function  # n
 from polymodal.models.bert import bert_base_uncased  # noqa: E402
 
 
-def test_grad_through_clip_equals_torch_func_grad(clip_tiny):
-    clip, params, images, tokens, _, want = clip_tiny
-    jclip = to_jax_function(lambda p, i, t: clip(p, i, t))
-    loss = lambda p, i, t: clip_loss_jax(jclip(p, i, t))  # noqa: E731
-    assert_tree_close(jax.grad(loss)(pytree.to_jax(params), *to_j((images, tokens))), want)
-    # under jax.jit: test_jit_grad_and_optax_adamw_train_tiny_clip_from_jax (its first step)
-
-
 def test_grad_through_bert_encoder_equals_torch_func_grad():
     # A real BERT encoder (bert_base_uncased's layout, 2 layers x 32 wide) with an attention mask and
-    # token types; the loss weighs both outputs (last_hidden_state and the tanh pooler).
+    # token types; the loss weighs both outputs (last_hidden_state and the tanh pooler). jax.grad
+    # eagerly and under jit (CLIP's jitted gradient: test_jit_grad_and_optax_adamw_train_tiny_clip_from_jax).
     enc = bert_base_uncased(**BERT_SMALL)
     params = enc.init(key=pr.key(1))
     ids, mask, types = bert_inputs()
