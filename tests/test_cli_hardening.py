@@ -151,8 +151,10 @@ def test_damaged_run_files_are_one_line_naming_the_file(clip_run, tmp_path, caps
         assert main(["eval", "--run", str(run)]) == 2
         one_error(capsys, os.path.basename(name))
         args = ["train", "clip", "--preset", "tiny-vit", *FAST, "--steps", "2", "--resume", "--out", str(run)]
+        config = (run / "config.json").read_bytes()
         assert main(args) == 2
         one_error(capsys, os.path.basename(name))
+        assert (run / "config.json").read_bytes() == config  # a resume that failed records nothing
 
 
 def test_bad_data_files_template_and_nproc_are_one_line(clip_run, tmp_path, capsys):

@@ -208,10 +208,6 @@ def train(task: Any, cfg: LoopConfig) -> dict:
                 raise UsageError(f"{out} holds a {saved[k]!r} run; cannot resume it as {run_config[k]!r}")
     if cfg.warmup is not None and cfg.warmup > steps:
         _say(f"warning: --warmup {cfg.warmup} exceeds the run's {steps} steps: the learning rate never reaches --lr")
-    if rank == 0:  # a resume that changes settings records them in config.json's config_history
-        out.mkdir(parents=True, exist_ok=True)
-        record = dataclasses.asdict(cfg) | run_config | {"steps": steps, "resolved_device": str(device)}
-        record_config(out, record, resumed_at=None if latest is None else latest.step)
 
     mesh = None
     if cfg.shard:
@@ -232,6 +228,10 @@ def train(task: Any, cfg: LoopConfig) -> dict:
         if hasattr(task, "load_state_dict") and "task" in extra:
             task.load_state_dict(extra["task"])
         _say(f"resuming {out} from step {start}")
+    if rank == 0:  # once the checkpoint loaded; a resume that changes settings records them in config_history
+        out.mkdir(parents=True, exist_ok=True)
+        record = dataclasses.asdict(cfg) | run_config | {"steps": steps, "resolved_device": str(device)}
+        record_config(out, record, resumed_at=None if latest is None else start)
     log = MetricsLog(out, truncate_after=start) if rank == 0 else None
     policy = training_policy(sharded=cfg.shard, checkpoint_every=cfg.checkpointing)
     amp = cfg.precision != "fp32"
