@@ -87,7 +87,7 @@ def test_translated_clip_tiny_matches_torch_and_trains_under_jit_with_optax(clip
 
     # Six optax steps as one jitted scan: one XLA compile (a Python loop of a jitted step compiles twice).
     (p, _), (values, outs, grads) = jax.jit(lambda p, s: jax.lax.scan(step, (p, s), length=6))(p, state)
-    first = jax.tree_util.tree_map(lambda a: a[0], (outs, grads))  # the first step's forward and gradient: torch's
+    first = jax.tree_util.tree_map(lambda a: np.asarray(a)[0], (outs, grads))  # the first step's: torch's
     assert type(first[0]).__name__ == "CLIPOutput"
     assert_tree_close(list(first[0]), list(clip(params, images, tokens)))
     assert_tree_close(first[1], want)
