@@ -1,4 +1,4 @@
-"""Helpers shared by the JAX interop tests: tree conversion, the CLIP loss on both sides, comparisons."""
+"""Helpers shared by the JAX interop tests: tree conversion, the CLIP loss on both sides, comparisons, optax steps."""
 
 from __future__ import annotations
 
@@ -46,3 +46,22 @@ def assert_tree_close(jax_tree, torch_tree, atol: float = 1e-5, rtol: float = 1e
     for k in want:  # numpy's check is torch.testing's rule (|got - want| <= atol + rtol |want|), without its cost
         if got[k].shape != want[k].shape or not np.allclose(got[k].numpy(), want[k].numpy(), rtol=rtol, atol=atol):
             torch.testing.assert_close(got[k], want[k], atol=atol, rtol=rtol, msg=lambda m: f"{k}: {m}")
+
+
+def optax_steps(loss, opt, params, steps: int):
+    """``steps`` updates of ``opt`` on ``loss(p) -> (value, aux)`` as one jitted ``lax.scan``: one XLA
+    compile (a Python loop of a jitted step compiles twice). Returns the trained params, each step's
+    loss ``(steps,)`` and the first step's ``(aux, grads)`` (kept in the carry, not stacked per step)."""
+    def step(carry, n):
+        p, state, first = carry
+        (value, aux), grads = jax.value_and_grad(loss, has_aux=True)(p)
+        updates, state = opt.update(grads, state, p)
+        first = jax.tree_util.tree_map(lambda old, new: jnp.where(n == 0, new, old), first, (aux, grads))
+        return (optax.apply_updates(p, updates), state, first), value
+
+    def run(p):
+        first = jax.tree_util.tree_map(jnp.zeros_like, jax.eval_shape(lambda p: (loss(p)[1], p), p))
+        (p, _, first), values = jax.lax.scan(step, (p, opt.init(p), first), jnp.arange(steps))
+        return p, values, first
+
+    return jax.jit(run)(params)

@@ -16,7 +16,7 @@ import torch  # noqa: E402
 import torch.utils._pytree as tpt  # noqa: E402
 
 from jax_cases import encoder_cases, layer_cases  # noqa: E402
-from jax_testing import assert_tree_close, clip_loss_jax, clip_loss_torch, to_j  # noqa: E402
+from jax_testing import assert_tree_close, clip_loss_jax, clip_loss_torch, optax_steps, to_j  # noqa: E402
 from polymodal.core import pytree  # noqa: E402
 from polymodal.core import random as pr  # noqa: E402
 from polymodal.core.layers import MLP, Linear  # noqa: E402
@@ -71,26 +71,16 @@ def test_spec_gives_torch_outputs_and_gradients(case):
 def test_translated_clip_tiny_matches_torch_and_trains_under_jit_with_optax(clip_tiny):
     clip, params, images, tokens, _, want = clip_tiny
     jclip = export_to_jax(lambda p, i, t: clip(p, i, t), (params, images, tokens))
-    opt = optax.adamw(2e-3, weight_decay=0.1)
-    p, (i, t) = pytree.to_jax(params), to_j((images, tokens))
-    state = opt.init(p)
+    i, t = to_j((images, tokens))
 
     def loss(p):
         out = jclip(p, i, t)
         return clip_loss_jax(out), out
 
-    def step(carry, _):
-        p, state = carry
-        (value, out), grads = jax.value_and_grad(loss, has_aux=True)(p)
-        updates, state = opt.update(grads, state, p)
-        return (optax.apply_updates(p, updates), state), (value, out, grads)
-
-    # Six optax steps as one jitted scan: one XLA compile (a Python loop of a jitted step compiles twice).
-    (p, _), (values, outs, grads) = jax.jit(lambda p, s: jax.lax.scan(step, (p, s), length=6))(p, state)
-    first = jax.tree_util.tree_map(lambda a: np.asarray(a)[0], (outs, grads))  # the first step's: torch's
-    assert type(first[0]).__name__ == "CLIPOutput"
-    assert_tree_close(list(first[0]), list(clip(params, images, tokens)))
-    assert_tree_close(first[1], want)
+    p, values, (out, grads) = optax_steps(loss, optax.adamw(2e-3, weight_decay=0.1), pytree.to_jax(params), 6)
+    assert type(out).__name__ == "CLIPOutput"  # the first step's forward and gradient are torch's
+    assert_tree_close(list(out), list(clip(params, images, tokens)))
+    assert_tree_close(grads, want)
     losses = [float(v) for v in values]
     assert losses[-1] < 0.5 * losses[0], losses
     assert float(clip_loss_torch(clip(pytree.from_jax(p), images, tokens))) < losses[0]  # back in torch
