@@ -96,6 +96,8 @@ class _Signature:
             raise ValueError(f"{self.name}: the output shapes depend on input values ({type(e).__name__}: {e}); "
                              "the bridge needs shapes that follow from the input shapes alone (pad or mask to a "
                              "fixed size), or call the torch function outside JAX") from e
+        finally:  # the flag is process-wide: left set, every later value check would stand aside
+            torch.compiler._is_compiling_flag = compiling
         self.nones = self._nones  # positions of None outputs (e.g. TransformerOutput's unused fields)
         return self._last_spec, [tuple(o.shape) for o in outs], [o.dtype for o in outs]
 

@@ -123,15 +123,15 @@ def test_numpy_shares_memory():
 def test_jax_roundtrip_through_dlpack():
     jax = pytest.importorskip("jax")
     t = {"a": torch.arange(6.0).reshape(2, 3), "b": [torch.ones(2, dtype=torch.float64)]}
-    if not jax.config.jax_enable_x64:
+    with jax.enable_x64(False):
         with pytest.raises(TypeError, match="b.0"):
             pytree.to_jax(t)
-    jax.config.update("jax_enable_x64", True)
-    j = pytree.to_jax(t)
-    assert isinstance(j["a"], jax.Array) and j["a"].shape == (2, 3)
-    np.testing.assert_array_equal(np.asarray(j["a"]), t["a"].numpy())
-    back = pytree.from_jax(j)
-    assert torch.equal(back["a"], t["a"]) and back["b"][0].dtype == torch.float64
+    with jax.enable_x64(True):  # scoped: a global switch would leak into the other tests of this worker
+        j = pytree.to_jax(t)
+        assert isinstance(j["a"], jax.Array) and j["a"].shape == (2, 3)
+        np.testing.assert_array_equal(np.asarray(j["a"]), t["a"].numpy())
+        back = pytree.from_jax(j)
+        assert torch.equal(back["a"], t["a"]) and back["b"][0].dtype == torch.float64
 
 
 def test_jax_shares_memory_unless_copy():

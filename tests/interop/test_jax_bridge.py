@@ -152,3 +152,17 @@ def test_polymodal_imports_without_jax():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "pip install 'polymodal[jax]'" in out.stdout
+
+
+def test_value_checks_work_again_after_the_bridge_traced_shapes():
+    # The shape pass runs on fake tensors with torch's compiling flag set (value checks stand aside);
+    # the flag is process-wide, so it must be restored: after a jitted bridge call an out-of-range id
+    # is still the clear error, not an IndexError (a leak once broke the BERT tests of the same worker).
+    from polymodal.core.layers import Embedding
+
+    emb = Embedding(8, 4)
+    p = emb.init(key=pr.key(0))
+    f = to_jax_function(lambda q, ids: emb(q, ids))
+    jax.jit(f)(to_j(p), jnp.zeros((2,), dtype=jnp.int32))
+    with pytest.raises(ValueError, match=r"vocabulary size is 8"):
+        emb(p, torch.tensor([9]))
