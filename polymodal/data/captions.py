@@ -73,13 +73,13 @@ def load_image(source: str | os.PathLike | bytes, name: str | None = None) -> Im
         raise BadSampleError(f"{name}: cannot read image: {type(e).__name__}: {e}") from None
 
 
-def _apply(image: Image.Image, caption: str, transform: Callable | None, pair_transform: Callable | None) -> Any:
+def apply_transforms(image: Image.Image, caption: str, transform: Callable | None, pair_transform: Callable | None) -> Any:
     if pair_transform is not None:
         return pair_transform(image, caption)
     return (image if transform is None else transform(image)), caption
 
 
-def _check_transforms(owner: str, transform: object, pair_transform: object) -> None:
+def check_transforms(owner: str, transform: object, pair_transform: object) -> None:
     for name, f in (("transform", transform), ("pair_transform", pair_transform)):
         if f is not None and not callable(f):
             raise TypeError(f"{owner}: {name}: expected a callable or None, got {type(f).__name__}")
@@ -177,7 +177,7 @@ class ImageTextFolder(Dataset):
         check_files: bool = True,
         skip_bad: bool = False,
     ) -> None:
-        _check_transforms("ImageTextFolder", transform, pair_transform)
+        check_transforms("ImageTextFolder", transform, pair_transform)
         self.root = Path(root)
         path = Path(annotations)
         if not path.is_absolute() and (self.root / path).is_file():
@@ -253,7 +253,7 @@ class ImageTextFolder(Dataset):
                     self._failed[i] = True
                     logger.warning("ImageTextFolder: skipped %s", err)
                 continue
-            return _apply(image, e.caption, self.transform, self.pair_transform)
+            return apply_transforms(image, e.caption, self.transform, self.pair_transform)
         raise BadSampleError(self.summary() + "\nno readable image left")
 
     def __repr__(self) -> str:
@@ -308,7 +308,7 @@ class _Transform:
         self.transform, self.pair_transform = transform, pair_transform
 
     def __call__(self, pair: tuple[Image.Image, str]) -> Any:
-        return _apply(*pair, self.transform, self.pair_transform)
+        return apply_transforms(*pair, self.transform, self.pair_transform)
 
 
 def webdataset_pipeline(
@@ -353,7 +353,7 @@ def webdataset_pipeline(
     """
     if wds is None:  # pragma: no cover
         raise ImportError("webdataset_pipeline needs the webdataset package: pip install 'polymodal[data]'")
-    _check_transforms("webdataset_pipeline", transform, pair_transform)
+    check_transforms("webdataset_pipeline", transform, pair_transform)
     if isinstance(urls, os.PathLike):
         urls = os.fspath(urls)
     urls = urls if isinstance(urls, str) else [os.fspath(u) for u in urls]

@@ -56,7 +56,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ..core import random as pr
-from .captions import BadSampleError, _apply, _check_transforms, load_image
+from .captions import BadSampleError, apply_transforms, check_transforms, load_image
 from .tarindex import Member, TarIndex, index_tar, read_member
 
 __all__ = ["ShardStream", "expand_shards", "is_shard_pattern"]
@@ -199,7 +199,7 @@ class ShardStream(IterableDataset):
                  image_keys: Sequence[str] = ("jpg", "jpeg", "png", "webp"),
                  caption_keys: Sequence[str] = ("txt", "json"),
                  shuffle_in_shard: bool = True, seeded_transforms: bool = True, skip_bad: bool = False) -> None:
-        _check_transforms("ShardStream", transform, pair_transform)
+        check_transforms("ShardStream", transform, pair_transform)
         self.paths = expand_shards(urls)
         self.pattern = urls if isinstance(urls, str) else None
         self._known = _sizes_json(self.paths)  # path -> sample count from sizes.json
@@ -339,10 +339,10 @@ class ShardStream(IterableDataset):
             raise BadSampleError(f"{where}: {cap}: expected {what}, got {e}") from None
         image = load_image(sample[ext], f"{where}: {ext}")
         if seed is None:
-            return _apply(image, text.strip(), self.transform, self.pair_transform)
+            return apply_transforms(image, text.strip(), self.transform, self.pair_transform)
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(seed)  # the CPU generator only: torch.manual_seed costs ~2 ms
-            return _apply(image, text.strip(), self.transform, self.pair_transform)
+            return apply_transforms(image, text.strip(), self.transform, self.pair_transform)
 
     def _item(self, epoch: int, q: int) -> Any:
         p, s, k = self.locate(epoch, q)

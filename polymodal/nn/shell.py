@@ -32,7 +32,7 @@ from ..core.spec import Spec
 __all__ = ["Shell", "shell_class"]
 
 
-class _Node(nn.Module):
+class ShellNode(nn.Module):
     """A dict or list level of a parameter tree. ``forward(fn, *a)`` runs ``fn(self.params, *a)``.
 
     The ``forward`` indirection lets hook-based wrappers (FSDP2 ``fully_shard``,
@@ -48,7 +48,7 @@ class _Node(nn.Module):
             name = str(name)
             self._names.append(name)
             if isinstance(value, (dict, list, tuple)):
-                self.add_module(name, _Node(value, as_buffers=as_buffers))
+                self.add_module(name, ShellNode(value, as_buffers=as_buffers))
             elif as_buffers or not value.is_floating_point():
                 self.register_buffer(name, value)
             else:
@@ -60,14 +60,14 @@ class _Node(nn.Module):
         out = []
         for name in self._names:
             child = getattr(self, name)
-            out.append((name, child.params if isinstance(child, _Node) else child))
+            out.append((name, child.params if isinstance(child, ShellNode) else child))
         return [v for _, v in out] if self._is_list else dict(out)
 
     def forward(self, fn, *args, **kwargs):
         return fn(self.params, *args, **kwargs)
 
 
-class Shell(_Node):
+class Shell(ShellNode):
     """``nn.Module`` view of a spec: ``Shell(spec, params=None, *, key=None)``.
 
     Args:
@@ -117,7 +117,7 @@ class Shell(_Node):
                 name = str(name)
                 if isinstance(value, (dict, list, tuple)):
                     if not hasattr(module, name):
-                        module.add_module(name, _Node(value, as_buffers=True))
+                        module.add_module(name, ShellNode(value, as_buffers=True))
                     else:
                         put(getattr(module, name), value)
                 else:

@@ -71,9 +71,9 @@ def run_task(run: str | os.PathLike, **overrides: Any) -> Any:
 
 
 def _is_legacy(path: Path) -> bool:
-    from .checkpoint.file import META_STATE, _read_header
+    from .checkpoint.file import META_STATE, read_header
 
-    header = _read_header(str(path))
+    header = read_header(str(path))
     return META_STATE not in (header.get("__metadata__") or {}) and any(
         k.startswith(LEGACY_STATE + ".") for k in header)
 

@@ -41,7 +41,7 @@ from ..layers.init import uniform_fan_in
 from ..layers.linear import Linear
 from ..layers.norm import LayerNorm
 from ..layers.seam import run_layers
-from ..layers.window import ShiftedWindowAttention3d, Size3, _triple, check_tokens
+from ..layers.window import ShiftedWindowAttention3d, Size3, triple, check_tokens
 
 __all__ = ["PatchEmbed3d", "PatchMerging", "SwinTransformerBlock3d", "Swin3D", "Swin3DOutput", "swin3d",
            "swin3d_t", "swin3d_s", "swin3d_b"]
@@ -77,7 +77,7 @@ class PatchEmbed3d(Spec):
     norm_eps: float = 1e-5  # LayerNorm epsilon
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "patch_size", _triple(self.patch_size, "patch_size", type(self).__name__))
+        object.__setattr__(self, "patch_size", triple(self.patch_size, "patch_size", type(self).__name__))
 
     def init(self, *, key: Tensor) -> Params:
         kw, kb = pr.split(key)
@@ -167,8 +167,8 @@ class SwinTransformerBlock3d(Spec):
     init_std: float = 0.02  # trunc-normal std of every Linear and the bias table
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "window_size", _triple(self.window_size, "window_size", type(self).__name__))
-        object.__setattr__(self, "shift_size", _triple(self.shift_size, "shift_size", type(self).__name__))
+        object.__setattr__(self, "window_size", triple(self.window_size, "window_size", type(self).__name__))
+        object.__setattr__(self, "shift_size", triple(self.shift_size, "shift_size", type(self).__name__))
 
     @property
     def hidden_dim(self) -> int:
@@ -368,7 +368,7 @@ def swin3d(*, patch_size: Size3 = (2, 4, 4), embed_dim: int = 96, depths: Sequen
             gets ``stochastic_depth_prob * k / (N - 1)`` (torchvision's rule).
         num_classes: head size, or ``None`` for no head. in_channels: of the video. norm_eps: every LayerNorm's.
     """
-    window = _triple(window_size, "window_size", "swin3d")
+    window = triple(window_size, "window_size", "swin3d")
     depths, num_heads = tuple(int(d) for d in depths), tuple(int(h) for h in num_heads)
     if len(depths) != len(num_heads) or not depths or min(depths) < 1:
         raise ValueError(f"swin3d: expected one positive depth per stage and as many num_heads, "

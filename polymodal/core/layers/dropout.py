@@ -16,14 +16,14 @@ from ..spec import Spec
 __all__ = ["dropout", "drop_path", "Dropout", "DropPath"]
 
 
-def _check_rate(rate: float, what: str) -> None:
+def check_rate(rate: float, what: str) -> None:
     if not 0.0 <= rate < 1.0:
         raise ValueError(f"{what}: expected a rate in [0, 1), got {rate}")
 
 
 def dropout(x: Tensor, rate: float, *, key: Tensor | None) -> Tensor:
     """Zero each element with probability ``rate`` and scale the rest by ``1 / (1 - rate)``."""
-    _check_rate(rate, "dropout")
+    check_rate(rate, "dropout")
     if key is None or rate == 0.0:
         return x
     keep = pr.bernoulli(key, 1.0 - rate, x.shape)
@@ -36,7 +36,7 @@ def drop_path(x: Tensor, rate: float, *, key: Tensor | None, batch_dims: int = 1
     Equals torchvision's ``stochastic_depth(x, rate, mode="row")``: survivors are scaled by
     ``1 / (1 - rate)``. Under vmap over examples, use ``batch_dims=0``.
     """
-    _check_rate(rate, "drop_path")
+    check_rate(rate, "drop_path")
     if key is None or rate == 0.0:
         return x
     shape = tuple(x.shape[:batch_dims]) + (1,) * (x.dim() - batch_dims)
@@ -51,7 +51,7 @@ class Dropout(Spec):
     rate: float = 0.5  # probability of zeroing an element
 
     def __post_init__(self) -> None:
-        _check_rate(self.rate, "Dropout")
+        check_rate(self.rate, "Dropout")
 
     def init(self, *, key: Tensor) -> Params:
         return {}
@@ -68,7 +68,7 @@ class DropPath(Spec):
     batch_dims: int = 1  # leading axes that index examples (0 under vmap)
 
     def __post_init__(self) -> None:
-        _check_rate(self.rate, "DropPath")
+        check_rate(self.rate, "DropPath")
 
     def init(self, *, key: Tensor) -> Params:
         return {}

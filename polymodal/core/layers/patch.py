@@ -18,7 +18,7 @@ from .. import random as pr
 from ..pytree import Params
 from ..spec import Spec, check_floating, check_tensor
 from .conv import Conv
-from .dropout import _check_rate, dropout
+from .dropout import check_rate, dropout
 from .position import sincos_2d, sincos_3d
 
 __all__ = ["PatchEmbedding", "PatchEmbeddingOutput", "RandomMaskingOutput", "random_masking", "random_masking_2d"]
@@ -170,7 +170,7 @@ class PatchEmbedding(Spec):
             raise ValueError(f"{name}: num_frames ({self.num_frames}) must be divisible by tubelet_size ({self.tubelet_size})")
         if self.position not in ("learned", "sincos", None):
             raise ValueError(f"{name}: position must be 'learned', 'sincos' or None, got {self.position!r}")
-        _check_rate(self.hidden_dropout, name)
+        check_rate(self.hidden_dropout, name)
 
     @property
     def grid(self) -> tuple[int, ...]:

@@ -54,7 +54,7 @@ __all__ = [
 Size3 = tuple[int, int, int]
 
 
-def _triple(v: int | Sequence[int], what: str, owner: str) -> Size3:
+def triple(v: int | Sequence[int], what: str, owner: str) -> Size3:
     t = (int(v),) * 3 if isinstance(v, int) else tuple([int(i) for i in v])
     if len(t) != 3:
         raise ValueError(f"{owner}: {what} must be an int or 3 ints (T, H, W), got {v!r}")
@@ -190,8 +190,8 @@ class ShiftedWindowAttention3d(Spec):
 
     def __post_init__(self) -> None:
         name = type(self).__name__
-        object.__setattr__(self, "window_size", _triple(self.window_size, "window_size", name))
-        object.__setattr__(self, "shift_size", _triple(self.shift_size, "shift_size", name))
+        object.__setattr__(self, "window_size", triple(self.window_size, "window_size", name))
+        object.__setattr__(self, "shift_size", triple(self.shift_size, "shift_size", name))
         if self.dim % self.num_heads:
             raise ValueError(f"{name}: dim ({self.dim}) must be divisible by num_heads ({self.num_heads})")
         if min(self.window_size) < 1 or any(not 0 <= s < w for s, w in zip(self.shift_size, self.window_size)):

@@ -119,7 +119,7 @@ def write_entries(path: str | os.PathLike, entries: Mapping[str, Tensor], meta: 
     fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
-def _read_header(path: str) -> dict:
+def read_header(path: str) -> dict:
     """Parse the safetensors header and check the file size against it (names truncation)."""
     size = os.path.getsize(path)
     with open(path, "rb") as f:
@@ -155,7 +155,7 @@ def read_entries(path: str | os.PathLike, device: str | torch.device = "cpu") ->
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint file at {path!r}")
-    meta = _read_header(path).get("__metadata__") or {}
+    meta = read_header(path).get("__metadata__") or {}
     if not isinstance(meta, dict) or META_FORMAT not in meta:
         raise CheckpointError(path, "no polymodal metadata: not a polymodal checkpoint or the header is corrupted "
                               "(plain safetensors params load with polymodal.core.pytree.load)")

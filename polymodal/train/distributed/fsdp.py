@@ -1,7 +1,7 @@
 """The second sharding route: ``torch.distributed.fsdp.fully_shard`` (FSDP2) over a shell, block by block.
 
 :func:`fully_shard_shell` applies ``fully_shard`` to every block of every stack in a
-``polymodal.nn`` shell (the ``_Node`` children of the list levels that the seam runs, as the shell's spec declares them in
+``polymodal.nn`` shell (the ``ShellNode`` children of the list levels that the seam runs, as the shell's spec declares them in
 ``block_stacks()``) and then to the root. FSDP2 all-gathers a
 module's parameters in its forward pre-hook and reshards them after, so the core has to
 *call* each block's node: :func:`node_policy` is the seam policy that maps block ``i``'s
@@ -11,8 +11,8 @@ active (e.g. activation checkpointing), so plain ``shell(inputs)`` does the righ
 
 >>> import torch
 >>> from polymodal.core.layers.seam import run_layers, use_policy
->>> from polymodal.nn.shell import _Node
->>> stack = _Node([{"lin": {"w": torch.tensor([2.0])}}])
+>>> from polymodal.nn.shell import ShellNode
+>>> stack = ShellNode([{"lin": {"w": torch.tensor([2.0])}}])
 >>> calls = []
 >>> _ = getattr(stack, "0").register_forward_pre_hook(lambda m, a: calls.append("hook"))
 >>> with use_policy(node_policy(stack, stacks=[""])):  # the node itself is the stack
@@ -31,8 +31,8 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from polymodal.core.layers.seam import Policy, compose, current_policy, use_policy
 from polymodal.core.spec import Spec
-from polymodal.nn.shell import _Node
-from polymodal.train.distributed.sharding import MixedPrecision, _check_mesh, block_stacks
+from polymodal.nn.shell import ShellNode
+from polymodal.train.distributed.sharding import MixedPrecision, check_mesh, block_stacks
 
 __all__ = ["fully_shard_shell", "node_policy", "block_nodes"]
 
@@ -56,14 +56,14 @@ def block_nodes(shell: nn.Module, stacks: Iterable[str] | None = None) -> list[n
             node = shell.get_submodule(path)
         except AttributeError as e:
             raise KeyError(f"block_nodes: no stack {path!r} in the shell (declared stacks: {paths})") from e
-        if not (isinstance(node, _Node) and node._is_list):
+        if not (isinstance(node, ShellNode) and node._is_list):
             raise TypeError(f"block_nodes: {path!r} is not a list level of the shell's params")
         out.extend(node.children())
     return out
 
 
 def node_policy(shell: nn.Module, stacks: Iterable[str] | None = None) -> Policy:
-    """Seam policy running each block through its ``_Node`` (so module hooks such as FSDP2's fire).
+    """Seam policy running each block through its ``ShellNode`` (so module hooks such as FSDP2's fire).
 
     A block is recognised by the identity of its parameters (the live leaves of the node,
     sharded DTensors under FSDP2); blocks of other trees run as they are.
@@ -137,8 +137,8 @@ def fully_shard_shell(
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    _check_mesh(mesh)
-    if not isinstance(shell, _Node):
+    check_mesh(mesh)
+    if not isinstance(shell, ShellNode):
         raise TypeError(f"fully_shard_shell: expected a polymodal.nn shell, got {type(shell).__name__}")
     if isinstance(mp_policy, MixedPrecision):
         mp_policy = mp_policy.to_fsdp()

@@ -83,7 +83,7 @@ class MixedPrecision:
         return MixedPrecisionPolicy(param_dtype=self.param_dtype, reduce_dtype=self.reduce_dtype)
 
 
-def _check_mesh(mesh: Any) -> DeviceMesh:
+def check_mesh(mesh: Any) -> DeviceMesh:
     if not isinstance(mesh, DeviceMesh):
         raise TypeError(f"expected a torch.distributed DeviceMesh (see polymodal.train.mesh_from_env), got {type(mesh).__name__}")
     if mesh.ndim != 1:
@@ -102,7 +102,7 @@ def shard_params(params: Params, mesh: DeviceMesh, *, requires_grad: bool = True
     ...
     TypeError: expected a torch.distributed DeviceMesh (see polymodal.train.mesh_from_env), got NoneType
     """
-    _check_mesh(mesh)
+    check_mesh(mesh)
 
     def shard(t: Tensor) -> DTensor:
         if isinstance(t, DTensor):

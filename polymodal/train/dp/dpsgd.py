@@ -44,7 +44,7 @@ from polymodal.core import random as pr
 from polymodal.core.pytree import Params
 
 from .ghost import clip_factors, ghost_clip
-from .per_sample import Trainable, _cat_aux, _chunks, batch_size, grads_tree, sq_norms_of, trainable_names
+from .per_sample import Trainable, cat_aux, iter_chunks, batch_size, grads_tree, sq_norms_of, trainable_names
 from .accounting import make_accountant, noise_multiplier_for_epsilon
 
 __all__ = ["dp_train_step", "DPSGD", "DPStepOutput", "gaussian_noise", "noise_multiplier_for"]
@@ -104,7 +104,7 @@ def _add_noise(sums: Any, key: Tensor, std: float, noise: str) -> Any:
 def _vmap_clip(loss_fn, params, batch, max_grad_norm, trainable, key, mask, chunk_size, has_aux, scale):
     """The reference path: full per-example gradients (chunked vmap), then clip and sum."""
     names = trainable_names(params, trainable)
-    parts = list(_chunks(loss_fn, params, names, batch, key, chunk_size, has_aux))
+    parts = list(iter_chunks(loss_fn, params, names, batch, key, chunk_size, has_aux))
     flat = parts[0][0] if len(parts) == 1 else {k: torch.cat([g[k] for g, _, _ in parts]) for k in names}
     norms = torch.stack([sq_norms_of(v) for v in flat.values()]).sum(0).sqrt()
     c = clip_factors(norms, max_grad_norm, mask) * scale  # 0 for non-finite norms
@@ -113,7 +113,7 @@ def _vmap_clip(loss_fn, params, batch, max_grad_norm, trainable, key, mask, chun
         flat = {k: v.masked_fill(bad.reshape((-1,) + (1,) * (v.dim() - 1)), 0.0) for k, v in flat.items()}
     sums = {k: torch.tensordot(c.to(v.dtype), v, dims=1) for k, v in flat.items()}
     losses = torch.cat([l for _, l, _ in parts])
-    return grads_tree(params, sums), norms, losses, _cat_aux([a for _, _, a in parts]), ()
+    return grads_tree(params, sums), norms, losses, cat_aux([a for _, _, a in parts]), ()
 
 
 def dp_train_step(loss_fn: Callable, params: Params, batch: Any, *, max_grad_norm: float, noise_multiplier: float,

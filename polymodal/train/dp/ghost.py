@@ -50,7 +50,7 @@ from polymodal.core.pytree import Params
 from .ghost_ops import Call, clipped_sum, materialize, sq_norms
 from .ghost_trace import Tracer, reachable
 from .per_sample import (
-    Trainable, _check_losses, _chunks, batch_size, call_loss, grads_tree, sq_norms_of, trainable_names, with_leaves,
+    Trainable, check_losses, iter_chunks, batch_size, call_loss, grads_tree, sq_norms_of, trainable_names, with_leaves,
 )
 
 __all__ = ["ghost_clip", "GhostResult", "clip_factors"]
@@ -174,7 +174,7 @@ def ghost_clip(loss_fn: Callable, params: Params, batch: Any, *, max_grad_norm: 
     # checkpointing) are traced again
     with use_policy(compose(current_policy(), tracer.seam_policy)), tracer:
         losses, aux = call_loss(loss_fn, with_leaves(params, leaves), batch, key, has_aux)
-    _check_losses(losses, n, "ghost_clip")
+    check_losses(losses, n, "ghost_clip")
     fallback = reachable(losses, tracer.names)
     tap_grads: tuple = ()
     if losses.requires_grad:
@@ -227,7 +227,7 @@ def _collect(loss_fn, params, batch, names, leaves, tracer, tap_grads, fallback,
                     call.x = call.g = None
     if fallback:
         fb = [k for k in names if k in fallback]
-        parts = [g for g, _, _ in _chunks(loss_fn, params, fb, batch, key, chunk_size, has_aux)]
+        parts = [g for g, _, _ in iter_chunks(loss_fn, params, fb, batch, key, chunk_size, has_aux)]
         for k in fb:
             per.dense[k] = parts[0][k] if len(parts) == 1 else torch.cat([p[k] for p in parts])
     return per, groups

@@ -147,7 +147,7 @@ def call_loss(loss_fn: Callable, params: Params, batch: Any, key: Tensor | None,
     return out, None
 
 
-def _check_losses(losses: Any, n: int, where: str) -> Tensor:
+def check_losses(losses: Any, n: int, where: str) -> Tensor:
     if not isinstance(losses, Tensor) or losses.shape != (n,):
         got = tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
         raise ValueError(f"{where}: loss_fn must return one loss per example, shape ({n},), got {got}")
@@ -193,7 +193,7 @@ def _check_chunk(chunk_size: Any) -> None:
         raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
 
 
-def _chunks(loss_fn: Callable, params: Params, names: Sequence[str], batch: Any, key: Tensor | None,
+def iter_chunks(loss_fn: Callable, params: Params, names: Sequence[str], batch: Any, key: Tensor | None,
             chunk_size: int | None, has_aux: bool) -> Iterator[tuple[dict[str, Tensor], Tensor, Any]]:
     """Yield ``(per-example grads {name: (b, *shape)}, losses (b,), aux)`` chunk by chunk."""
     n = batch_size(batch)
@@ -234,7 +234,7 @@ def _chunks(loss_fn: Callable, params: Params, names: Sequence[str], batch: Any,
         yield g, losses, aux
 
 
-def _cat_aux(parts: list) -> Any:
+def cat_aux(parts: list) -> Any:
     if parts[0] is None or len(parts) == 1:
         return parts[0]
     return tpt.tree_map(lambda *xs: torch.cat(xs) if isinstance(xs[0], Tensor) else xs[0], *parts)
@@ -288,14 +288,14 @@ def per_sample_grads(loss_fn: Callable, params: Params, batch: Any, *, trainable
         if has_aux and len(auxs) > 1:
             auxs = [auxs]  # the batched loss's aux per chunk, as a list
     elif method == "vmap":
-        for g, _, aux in _chunks(loss_fn, params, names, batch, key, chunk_size, has_aux):
+        for g, _, aux in iter_chunks(loss_fn, params, names, batch, key, chunk_size, has_aux):
             parts.append(g)
             auxs.append(aux)
     else:
         raise ValueError(f"per_sample_grads: method must be 'vmap' or 'trace', got {method!r}")
     flat = parts[0] if len(parts) == 1 else {k: torch.cat([p[k] for p in parts]) for k in names}
     grads = grads_tree(params, flat)
-    return (grads, _cat_aux(auxs)) if has_aux else grads
+    return (grads, cat_aux(auxs)) if has_aux else grads
 
 
 def per_sample_grad_norms(loss_fn: Callable, params: Params, batch: Any, *, trainable: Trainable = None,
@@ -320,8 +320,8 @@ def per_sample_grad_norms(loss_fn: Callable, params: Params, batch: Any, *, trai
         raise ValueError(f"per_sample_grad_norms: method must be 'ghost' or 'vmap', got {method!r}")
     names = trainable_names(params, trainable)
     norms, auxs = [], []
-    for g, _, aux in _chunks(loss_fn, params, names, batch, key, chunk_size, has_aux):
+    for g, _, aux in iter_chunks(loss_fn, params, names, batch, key, chunk_size, has_aux):
         norms.append(torch.stack([sq_norms_of(g[k]) for k in names]).sum(0).sqrt())
         auxs.append(aux)
     out = torch.cat(norms)
-    return (out, _cat_aux(auxs)) if has_aux else out
+    return (out, cat_aux(auxs)) if has_aux else out
