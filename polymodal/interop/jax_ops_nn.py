@@ -64,6 +64,29 @@ def _log_softmax(x, dim, dtype_or_half=None):
     return jax.nn.log_softmax(x if d is None else x.astype(dtype(d)), axis=dim)
 
 
+@register(aten.cross_entropy_loss.default)
+def _cross_entropy(x, target, weight=None, reduction=1, ignore_index=-100, label_smoothing=0.0):
+    """Class-index targets over axis 1 (``(N, C)`` or ``(N, C, d...)``), torch's reductions
+    (0 none, 1 mean over the weights of the kept targets, 2 sum) and label smoothing."""
+    logp = jax.nn.log_softmax(x, axis=1)
+    c = x.shape[1]
+    w = jnp.ones((c,), logp.dtype) if weight is None else weight
+    keep = target != ignore_index
+    safe = jnp.where(keep, target, 0)
+    picked = jnp.take_along_axis(logp, jnp.expand_dims(safe, 1), axis=1).squeeze(1)
+    wt = jnp.where(keep, w[safe], 0.0)
+    nll = -picked * wt
+    if label_smoothing:
+        shape = (1, c) + (1,) * (x.ndim - 2)
+        smooth = -(logp * w.reshape(shape)).sum(axis=1) * keep
+        nll = (1 - label_smoothing) * nll + label_smoothing / c * smooth
+    if reduction == 0:
+        return nll
+    if reduction == 2:
+        return nll.sum()
+    return nll.sum() / wt.sum()
+
+
 @register(aten.scaled_dot_product_attention.default)
 def _sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, *, scale=None, enable_gqa=False):
     """Torch's math path: ``softmax(q k^T * scale + mask) v``; GQA repeats each kv head."""

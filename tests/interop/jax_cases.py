@@ -11,7 +11,11 @@ import torch
 
 from polymodal.core import layers as L
 from polymodal.core import random as pr
-from polymodal.core.encoders.swin3d import PatchMerging, SwinTransformerBlock3d, swin3d
+from polymodal.core.encoders.bert_heads import MaskedLMHead, SequenceClassificationHead
+from polymodal.core.encoders.swin3d import PatchEmbed3d, PatchMerging, SwinTransformerBlock3d, swin3d
+from polymodal.core.encoders.text import text_transformer
+from polymodal.core.encoders.vit import vision_transformer
+from polymodal.core.losses import ContrastiveLoss
 from polymodal.models.bert import bert_base_uncased, distilbert_base_uncased, roberta_base
 
 
@@ -68,6 +72,9 @@ def bert_cases() -> list[Case]:
     ]
 
 
+CLASS_WEIGHTS = torch.tensor([0.5, 1.0, 2.0, 1.5, 0.75])  # a constant of the exported graph
+
+
 def layer_cases() -> list[Case]:
     """One or more cases per layer spec in ``polymodal.core.layers``."""
     x3 = _g(2, 5, 8)
@@ -92,6 +99,7 @@ def layer_cases() -> list[Case]:
         _stateful("BatchNorm2d-eval", bn, img),
         _stateful("BatchNorm2d-train", bn, img, training=True),
         _stateful("BatchNorm1d-eval", L.BatchNorm1d(5), x3.transpose(1, 2)[:, :5, :]),
+        _stateful("BatchNorm3d-train", L.BatchNorm3d(4), _g(2, 4, 2, 3, 3), training=True),
         _spec("Conv1d", L.Conv1d(8, 6, 3, stride=2, padding=1), x3.transpose(1, 2)),
         _spec("Conv2d", L.Conv2d(4, 6, 3, padding=1, dilation=1, groups=2), img),
         _spec("Conv2d-reflect", L.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"), img),
@@ -121,13 +129,35 @@ def layer_cases() -> list[Case]:
             final_norm=True), x3),
         _spec("TransformerDecoderLayer", dec_layer, x3, _g(2, 3, 8)),
         _spec("TransformerDecoder", L.TransformerDecoder(dec_layer, 2), x3, _g(2, 3, 8)),
+        _spec("TransformerEncoder-cross-every-2-pos", L.TransformerEncoder(
+            L.TransformerEncoderLayer(8, 2, dim_feedforward=16, dim_kv=6), 2, cross_attention_every=2),
+            x3, memory=_g(2, 3, 6), pos=_g(2, 5, 8, seed=4)),
         _stateful("Codebook-eval", L.Codebook(6, 4), img),
+        _spec("ContrastiveLoss", ContrastiveLoss(), _g(4, 8), _g(4, 8, seed=5)),
+        Case("cross_entropy-weighted-ignore-smoothed", lambda x, t: torch.nn.functional.cross_entropy(
+            x, t, weight=CLASS_WEIGHTS, ignore_index=2, label_smoothing=0.1),
+             (_g(6, 5, seed=7), torch.tensor([0, 2, 4, 1, 2, 3]))),
+        Case("cross_entropy-none-2d", lambda p, x, t: torch.nn.functional.cross_entropy(x * p["s"], t, reduction="none"),
+             ({"s": torch.tensor(1.5)}, _g(2, 4, 3, seed=8), torch.tensor([[0, 3, 1], [2, 2, 0]]))),
+        _spec("MaskedLMHead", MaskedLMHead(8, 10), x3, _g(10, 8, seed=6)),
+        _spec("SequenceClassificationHead", SequenceClassificationHead(8, 3), _g(2, 8)),
     ]
 
 
 def encoder_cases() -> list[Case]:
-    """The Swin3D pieces and encoder, and the BERT family's encoders."""
+    """The shared ViT and text transformer, the Swin3D pieces and encoder, and the BERT family's encoders."""
     return [
+        _spec("VisionTransformer-cls", vision_transformer(image_size=8, patch_size=4, width=8, layers=2, heads=2),
+              _g(2, 3, 8, 8)),
+        _spec("VisionTransformer-map-postnorm", vision_transformer(image_size=8, patch_size=4, width=8, layers=1,
+                                                                   heads=2, pool="map", norm_first=False),
+              _g(2, 3, 8, 8)),
+        _spec("TextTransformer-causal-eot", text_transformer(vocab_size=20, context_length=6, width=8, layers=2,
+                                                             heads=2), _ids(20, 2, 6)),
+        _spec("TextTransformer-mean-padded", text_transformer(vocab_size=20, context_length=6, width=8, layers=1,
+                                                              heads=2, causal=False, pool="mean", pad_id=0),
+              torch.tensor([[3, 5, 7, 0, 0, 0], [4, 6, 8, 9, 2, 1]])),
+        _spec("PatchEmbed3d", PatchEmbed3d(in_channels=3, embed_dim=8), _g(1, 3, 4, 8, 8)),
         _spec("PatchMerging", PatchMerging(8), _g(1, 2, 4, 4, 8)),
         _spec("SwinTransformerBlock3d", SwinTransformerBlock3d(8, 2, window_size=(2, 2, 2), shift_size=(1, 1, 1)),
               _g(1, 2, 4, 4, 8)),
