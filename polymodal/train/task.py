@@ -54,7 +54,7 @@ from torch import Tensor
 
 from ..core.pytree import Params
 
-__all__ = ["Task", "LossOutput", "option", "make_task"]
+__all__ = ["Task", "LossOutput", "option", "make_task", "eval_progress"]
 
 
 class LossOutput(NamedTuple):
@@ -79,6 +79,14 @@ class Task(Protocol):
     def train_batches(self, start_step: int, rank: int, world: int) -> Iterable[Any]: ...
 
     def evaluate(self, params: Params, state: Params | None, *, device: Any) -> dict: ...
+
+
+def eval_progress(batches: Iterable, desc: str) -> Iterable:
+    """``batches`` behind a progress bar for a task's ``evaluate`` (``polymodal eval`` and the loop's
+    evaluations): shown on a terminal, silent in logs and tests (tqdm's ``disable=None``)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(batches, desc=desc, unit="batch", leave=False, disable=None, dynamic_ncols=True)
 
 
 def option(default: Any, help: str, *, positive: bool = False, choices: Iterable[str] | None = None,

@@ -29,7 +29,7 @@ from torch import Tensor
 from ...core import random as pr
 from ...core.pytree import Params
 from ...data.bert_tokenizer import BertTokenizer
-from ...train.task import LossOutput, option
+from ...train.task import LossOutput, eval_progress, option
 from .builders import BUILDERS
 
 __all__ = ["BERTClassifierTask", "BERTClassifierOptions", "SyntheticSentences", "CUES", "FILLERS"]
@@ -185,7 +185,7 @@ class BERTClassifierTask:
     @torch.no_grad()
     def evaluate(self, params: Params, state: None, *, device: Any = "cpu") -> dict:
         correct = 0
-        for i in range(0, len(self.eval_set), 128):
+        for i in eval_progress(range(0, len(self.eval_set), 128), "eval"):
             b = self.collate([self.eval_set[j] for j in range(i, min(i + 128, len(self.eval_set)))])
             b = {k: v.to(device) for k, v in b.items()}
             pred = self.model(params, b["input_ids"], b["attention_mask"], b["token_type_ids"]).argmax(-1)

@@ -27,7 +27,7 @@ from torch import Tensor
 from ...core import random as pr
 from ...core.layers import Linear
 from ...core.pytree import Params
-from ...train.task import LossOutput, option
+from ...train.task import LossOutput, eval_progress, option
 from .task import build_model
 
 __all__ = ["ClassifierTask", "ClassifierOptions"]
@@ -162,7 +162,7 @@ class ClassifierTask:
 
     def evaluate(self, params: Params, state: Params | None, *, device: Any = "cpu") -> dict:
         correct = 0
-        for i in range(0, len(self.eval_set), 256):
+        for i in eval_progress(range(0, len(self.eval_set), 256), "eval"):
             items = self.eval_set.__getitems__(list(range(i, min(i + 256, len(self.eval_set)))))
             pred = self._logits(params, state, torch.stack([it["image"] for it in items]).to(device)).argmax(-1)
             correct += int((pred.cpu() == torch.tensor([it["label"] for it in items])).sum())

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ...core import random as pr
 from ...core.pytree import Params
-from ...train.task import LossOutput, option
+from ...train.task import LossOutput, eval_progress, option
 
 __all__ = ["PRESETS", "build_model", "make_datasets", "StepBatches", "clip_loss", "evaluate", "Collate", "CLIPTask",
            "CLIPOptions"]
@@ -173,7 +173,8 @@ def evaluate(model, params: Params, datasets: Datasets, *, batch_size: int = 128
             continue
         correct = total = 0
         img_all, txt_all = [], []
-        for batch in DataLoader(ds, batch_size=batch_size, collate_fn=collate):
+        loader = DataLoader(ds, batch_size=batch_size, collate_fn=collate)
+        for batch in eval_progress(loader, f"eval {name}"):
             batch = {k: v.to(device) for k, v in batch.items()}
             img = model.encode_image(params, batch["images"], state=state)
             correct += int(((img @ class_emb.T).argmax(-1) == batch["labels"]).sum())
