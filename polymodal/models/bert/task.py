@@ -29,12 +29,12 @@ from torch import Tensor
 from ...core import random as pr
 from ...core.pytree import Params
 from ...data.bert_tokenizer import BertTokenizer
-from ...train.task import LossOutput, eval_progress, option
+from ...train.dp.task import DPOptions, PerExampleTask
+from ...train.task import eval_progress, option
 from .builders import BUILDERS
 
 __all__ = ["BERTClassifierTask", "BERTClassifierOptions", "SyntheticSentences", "CUES", "FILLERS"]
 
-_DP = "differential privacy"
 CUES = {"positive": ("great", "wonderful", "superb", "lovely"), "negative": ("awful", "terrible", "dreadful", "bad"),
         "neutral": ("fine", "okay", "average", "ordinary")}
 FILLERS = ("the", "a", "movie", "film", "plot", "actor", "was", "and", "it", "i", "thought", "really", "quite",
@@ -72,32 +72,21 @@ class SyntheticSentences:
 
 
 @dataclass
-class BERTClassifierOptions:
-    """The task's options (the loop's are :class:`polymodal.train.LoopConfig`)."""
+class BERTClassifierOptions(DPOptions):
+    """The task's options (the loop's are :class:`polymodal.train.LoopConfig`; DP's are
+    :class:`polymodal.train.dp.task.DPOptions`)."""
 
     train_size: int = option(2_000, "synthetic training sentences", positive=True)
     eval_size: int = option(300, "synthetic evaluation sentences", positive=True)
     max_length: int = option(32, "tokens per sentence (truncation)", positive=True)
-    dp: bool = option(False, "DP-SGD (Poisson sampling, per-example clipping, noise)", group=_DP)
-    max_grad_norm: float = option(1.0, "per-example clipping bound C", group=_DP)
-    noise_multiplier: float | None = option(None, "Gaussian noise std / C", group=_DP)
-    target_epsilon: float | None = option(None, "pick the noise for this epsilon", group=_DP)
-    delta: float = option(1e-5, "delta of the (epsilon, delta) guarantee", group=_DP)
-
-    def __post_init__(self) -> None:
-        from ...train.dp.checks import check_dp_flags
-
-        check_dp_flags(dp=self.dp, noise_multiplier=self.noise_multiplier, target_epsilon=self.target_epsilon,
-                       delta=self.delta, max_grad_norm=self.max_grad_norm)
 
 
-class BERTClassifierTask:
+class BERTClassifierTask(PerExampleTask):
     """Cue-word sentence classification with a BERT classifier (3 classes)."""
 
     Options = BERTClassifierOptions
     loop_defaults = {"steps": 150, "batch_size": 32, "lr": 2e-3, "weight_decay": 0.0, "eval_every": 0,
                      "save_every": 0, "out": "runs/bert-classifier"}
-    step = None  # the DP step with dp=True
     trainable_presets = ("tiny", "minilm", "bert_tiny_classifier", "minilm_l6_h384_classifier")
 
     def __init__(self, preset: str, options: BERTClassifierOptions, loop: Any) -> None:
@@ -112,51 +101,17 @@ class BERTClassifierTask:
         self.root = pr.key(loop.seed)
         self.train_set = SyntheticSentences(options.train_size, pr.fold_in(self.root, 1))
         self.eval_set = SyntheticSentences(options.eval_size, pr.fold_in(self.root, 2))
-        self.steps = loop.steps
-        self.sample_rate = min(1.0, loop.batch_size / options.train_size)
+        self.steps, self.num_samples = loop.steps, len(self.train_set)
         self.name = "bert-classifier" + (" (DP)" if options.dp else "")
         self.title = f"BERT classifier ({preset})" + (" with DP-SGD" if options.dp else "")
-        self.noise_multiplier, self._dp, self._dp_state = None, None, None
-        if options.dp:
-            from ...train.dp import noise_multiplier_for
-
-            self.noise_multiplier = options.noise_multiplier
-            if options.target_epsilon is not None:
-                self.noise_multiplier = noise_multiplier_for(options.target_epsilon, delta=options.delta,
-                                                             sample_rate=self.sample_rate, steps=self.steps)
-            self.step = self._dp_step
+        self.setup()
 
     def init(self, key: Tensor) -> tuple[Params, None]:
         return self.model.init(key=key), None
 
-    def _losses(self, p: Params, b: dict) -> Tensor:
+    def per_example(self, p: Params, state: None, b: dict) -> Tensor:
         logits = self.model(p, b["input_ids"], b["attention_mask"], b["token_type_ids"])
         return F.cross_entropy(logits, b["labels"], reduction="none")
-
-    def loss(self, params: Params, state: None, batch: dict, key: Tensor) -> LossOutput:
-        return LossOutput(self._losses(params, batch).mean(), {"batch": len(batch["labels"])}, None)
-
-    def _dp_step(self, params: Params, state: None, batch: dict, key: Tensor, *, step: int,
-                 optimizer: torch.optim.Optimizer) -> LossOutput:
-        from ...train.dp import DPSGD
-
-        if self._dp is None:
-            self._dp = DPSGD(self._losses, params, optimizer, max_grad_norm=self.options.max_grad_norm,
-                             sample_rate=self.sample_rate, num_samples=len(self.train_set), delta=self.options.delta,
-                             key=pr.fold_in(self.root, 3), noise_multiplier=self.noise_multiplier, method="ghost")
-            if self._dp_state is not None:
-                self._dp.load_state_dict(self._dp_state)
-        res = self._dp.step(batch)
-        return LossOutput(res.loss, {"epsilon": res.epsilon, "clipped": res.clipped,
-                                     "batch": len(batch["labels"])}, None)
-
-    def state_dict(self) -> dict:
-        if self._dp is not None:
-            return {"dp": self._dp.state_dict()}
-        return {"dp": self._dp_state} if self._dp_state is not None else {}
-
-    def load_state_dict(self, state: dict) -> None:
-        self._dp_state = state.get("dp")
 
     def collate(self, items: list[tuple[str, int]]) -> dict:
         """Sentences -> ``input_ids``, ``token_type_ids``, ``attention_mask`` ``(B, T)`` and ``labels (B,)``."""
@@ -166,21 +121,8 @@ class BERTClassifierTask:
         enc = self.tokenizer([s for s, _ in items])
         return dict(enc) | {"labels": torch.tensor([y for _, y in items], dtype=torch.long)}
 
-    def train_batches(self, start_step: int, rank: int, world: int):
-        if world > 1:
-            raise ValueError("the bert-classifier task trains on one process (--nproc 1)")
-        n = len(self.train_set)
-        if self.options.dp:
-            from ...train.dp.sampling import PoissonBatchSampler
-
-            sampler = PoissonBatchSampler(n, self.sample_rate, self.steps, key=pr.fold_in(self.root, 4))
-            return (self.collate([self.train_set[i] for i in sampler.batch(s)]) for s in range(start_step, self.steps))
-        return (self.collate([self.train_set[i] for i in
-                              pr.randint(pr.fold_in(self.root, 5 + s), (self.loop.batch_size,), 0, n).tolist()])
-                for s in range(start_step, self.steps))
-
-    def optimizer(self, leaves: dict[str, Tensor], loop: Any) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(list(leaves.values()), lr=loop.lr, weight_decay=loop.weight_decay)
+    def batch(self, indices: list[int]) -> dict:
+        return self.collate([self.train_set[i] for i in indices])
 
     @torch.no_grad()
     def evaluate(self, params: Params, state: None, *, device: Any = "cpu") -> dict:
@@ -190,8 +132,4 @@ class BERTClassifierTask:
             b = {k: v.to(device) for k, v in b.items()}
             pred = self.model(params, b["input_ids"], b["attention_mask"], b["token_type_ids"]).argmax(-1)
             correct += int((pred == b["labels"]).sum())
-        out = {"eval/accuracy": correct / len(self.eval_set)}
-        if self.options.dp:
-            out |= {"epsilon": self._dp.epsilon if self._dp is not None else 0.0,
-                    "noise_multiplier": self.noise_multiplier}
-        return out
+        return {"eval/accuracy": correct / len(self.eval_set)} | self.dp_metrics()

@@ -27,35 +27,24 @@ from torch import Tensor
 from ...core import random as pr
 from ...core.layers import Linear
 from ...core.pytree import Params
-from ...train.task import LossOutput, eval_progress, option
+from ...train.dp.task import DPOptions, PerExampleTask
+from ...train.task import eval_progress, option
 from .task import build_model
 
 __all__ = ["ClassifierTask", "ClassifierOptions"]
 
-_DP = "differential privacy"
-
 
 @dataclass
-class ClassifierOptions:
-    """The classifier's options (the loop's are :class:`polymodal.train.LoopConfig`)."""
+class ClassifierOptions(DPOptions):
+    """The classifier's options (the loop's are :class:`polymodal.train.LoopConfig`; DP's are
+    :class:`polymodal.train.dp.task.DPOptions`)."""
 
     init_from: str | None = option(None, "start from a 'polymodal train clip' run (its preset wins)", metavar="RUN")
     train_size: int = option(5_000, "synthetic training images", positive=True)
     eval_size: int = option(512, "synthetic evaluation images", positive=True)
-    dp: bool = option(False, "DP-SGD (Poisson sampling, per-example clipping, noise)", group=_DP)
-    max_grad_norm: float = option(1.0, "per-example clipping bound C", group=_DP)
-    noise_multiplier: float | None = option(None, "Gaussian noise std / C", group=_DP)
-    target_epsilon: float | None = option(None, "pick the noise for this epsilon", group=_DP)
-    delta: float = option(1e-5, "delta of the (epsilon, delta) guarantee", group=_DP)
-
-    def __post_init__(self) -> None:
-        from ...train.dp.checks import check_dp_flags
-
-        check_dp_flags(dp=self.dp, noise_multiplier=self.noise_multiplier, target_epsilon=self.target_epsilon,
-                       delta=self.delta, max_grad_norm=self.max_grad_norm)
 
 
-class ClassifierTask:
+class ClassifierTask(PerExampleTask):
     """Colour x shape classification of the synthetic shapes with a CLIP image tower + linear head.
 
     Model state: a ResNet tower's batch-norm statistics, held fixed (the CLIP run's, or fresh
@@ -65,7 +54,6 @@ class ClassifierTask:
     Options = ClassifierOptions
     loop_defaults = {"steps": 100, "batch_size": 64, "lr": 1e-3, "weight_decay": 0.0, "eval_every": 0,
                      "save_every": 0, "out": "runs/classifier"}
-    step = None  # set to the DP step with dp=True
 
     def __init__(self, preset: str, options: ClassifierOptions, loop: Any) -> None:
         from ...data import SyntheticCaptions
@@ -80,19 +68,10 @@ class ClassifierTask:
                                                 seed=loop.seed + 1, heldout=(), normalize=True)
         self.train_set, self.eval_set = mk("train", options.train_size), mk("eval", options.eval_size)
         self.head = Linear(self.model.embed_dim, len(self.train_set.class_names()))
-        self.steps, n = loop.steps, len(self.train_set)
-        self.sample_rate = min(1.0, loop.batch_size / n)
+        self.steps, self.num_samples = loop.steps, len(self.train_set)
         self.name = "classifier" + (" (DP)" if options.dp else "")
         self.title = f"classifier ({preset})" + (" with DP-SGD" if options.dp else "")
-        self.noise_multiplier, self._dp, self._dp_state = None, None, None
-        if options.dp:
-            from ...train.dp import noise_multiplier_for
-
-            self.noise_multiplier = options.noise_multiplier
-            if options.target_epsilon is not None:
-                self.noise_multiplier = noise_multiplier_for(options.target_epsilon, delta=options.delta,
-                                                             sample_rate=self.sample_rate, steps=self.steps)
-            self.step = self._dp_step
+        self.setup()
 
     def init(self, key: Tensor) -> tuple[Params, Params | None]:
         if self.options.init_from:
@@ -110,55 +89,14 @@ class ClassifierTask:
             return self.head(p["head"], self.model.visual(p["visual"], images, state["visual"])[0])
         return self.head(p["head"], self.model.visual(p["visual"], images))
 
-    def loss(self, params: Params, state: Params | None, batch: dict, key: Tensor) -> LossOutput:
-        losses = F.cross_entropy(self._logits(params, state, batch["images"]), batch["labels"], reduction="none")
-        return LossOutput(losses.mean(), {"batch": len(batch["labels"])}, state)
+    def per_example(self, p: Params, state: Params | None, batch: dict) -> Tensor:
+        return F.cross_entropy(self._logits(p, state, batch["images"]), batch["labels"], reduction="none")
 
-    def _dp_step(self, params: Params, state: Params | None, batch: dict, key: Tensor, *, step: int,
-                 optimizer: torch.optim.Optimizer) -> LossOutput:
-        from ...train.dp import DPSGD
-
-        if self._dp is None:  # params' leaves are the optimizer's, the same every step
-            def per_example(p, b):
-                return F.cross_entropy(self._logits(p, state, b["images"]), b["labels"], reduction="none")
-
-            self._dp = DPSGD(per_example, params, optimizer, max_grad_norm=self.options.max_grad_norm,
-                             sample_rate=self.sample_rate, num_samples=len(self.train_set), delta=self.options.delta,
-                             key=pr.fold_in(self.root, 3), noise_multiplier=self.noise_multiplier)
-            if self._dp_state is not None:
-                self._dp.load_state_dict(self._dp_state)
-        res = self._dp.step(batch)
-        return LossOutput(res.loss, {"epsilon": res.epsilon, "clipped": res.clipped,
-                                     "batch": len(batch["labels"])}, state)
-
-    def state_dict(self) -> dict:
-        if self._dp is not None:
-            return {"dp": self._dp.state_dict()}
-        return {"dp": self._dp_state} if self._dp_state is not None else {}
-
-    def load_state_dict(self, state: dict) -> None:
-        self._dp_state = state.get("dp")
-
-    def _batch(self, idx: list[int]) -> dict:
+    def batch(self, idx: list[int]) -> dict:
         items = self.train_set.__getitems__(idx) if idx else []
         size = self.model.image_size
         return {"images": torch.stack([it["image"] for it in items]) if items else torch.zeros(0, 3, size, size),
                 "labels": torch.tensor([it["label"] for it in items], dtype=torch.long)}
-
-    def train_batches(self, start_step: int, rank: int, world: int):
-        if world > 1:
-            raise ValueError("the classifier task trains on one process (--nproc 1)")
-        n = len(self.train_set)
-        if self.options.dp:
-            from ...train.dp.sampling import PoissonBatchSampler
-
-            sampler = PoissonBatchSampler(n, self.sample_rate, self.steps, key=pr.fold_in(self.root, 4))
-            return (self._batch(sampler.batch(s)) for s in range(start_step, self.steps))
-        return (self._batch(pr.randint(pr.fold_in(self.root, 5 + s), (self.loop.batch_size,), 0, n).tolist())
-                for s in range(start_step, self.steps))
-
-    def optimizer(self, leaves: dict[str, Tensor], loop: Any) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(list(leaves.values()), lr=loop.lr, weight_decay=loop.weight_decay)
 
     def evaluate(self, params: Params, state: Params | None, *, device: Any = "cpu") -> dict:
         correct = 0
@@ -166,8 +104,4 @@ class ClassifierTask:
             items = self.eval_set.__getitems__(list(range(i, min(i + 256, len(self.eval_set)))))
             pred = self._logits(params, state, torch.stack([it["image"] for it in items]).to(device)).argmax(-1)
             correct += int((pred.cpu() == torch.tensor([it["label"] for it in items])).sum())
-        out = {"eval/accuracy": correct / len(self.eval_set)}
-        if self.options.dp:
-            eps = self._dp.epsilon if self._dp is not None else 0.0
-            out |= {"epsilon": eps, "noise_multiplier": self.noise_multiplier}
-        return out
+        return {"eval/accuracy": correct / len(self.eval_set)} | self.dp_metrics()
