@@ -132,3 +132,13 @@ def copy_into(module: torch.nn.Module, params: dict, mapping: Callable[[str], st
     missing, unexpected = module.load_state_dict(flat, strict=False)
     missing = [m for m in missing if "num_batches_tracked" not in m and "running_" not in m]
     assert not missing and not unexpected, f"missing {missing}, unexpected {unexpected}"
+
+
+def randomize(params: dict, seed: int) -> dict:
+    """``params`` with every leaf redrawn from ``N(0, 1)`` (matrices scaled by 0.3): non-trivial
+    norms, biases and tokens, so a parity test cannot pass by accident of an init of ones/zeros."""
+    from polymodal.core import random as pr
+
+    flat = pytree.flatten(params)
+    return pytree.unflatten({k: pr.normal(pr.key(seed + i), v.shape) * (0.3 if v.dim() > 1 else 1.0)
+                             for i, (k, v) in enumerate(flat.items())})

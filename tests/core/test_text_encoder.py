@@ -6,8 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from checks import check_spec, copy_into
-from polymodal.core import pytree
+from checks import check_spec, copy_into, randomize
 from polymodal.core import random as pr
 from polymodal.core.encoders.text import TextTransformer, text_transformer
 
@@ -17,10 +16,6 @@ NAMES = {"self_attn.in_proj_weight": "attn.in_proj_weight", "self_attn.in_proj_b
          "norm2": "ln_2"}
 
 
-def randomize(params, seed):
-    flat = pytree.flatten(params)
-    return pytree.unflatten({k: pr.normal(pr.key(seed + i), v.shape) * (0.3 if v.dim() > 1 else 1.0)
-                             for i, (k, v) in enumerate(flat.items())})
 
 
 def to_open_clip(k):

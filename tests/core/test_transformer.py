@@ -7,7 +7,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from checks import assert_close, check_spec, copy_into
+from checks import assert_close, check_spec, copy_into, randomize
 from polymodal.core import pytree
 from polymodal.core import random as pr
 from polymodal.core.layers.pooling import AttentionPooler, CascadedAttentionPooler, cls_pool, eot_pool, mean_pool
@@ -23,10 +23,6 @@ def rand(seed, *shape):
     return pr.normal(pr.key(seed), shape)
 
 
-def randomize(params, seed):
-    """Non-trivial norms/biases so parity can't pass by accident."""
-    flat = pytree.flatten(params)
-    return pytree.unflatten({k: rand(seed + i, *v.shape) * (0.3 if v.dim() > 1 else 1.0) for i, (k, v) in enumerate(flat.items())})
 
 
 @given(st.booleans(), st.sampled_from(["relu", "gelu"]), st.integers(1, 3), st.integers(1, 6), seeds)

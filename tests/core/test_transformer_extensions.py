@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from checks import check_spec, copy_into
+from checks import check_spec, copy_into, randomize
 from polymodal.core import pytree
 from polymodal.core import random as pr
 from polymodal.core.layers.attention import MultiHeadAttention
@@ -24,11 +24,6 @@ def rand(seed, *shape):
     return pr.normal(pr.key(seed), shape)
 
 
-def randomize(params, seed):
-    """Non-trivial norms/biases so parity can't pass by accident."""
-    flat = pytree.flatten(params)
-    return pytree.unflatten({k: rand(seed + i, *v.shape) * (0.3 if v.dim() > 1 else 1.0)
-                             for i, (k, v) in enumerate(flat.items())})
 
 
 # --------------------------------------------------------------------- non-causal decoder

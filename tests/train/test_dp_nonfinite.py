@@ -82,13 +82,19 @@ def test_clip_factors_zero_for_nonfinite_norms():
     assert c.tolist() == pytest.approx([1.0, 0.0, 0.0, 1.0 / (4.0 + 1e-6)])
 
 
-@pytest.mark.parametrize("method", ["ghost", "vmap"])
-def test_dpsgd_nan_input_keeps_params_finite(method):
+def _linear_dpsgd(method: str, **kwargs):
+    """The linear case's params (a copy), and a DPSGD over them with an SGD optimizer."""
     case = CASES["linear"]
     params = pytree.tree_map(lambda t: t.clone(), case.params)
     opt = torch.optim.SGD(pytree.leaves(params), lr=0.1)
     dp = DPSGD(case.loss, params, opt, max_grad_norm=1.0, noise_multiplier=1.0, sample_rate=0.1, num_samples=40,
-               delta=1e-5, key=pr.key(1), method=method)
+               delta=1e-5, key=pr.key(1), method=method, **kwargs)
+    return case, params, dp
+
+
+@pytest.mark.parametrize("method", ["ghost", "vmap"])
+def test_dpsgd_nan_input_keeps_params_finite(method):
+    case, params, dp = _linear_dpsgd(method)
     out = dp.step(_poison(case.batch(4, 0), 0, math.nan))
     assert out.nonfinite == 1 and dp.steps_taken == 1
     assert all(bool(torch.isfinite(t).all()) for t in pytree.leaves(params))
@@ -96,11 +102,7 @@ def test_dpsgd_nan_input_keeps_params_finite(method):
 
 @pytest.mark.parametrize("method", ["ghost", "vmap"])
 def test_nonfinite_raise_updates_nothing(method):
-    case = CASES["linear"]
-    params = pytree.tree_map(lambda t: t.clone(), case.params)
-    opt = torch.optim.SGD(pytree.leaves(params), lr=0.1)
-    dp = DPSGD(case.loss, params, opt, max_grad_norm=1.0, noise_multiplier=1.0, sample_rate=0.1, num_samples=40,
-               delta=1e-5, key=pr.key(1), method=method, nonfinite="raise")
+    case, params, dp = _linear_dpsgd(method, nonfinite="raise")
     with pytest.raises(FloatingPointError, match=r"expected finite per-example gradients, got NaN/inf for 1 .*\[2\]"):
         dp.step(_poison(case.batch(4, 0), 2, math.nan))
     assert dp.steps_taken == 0 and dp.epsilon == 0.0
