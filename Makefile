@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 JOBS   ?= 2
 
-.PHONY: demo test venv bench clean
+.PHONY: demo test test-slow venv bench clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,7 +22,11 @@ demo: $(STAMP)
 	$(PY) -m polymodal.demo
 
 test: $(STAMP)
-	$(PY) -m pytest -n $(JOBS) -q --durations=15 tests
+	$(PY) -m pytest -n $(JOBS) -q --durations=15 -m "not slow" tests
+
+# Full-size parity runs (real configurations against the reference libraries): minutes each on 2 cores.
+test-slow: $(STAMP)
+	$(PY) -m pytest -n $(JOBS) -q --durations=15 -m slow tests
 
 bench: $(STAMP)
 	$(PY) benchmarks/run.py $(ARGS)
