@@ -1,0 +1,25 @@
+"""ALBEF (Li et al. 2021, "Align before Fuse"): encoders, momentum state, retrieval and VQA models,
+TorchMultimodal converters, published checkpoints and training tasks.
+
+* specs: :class:`ALBEFModel` (shared ViT, BERT text encoder, cross-attending multimodal encoder),
+  :class:`ALBEFForRetrieval` (ITC with momentum distillation + queues, ITM on sampled hard negatives,
+  MLM; re-ranking retrieval), :class:`ALBEFForVQA` (answer decoder ranking candidate answers);
+* state: :func:`momentum_update`, :func:`enqueue` (``momentum.py``): passed in and returned;
+* checkpoints: :func:`from_torchmultimodal` / :func:`to_torchmultimodal`, :func:`load_pretrained`;
+* training: ``polymodal train albef --preset tiny`` (retrieval), ``polymodal train albef-vqa --preset tiny``.
+"""
+
+from .builders import BUILDERS, albef_model, albef_pretraining, albef_retrieval, albef_tiny, albef_vqa, albef_vqa_tiny, build
+from .heads import PredictionHead
+from .losses import clm_loss, itc_loss, mlm_distill_loss, negative_weights, sample_negatives
+from .model import ALBEFModel, ALBEFModelOutput
+from .momentum import enqueue, init_queues, momentum_update
+from .retrieval import ALBEFForRetrieval, ALBEFOutput
+from .vqa import ALBEFForVQA
+
+__all__ = [
+    "BUILDERS", "build", "albef_model", "albef_retrieval", "albef_pretraining", "albef_vqa", "albef_tiny",
+    "albef_vqa_tiny", "PredictionHead", "clm_loss", "itc_loss", "mlm_distill_loss", "negative_weights",
+    "sample_negatives", "ALBEFModel", "ALBEFModelOutput", "enqueue", "init_queues", "momentum_update",
+    "ALBEFForRetrieval", "ALBEFOutput", "ALBEFForVQA",
+]

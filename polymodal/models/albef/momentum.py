@@ -1,0 +1,95 @@
+"""ALBEF's explicit state: momentum (EMA) copies of the encoders and feature queues with their pointer.
+
+TorchMultimodal keeps these as module buffers and ``requires_grad=False`` copies updated in place;
+here they are a pytree passed in and returned (DESIGN.md, convention 4)::
+
+    state = {"momentum": <the momentum subtree of params>,
+             "image_queue": (E, Q), "text_queue": (E, Q),    # unit columns, TorchMultimodal's layout
+             "idx_queue": (1, Q) int64,                       # sample ids (-100: empty slot)
+             "queue_ptr": (1,) int64}                         # next slot to write
+
+>>> import torch
+>>> p, m = {"w": torch.ones(2)}, {"w": torch.zeros(2)}
+>>> momentum_update(m, p, 0.9)["w"].tolist()
+[0.10000000149011612, 0.10000000149011612]
+>>> s = init_queues(embed_size=4, queue_size=6, key=torch.tensor([0, 1]))
+>>> s2 = enqueue(s, torch.ones(2, 4), torch.ones(2, 4), torch.tensor([7, 8]))
+>>> s2["idx_queue"].tolist(), s2["queue_ptr"].tolist()
+([[7, 8, -100, -100, -100, -100]], [2])
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ...core import random as pr
+from ...core.losses.contrastive import gather_embeddings
+from ...core.pytree import Params, tree_map
+
+__all__ = ["momentum_update", "copy_momentum", "init_queues", "enqueue", "gather_features", "check_queue"]
+
+
+def momentum_update(momentum: Params, params: Params, m: float) -> Params:
+    """``m * momentum + (1 - m) * params`` leaf by leaf (TorchMultimodal's ``momentum_update``); pure.
+
+    Args:
+        momentum: the EMA copies (any tree). params: the live tree of the same structure.
+        m: the momentum (0.995 for ALBEF).
+    Returns:
+        the new EMA tree (detached: momentum copies never receive gradients).
+    """
+    return tree_map(lambda a, b: a.detach() * m + b.detach() * (1 - m), momentum, params)
+
+
+def copy_momentum(params: Params) -> Params:
+    """Fresh momentum copies: detached clones of ``params`` (ALBEF's ``copy.deepcopy`` at construction)."""
+    return tree_map(lambda t: t.detach().clone(), params)
+
+
+def init_queues(*, embed_size: int, queue_size: int, key: Tensor, device: torch.device | str | None = None,
+                empty_id: int = -100) -> Params:
+    """Random unit feature queues ``(E, Q)`` (TorchMultimodal: ``normalize(randn(E, Q), dim=0)``), ids
+    ``empty_id`` and pointer 0."""
+    ki, kt = pr.split(key, 2)
+    img = F.normalize(pr.normal(ki, (embed_size, queue_size)), dim=0)
+    txt = F.normalize(pr.normal(kt, (embed_size, queue_size)), dim=0)
+    out = {"image_queue": img, "text_queue": txt,
+           "idx_queue": torch.full((1, queue_size), empty_id, dtype=torch.long),
+           "queue_ptr": torch.zeros(1, dtype=torch.long)}
+    return out if device is None else {k: v.to(device) for k, v in out.items()}
+
+
+def check_queue(queue_size: int, global_batch: int, owner: str = "ALBEF") -> None:
+    """The queue must hold a whole number of global batches (the pointer wraps to 0 exactly)."""
+    if global_batch <= 0 or queue_size % global_batch:
+        raise ValueError(f"{owner}: queue_size {queue_size} is not divisible by the global batch size "
+                         f"{global_batch}; expected a global batch that divides {queue_size}")
+
+
+def gather_features(*xs: Tensor) -> tuple[Tensor, ...]:
+    """Every rank's rows concatenated in rank order (no gradient): what the queues receive under
+    data-parallel or sharded training (the identity without a process group)."""
+    return tuple(gather_embeddings(x.detach(), "none")[0] for x in xs)
+
+
+def enqueue(state: Params, image_feat: Tensor, text_feat: Tensor, idx: Tensor) -> Params:
+    """Write ``(N, E)`` features and ``(N,)`` ids at the pointer and advance it by ``N`` modulo ``Q``.
+
+    ``N`` is the global batch (already gathered, :func:`gather_features`); the write is an
+    out-of-place ``index_copy`` at ``(ptr + arange(N)) % Q``, so no value is read in Python.
+    Returns the new state (other entries kept).
+    """
+    q = state["image_queue"].shape[1]
+    n = image_feat.shape[0]
+    check_queue(q, n, "enqueue")
+    if text_feat.shape[0] != n or idx.reshape(-1).shape[0] != n:
+        raise ValueError(f"enqueue: expected {n} text features and ids (as image features), got "
+                         f"{text_feat.shape[0]} and {idx.reshape(-1).shape[0]}")
+    ptr = state["queue_ptr"]
+    slots = (ptr + torch.arange(n, device=ptr.device)) % q
+    iq = state["image_queue"].index_copy(1, slots, image_feat.detach().T.to(state["image_queue"].dtype))
+    tq = state["text_queue"].index_copy(1, slots, text_feat.detach().T.to(state["text_queue"].dtype))
+    dq = state["idx_queue"].index_copy(1, slots, idx.reshape(1, -1).to(state["idx_queue"].dtype))
+    return {**state, "image_queue": iq, "text_queue": tq, "idx_queue": dq, "queue_ptr": (ptr + n) % q}

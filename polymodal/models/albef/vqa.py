@@ -1,0 +1,161 @@
+"""``ALBEFForVQA``: ALBEF's encoders plus an answer decoder that ranks candidate answers
+(TorchMultimodal ``examples/albef/model.py``'s ``ALBEFModelForVQA`` / ``ALBEFDecoder``).
+
+The question and image are fused by the multimodal encoder; the answer decoder (BERT text embeddings
+and causal layers cross-attending to those fused question states, then a :class:`PredictionHead`)
+scores answers token by token. Training is the causal LM loss with momentum distillation from the
+momentum copies (explicit state, as :class:`~.retrieval.ALBEFForRetrieval`); inference scores the
+first token of every candidate, keeps the top ``k`` and re-ranks them by their full log-likelihood.
+
+Params ``model``, ``answer_decoder`` (a :class:`BERTTextEncoder`), ``prediction_head``;
+state ``{"momentum": copies of all three}``.
+
+>>> import torch
+>>> from polymodal.core import random as pr
+>>> from polymodal.models.albef.builders import albef_vqa_tiny
+>>> spec = albef_vqa_tiny()
+>>> p = spec.init(key=pr.key(0))
+>>> answers = torch.tensor([[2, 5, 3], [2, 6, 3], [2, 7, 3]])
+>>> ids, probs = spec.rank_answers(p, torch.randn(2, 3, 32, 32), torch.tensor([[2, 9, 3], [2, 8, 3]]), None,
+...                                answers, None, k=2)
+>>> ids.shape, probs.shape
+(torch.Size([2, 2]), torch.Size([2, 2]))
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ...core import random as pr
+from ...core.encoders.bert import BERTTextEncoder
+from ...core.pytree import Params
+from ...core.spec import Spec
+from .heads import PredictionHead
+from .losses import clm_loss
+from .model import ALBEFModel, check_pair
+from .momentum import copy_momentum, momentum_update
+
+__all__ = ["ALBEFForVQA"]
+
+
+@dataclass(frozen=True)
+class ALBEFForVQA(Spec):
+    """``__call__(params, images, question_ids, question_mask, answer_ids, answer_mask, answer_weights,
+    answer_counts, state, *, alpha=0.4, key=None) -> (loss, new_state)``; :meth:`rank_answers` for inference."""
+
+    model: ALBEFModel  # image + question -> fused question states
+    answer_decoder: BERTTextEncoder  # causal layers cross-attending to the fused question states
+    prediction_head: PredictionHead  # decoder states -> vocabulary scores
+    momentum: float = 0.995  # EMA rate of the momentum copies
+
+    def __post_init__(self) -> None:
+        if not self.answer_decoder.encoder.layer.is_causal:
+            raise ValueError("ALBEFForVQA: answer_decoder: expected causal self-attention (layer.is_causal=True)")
+
+    @property
+    def pad_token_id(self) -> int:
+        return self.answer_decoder.embeddings.pad_token_id
+
+    def init(self, *, key: Tensor) -> Params:
+        km, kd, kh = pr.split(key, 3)
+        return {"model": self.model.init(key=km), "answer_decoder": self.answer_decoder.init(key=kd),
+                "prediction_head": self.prediction_head.init(key=kh)}
+
+    def init_state(self, params: Params, *, key: Tensor | None = None) -> Params:
+        """Momentum copies of every subtree (``key`` unused: no queues)."""
+        return {"momentum": copy_momentum(params)}
+
+    def decode(self, params: Params, answer_ids: Tensor, answer_mask: Tensor | None, question_states: Tensor,
+               question_mask: Tensor | None, *, key: Tensor | None = None) -> Tensor:
+        """``answers (N, M)``, fused ``question_states (N, L, D)`` -> scores ``(N, M, V)``."""
+        h = self.answer_decoder(params["answer_decoder"], answer_ids, answer_mask, encoder_hidden_states=question_states,
+                                encoder_attention_mask=question_mask, key=key).last_hidden_state
+        return self.prediction_head(params["prediction_head"], h)
+
+    def _question(self, params: Params, images: Tensor, ids: Tensor, mask: Tensor, key: Tensor | None) -> Tensor:
+        return self.model(params["model"], images, ids, mask, key=key).multimodal_embeddings
+
+    def _masks(self, ids: Tensor, mask: Tensor | None) -> Tensor:
+        return (ids != self.pad_token_id).long() if mask is None else mask
+
+    def __call__(self, params: Params, images: Tensor, question_ids: Tensor, question_mask: Tensor | None,
+                 answer_ids: Tensor, answer_mask: Tensor | None, answer_weights: Tensor, answer_counts: Tensor,
+                 state: Params, *, alpha: float = 0.4, key: Tensor | None = None) -> tuple[Tensor, Params]:
+        """The VQA training loss: ``sum(weights * clm_loss) / B`` (TorchMultimodal's ``_train_forward``).
+
+        Args:
+            answer_ids, answer_mask: ``(N, M)``, all questions' answers one after another (``[CLS] ... [SEP]``).
+            answer_weights: ``(N,)``. answer_counts: ``(B,)`` answers per question (sum ``N``, each >= 1).
+        """
+        check_pair("ALBEFForVQA", images, question_ids, question_mask)
+        counts = torch.as_tensor(answer_counts, device=images.device).long().reshape(-1)
+        b, n = images.shape[0], answer_ids.shape[0]
+        if counts.shape[0] != b:
+            raise ValueError(f"ALBEFForVQA: answer_counts: expected {b} counts (one per question), got "
+                             f"{counts.shape[0]}")
+        if answer_weights.reshape(-1).shape[0] != n:
+            raise ValueError(f"ALBEFForVQA: answer_weights: expected {n} weights (one per answer), got "
+                             f"{answer_weights.reshape(-1).shape[0]}")
+        if not torch.compiler.is_compiling():
+            if bool((counts < 1).any()):
+                bad = torch.nonzero(counts < 1).flatten().tolist()
+                raise ValueError(f"ALBEFForVQA: questions {bad} have no candidate answers; expected at least one "
+                                 "answer per question")
+            if int(counts.sum()) != n:
+                raise ValueError(f"ALBEFForVQA: answer_counts sum to {int(counts.sum())}, expected {n} (the rows of "
+                                 "answer_ids)")
+        q_mask = self._masks(question_ids, question_mask)
+        a_mask = self._masks(answer_ids, answer_mask)
+        kq, kd = pr.maybe_split(key, 2)
+        mp = momentum_update(state["momentum"], params, self.momentum)
+        q = self._question(params, images, question_ids, q_mask, kq)
+        rep = lambda t: torch.repeat_interleave(t, counts, dim=0)  # noqa: E731
+        q_states, q_att = rep(q), rep(q_mask)
+        scores_m = None
+        if alpha:
+            with torch.no_grad():
+                q_m = self._question(mp, images, question_ids, q_mask, None)
+                scores_m = self.decode(mp, answer_ids, a_mask, rep(q_m), q_att)
+        scores = self.decode(params, answer_ids, a_mask, q_states, q_att, key=kd)
+        labels = answer_ids.masked_fill(answer_ids == self.pad_token_id, -100)
+        loss = clm_loss(labels, scores, scores_m, alpha)
+        return (answer_weights.reshape(-1) * loss).sum() / b, {**state, "momentum": mp}
+
+    @torch.no_grad()
+    def rank_answers(self, params: Params, images: Tensor, question_ids: Tensor, question_mask: Tensor | None,
+                     answer_ids: Tensor, answer_mask: Tensor | None, k: int = 128) -> tuple[Tensor, Tensor]:
+        """The top ``k`` candidate answers of each question and their probabilities ``(B, k)``, best first
+        (TorchMultimodal's ``_eval_forward``: first-token probabilities pick ``k`` candidates, whose full
+        log-likelihoods re-rank them).
+
+        Args:
+            answer_ids, answer_mask: ``(A, M)`` the candidate list, each ``[CLS] answer [SEP]`` (padded).
+        """
+        check_pair("ALBEFForVQA", images, question_ids, question_mask)
+        a = answer_ids.shape[0]
+        if answer_ids.dim() != 2 or a == 0 or answer_ids.shape[1] < 2:
+            raise ValueError(f"ALBEFForVQA.rank_answers: answer_ids: expected a non-empty candidate list (A >= 1, "
+                             f"M >= 2 tokens: [CLS] answer ...), got shape {tuple(answer_ids.shape)}")
+        if not 1 <= k <= a:
+            raise ValueError(f"ALBEFForVQA.rank_answers: k: expected 1 <= k <= {a} (the candidates), got {k}")
+        q_mask = self._masks(question_ids, question_mask)
+        a_mask = self._masks(answer_ids, answer_mask)
+        b = images.shape[0]
+        q = self._question(params, images, question_ids, q_mask, None)
+        start = answer_ids[:1, :1].expand(b, 1)
+        first = self.decode(params, start, torch.ones_like(start), q, q_mask)[:, 0, :]
+        prob_first = F.softmax(first, dim=1).index_select(1, answer_ids[:, 1])
+        topk_probs, topk_ids = prob_first.topk(k, dim=1)
+        ids = answer_ids[topk_ids.reshape(-1)]
+        att = a_mask[topk_ids.reshape(-1)]
+        targets = ids.masked_fill(ids == self.pad_token_id, -100)
+        scores = self.decode(params, ids, att, q.repeat_interleave(k, 0), q_mask.repeat_interleave(k, 0))
+        nll = clm_loss(targets, scores).view(b, k)
+        log_probs = topk_probs.log() - nll
+        probs = F.softmax(log_probs, dim=-1)
+        probs, order = probs.topk(k, dim=1)
+        return torch.gather(topk_ids, 1, order), probs
