@@ -89,8 +89,12 @@ class PatchEmbed3d(Spec):
             p["norm"] = LayerNorm(self.embed_dim, self.norm_eps).init(key=key)
         return p
 
+    def check_input(self, x: Tensor, owner: Spec | None = None) -> Tensor:
+        """Raise unless ``x`` is ``(B, in_channels, T, H, W)`` or unbatched; errors name ``owner`` (default self)."""
+        return _check_video(x, self.in_channels, owner if owner is not None else self)
+
     def __call__(self, params: Params, x: Tensor) -> Tensor:
-        _check_video(x, self.in_channels, self)
+        self.check_input(x)
         pads = [(p - s % p) % p for s, p in zip(x.shape[-3:], self.patch_size)]
         if any(pads):
             x = F.pad(x, (0, pads[2], 0, pads[1], 0, pads[0]))
@@ -331,7 +335,7 @@ class Swin3D(Spec):
 
     def __call__(self, params: Params, x: Tensor, *, key: Tensor | None = None) -> Swin3DOutput:
         """``x (B, in_channels, T, H, W)`` -> ``Swin3DOutput``; leading B may be absent."""
-        _check_video(x, self.in_channels, self)
+        self.patch_embed.check_input(x, self)  # a patch embedding may accept other channel counts (RGB-D)
         n = len(self.stages)
         keys = pr.maybe_split(key, n + 1)
         x = _dropout(self.patch_embed(params["patch_embed"], x), self.dropout, key=keys[0])
