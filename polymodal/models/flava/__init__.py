@@ -1,0 +1,25 @@
+"""FLAVA (Singh et al. 2022): image, text and multimodal encoders, pretraining losses, classification.
+
+* specs: :class:`FLAVAModel` (``model.py``), towers (``encoders.py``), heads and losses (``heads.py``),
+  :class:`FLAVAForPreTraining` / :class:`FLAVAForClassification` (``pretraining.py``), the DALL-E dVAE
+  encoder (``dvae.py``); builders in ``builders.py``.
+"""
+
+from .builders import (
+    BUILDERS, SCALES, build, flava_1_8b, flava_2_7b, flava_4_8b, flava_900m, flava_10b, flava_model,
+    flava_model_for_classification, flava_model_for_pretraining, flava_tiny, flava_tiny_for_classification,
+    flava_tiny_for_pretraining,
+)
+from .dvae import DalleEncoder
+from .encoders import FLAVAImageEncoder, FLAVAMultimodalEncoder, TowerOutput
+from .heads import FLAVALosses, FLAVAPretrainingLoss, MaskedPredictionHead
+from .model import FLAVAModel, FLAVAOutput
+from .pretraining import FLAVAForClassification, FLAVAForPreTraining, FLAVAPreTrainingOutput
+
+__all__ = [
+    "BUILDERS", "SCALES", "build", "flava_model", "flava_model_for_pretraining", "flava_model_for_classification",
+    "flava_900m", "flava_1_8b", "flava_2_7b", "flava_4_8b", "flava_10b", "flava_tiny", "flava_tiny_for_pretraining",
+    "flava_tiny_for_classification", "DalleEncoder", "FLAVAImageEncoder", "FLAVAMultimodalEncoder", "TowerOutput",
+    "FLAVALosses", "FLAVAPretrainingLoss", "MaskedPredictionHead", "FLAVAModel", "FLAVAOutput",
+    "FLAVAForClassification", "FLAVAForPreTraining", "FLAVAPreTrainingOutput",
+]
