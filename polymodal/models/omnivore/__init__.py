@@ -17,18 +17,26 @@ from .builders import BUILDERS, build, omnivore, omnivore_encoder, omnivore_swin
 from .convert import from_torchmultimodal, infer_spec, merge_published, to_torchmultimodal
 from .model import MODALITIES, Omnivore, OmnivoreHead, OmnivoreOutput
 from .patch_embed import RGBDPatchEmbed3d
+from .pretrained import URLS, Pretrained, load_pretrained
 
 __all__ = [
     "BUILDERS", "build", "omnivore", "omnivore_encoder", "omnivore_swin_t", "omnivore_swin_s", "omnivore_swin_b",
     "omnivore_tiny", "from_torchmultimodal", "to_torchmultimodal", "infer_spec", "merge_published", "MODALITIES",
-    "Omnivore", "OmnivoreHead", "OmnivoreOutput", "RGBDPatchEmbed3d",
+    "Omnivore", "OmnivoreHead", "OmnivoreOutput", "RGBDPatchEmbed3d", "URLS", "Pretrained", "load_pretrained",
 ]
 
 from ...registry import register_family  # noqa: E402
+
+
+def _load_pretrained(name, path=None, cache_dir=None, **kw):
+    """``polymodal.nn`` shells' loader: ``path`` is one whole state dict, else the published files."""
+    pre = load_pretrained(name, path=path, cache_dir=cache_dir)
+    return pre.spec, pre.params, None
+
 
 register_family(
     "omnivore",
     builders=BUILDERS,
     description="one Swin3D model for images, videos and RGB-D (Girdhar et al. 2022)",
-    extra={"build": build, "from_torchmultimodal": from_torchmultimodal, "to_torchmultimodal": to_torchmultimodal},
+    extra={"build": build, "load_pretrained": _load_pretrained, "from_torchmultimodal": from_torchmultimodal, "to_torchmultimodal": to_torchmultimodal},
 )
