@@ -24,7 +24,7 @@ TorchMultimodal ``ALBEFModelForRetrieval``                   ours (``params`` / 
 >>> from polymodal.models.albef.builders import albef_tiny
 >>> spec = albef_tiny(mlm=False)
 >>> p = spec.init(key=pr.key(0))
->>> s = spec.init_state(p, key=pr.key(1))
+>>> s = spec.initial_state(p, key=pr.key(1))
 >>> sd = to_torchmultimodal(p, s, spec)
 >>> p2, s2 = from_torchmultimodal(sd, spec)
 >>> bool((p2["temp"] == p["temp"]).all()), bool((s2["text_queue"] == s["text_queue"]).all())
@@ -62,7 +62,7 @@ class WithState(Spec):
     def init(self, *, key: Tensor) -> Params:
         kp, ks = pr.split(key, 2)
         params = self.spec.init(key=kp)
-        return {"params": params, "state": self.spec.init_state(params, key=ks)}
+        return {"params": params, "state": self.spec.initial_state(params, key=ks)}
 
 
 def _qkv(t: str, o: str) -> tuple[Rule, ...]:

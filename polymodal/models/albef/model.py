@@ -105,6 +105,10 @@ class ALBEFModel(Spec):
 
     def __call__(self, params: Params, images: Tensor, input_ids: Tensor, attention_mask: Tensor | None = None, *,
                  key: Tensor | None = None) -> ALBEFModelOutput:
+        if images.dim() == 3 and input_ids.dim() == 1:  # one unbatched pair (under vmap)
+            add = (lambda t: None if t is None else t[None])  # noqa: E731
+            out = self(params, images[None], input_ids[None], add(attention_mask), key=key)
+            return ALBEFModelOutput(*(t[0] for t in out))
         check_pair("ALBEFModel", images, input_ids, attention_mask)
         if attention_mask is None:
             attention_mask = input_ids != self.text.embeddings.pad_token_id

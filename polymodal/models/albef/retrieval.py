@@ -20,7 +20,7 @@ Params::
 >>> from polymodal.models.albef.builders import albef_tiny
 >>> spec = albef_tiny(queue_size=8)
 >>> p = spec.init(key=pr.key(0))
->>> s = spec.init_state(p, key=pr.key(1))
+>>> s = spec.initial_state(p, key=pr.key(1))
 >>> ids = torch.tensor([[2, 5, 6, 3], [2, 7, 3, 0]])
 >>> out, s = spec(p, torch.randn(2, 3, 32, 32), ids, None, torch.tensor([0, 1]), s, key=pr.key(2))
 >>> out.itm_logits.shape, s["queue_ptr"].tolist()
@@ -109,8 +109,12 @@ class ALBEFForRetrieval(Spec):
         """The subtree of ``params`` that has momentum copies (encoders, projections, MLM head)."""
         return {k: params[k] for k in _MOMENTUM if k in params}
 
-    def init_state(self, params: Params, *, key: Tensor) -> Params:
-        """Momentum copies of ``params`` and random unit queues (:mod:`.momentum`)."""
+    def initial_state(self, params: Params, *, key: Tensor) -> Params:
+        """Momentum copies of ``params`` and random unit queues (:mod:`.momentum`).
+
+        Not ``init_state()``: the momentum copies start as copies of the params, so the state is made
+        from them (the core's shells and converters, which call ``init_state()``, see the spec's params
+        only; the training task and :func:`~.convert.from_torchmultimodal` carry the state)."""
         dev = params["temp"].device
         return {"momentum": copy_momentum(self.momentum_params(params)),
                 **init_queues(embed_size=self.embed_size, queue_size=self.queue_size, key=key, device=dev)}
@@ -161,7 +165,7 @@ class ALBEFForRetrieval(Spec):
         Args:
             images: ``(B, C, H, W)``. input_ids, attention_mask: ``(B, T)`` (mask None: ids != pad).
             idx: ``(B,)`` sample ids (equal ids are positives of each other in ITC).
-            state: from :meth:`init_state` (or a previous call).
+            state: from :meth:`initial_state` (or a previous call).
             key: dropout and hard-negative sampling (required unless ``neg_indices`` is given).
             alpha: momentum distillation weight of ITC and MLM.
             neg_indices: ``(images for each text (B,), texts for each image (B,))``: fixed negatives
@@ -175,7 +179,7 @@ class ALBEFForRetrieval(Spec):
         if idx.reshape(-1).shape[0] != b:
             raise ValueError(f"ALBEFForRetrieval: idx: expected {b} ids (one per image), got shape {tuple(idx.shape)}")
         if state is None:
-            raise ValueError("ALBEFForRetrieval: state is None; pass spec.init_state(params, key=...)")
+            raise ValueError("ALBEFForRetrieval: state is None; pass spec.initial_state(params, key=...)")
         world = torch.distributed.get_world_size() if torch.distributed.is_available() and \
             torch.distributed.is_initialized() else 1
         check_queue(self.queue_size, b * world, "ALBEFForRetrieval")

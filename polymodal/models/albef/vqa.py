@@ -65,7 +65,7 @@ class ALBEFForVQA(Spec):
         return {"model": self.model.init(key=km), "answer_decoder": self.answer_decoder.init(key=kd),
                 "prediction_head": self.prediction_head.init(key=kh)}
 
-    def init_state(self, params: Params, *, key: Tensor | None = None) -> Params:
+    def initial_state(self, params: Params, *, key: Tensor | None = None) -> Params:
         """Momentum copies of every subtree (``key`` unused: no queues)."""
         return {"momentum": copy_momentum(params)}
 
