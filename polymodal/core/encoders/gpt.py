@@ -3,7 +3,8 @@
 The input modality (e.g. text ids) comes first, the output modality (e.g. a VQ-VAE's video
 codes) second; each has its own token embedding and per-axis broadcasted position embedding.
 Training right-shifts the concatenated sequence behind a learned start token (which receives
-gradients, unlike TorchMultimodal's). Logits cover the joint vocabulary
+gradients, unlike TorchMultimodal's ``RightShift``, which concatenates ``sos.data``; ``detach_sos=True``
+reproduces that for parity). Logits cover the joint vocabulary
 ``[0, num_in_tokens) + [num_in_tokens, num_in_tokens + num_out_tokens)`` and are masked so
 each position predicts only its own modality's tokens.
 """
@@ -17,12 +18,12 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ...core import random as pr
-from ...core.layers import Embedding, LayerNorm, Linear
-from ...core.layers.position import BroadcastedPositionEmbedding
-from ...core.layers.transformer import TransformerDecoder, TransformerDecoderLayer, TransformerOutput
-from ...core.pytree import Params
-from ...core.spec import Spec, check_dtype, check_ndim
+from .. import random as pr
+from ..layers import Embedding, LayerNorm, Linear
+from ..layers.position import BroadcastedPositionEmbedding
+from ..layers.transformer import TransformerDecoder, TransformerDecoderLayer, TransformerOutput
+from ..pytree import Params
+from ..spec import Spec, check_ids, check_ndim
 
 __all__ = ["MultimodalGPT", "GPTOutput", "multimodal_gpt", "video_gpt"]
 
@@ -61,6 +62,7 @@ class MultimodalGPT(Spec):
     decoder: TransformerDecoder  # pre-norm causal blocks without cross-attention
     in_proj: Linear | None = None  # input token embedding -> d_model (None: the table is d_model wide)
     out_proj: Linear | None = None  # output token embedding -> d_model
+    detach_sos: bool = False  # True: the start token gets no gradient (TorchMultimodal's RightShift, for parity)
 
     def __post_init__(self) -> None:
         d = self.d_model
@@ -125,7 +127,12 @@ class MultimodalGPT(Spec):
         ``positions (L,)`` default ``0..L-1``."""
         if modality not in ("in", "out"):
             raise ValueError(f"modality must be 'in' or 'out', got {modality!r}")
-        check_dtype(ids, f"{modality}_ids", _INT, self)
+        check_ids(ids, f"{modality}_ids", self.num_in_tokens if modality == "in" else self.num_out_tokens, self)
+        limit = self.in_len if modality == "in" else self.out_len
+        if positions is None and ids.shape[-1] > limit:
+            what = "input (prompt)" if modality == "in" else "output"
+            raise ValueError(f"MultimodalGPT: {modality}_ids: the {what} modality holds at most {limit} tokens "
+                             f"(latent shape {self.in_shape if modality == 'in' else self.out_shape}), got {ids.shape[-1]}")
         emb, pos, proj = (getattr(self, f"{modality}_{k}") for k in ("embed", "pos", "proj"))
         x = emb(params[f"{modality}_embed"], ids)
         if proj is not None:
@@ -149,7 +156,8 @@ class MultimodalGPT(Spec):
 
     def right_shift(self, params: Params, x: Tensor) -> Tensor:
         """Prepend the learned start token and drop the last position: ``(B, L, D) -> (B, L, D)``."""
-        sos = params["sos"].expand(*x.shape[:-2], 1, self.d_model)
+        sos = params["sos"].detach() if self.detach_sos else params["sos"]
+        sos = sos.expand(*x.shape[:-2], 1, self.d_model)
         return torch.cat([sos, x[..., :-1, :]], dim=-2)
 
     # -- full pass ---------------------------------------------------------------------------
@@ -198,13 +206,16 @@ class MultimodalGPT(Spec):
 def multimodal_gpt(num_in_tokens: int, num_out_tokens: int, in_shape: tuple[int, ...], out_shape: tuple[int, ...], *,
                    d_model: int = 768, num_heads: int = 8, num_layers: int = 8, dim_feedforward: int | None = None,
                    dropout: float = 0.0, attn_dropout: float = 0.0, activation: str = "gelu",
-                   in_dim: int | None = None, out_dim: int | None = None) -> MultimodalGPT:
+                   in_dim: int | None = None, out_dim: int | None = None, proj_bias: bool = True,
+                   qkv_bias: bool | None = None, detach_sos: bool = False) -> MultimodalGPT:
     """A :class:`MultimodalGPT` from the usual hyperparameters: vocabularies and latent shapes of
     the two modalities, width, heads, depth, MLP width (default 4 x d_model), dropouts; ``in_dim`` /
-    ``out_dim``: token embeddings that narrow, projected to ``d_model`` (None: d_model wide)."""
+    ``out_dim``: token embeddings that narrow, projected to ``d_model`` (None: d_model wide) by a Linear
+    with a bias when ``proj_bias``; ``qkv_bias``: biases of the attention's q/k/v (None: yes);
+    ``detach_sos``: TorchMultimodal's gradient-free start token."""
     layer = TransformerDecoderLayer(d_model, num_heads, dim_feedforward or 4 * d_model, dropout=dropout,
                                     attn_dropout=attn_dropout, activation=activation, norm_first=True,
-                                    cross_attention=False)
+                                    cross_attention=False, qkv_bias=qkv_bias)
     d_in, d_out = in_dim or d_model, out_dim or d_model
     return MultimodalGPT(
         in_embed=Embedding(num_in_tokens, d_in, weight_init="normal", init_std=0.02),
@@ -212,12 +223,20 @@ def multimodal_gpt(num_in_tokens: int, num_out_tokens: int, in_shape: tuple[int,
         in_pos=BroadcastedPositionEmbedding(tuple(in_shape), d_model),
         out_pos=BroadcastedPositionEmbedding(tuple(out_shape), d_model),
         decoder=TransformerDecoder(layer, num_layers, cross_attention_every=0),
-        in_proj=None if in_dim is None else Linear(in_dim, d_model, weight_init="normal"),
-        out_proj=None if out_dim is None else Linear(out_dim, d_model, weight_init="normal"))
+        in_proj=None if in_dim is None else Linear(in_dim, d_model, bias=proj_bias, weight_init="normal"),
+        out_proj=None if out_dim is None else Linear(out_dim, d_model, bias=proj_bias, weight_init="normal"),
+        detach_sos=detach_sos)
 
 
-def video_gpt(in_shape=(4, 32, 32), out_shape=(8, 32, 32), num_in_tokens=2048, num_out_tokens=2048) -> MultimodalGPT:
-    """VideoGPT-style configuration (TorchMultimodal's ``video_gpt``: d_model 576, 4 heads, 8 layers,
-    MLP 4x; conditioning frames' codes as the input modality)."""
-    return multimodal_gpt(num_in_tokens, num_out_tokens, in_shape, out_shape, d_model=576, num_heads=4, num_layers=8,
-                          dropout=0.2, attn_dropout=0.3)
+def video_gpt(latent_shape: tuple[int, ...] = (8, 32, 32), *, d_model: int = 576, num_heads: int = 4,
+              num_layers: int = 16, dropout: float = 0.2, attn_dropout: float = 0.3, num_in_tokens: int = 1024,
+              num_out_tokens: int = 1024, embedding_dim: int = 256, detach_sos: bool = False) -> MultimodalGPT:
+    """VideoGPT (Yan et al. 2021, Tables A.1/A.2 "BAIR / RoboNet"; TorchMultimodal's ``video_gpt``):
+    conditioning-video codes in, video codes out, both over (8, 32, 32) latents of the 1024 x 256
+    video VQ-VAE codebooks (the token tables, projected bias-free to d_model 576), 16 pre-norm layers,
+    4 heads, MLP 4x with TorchMultimodal's ``SiLU`` (x * sigmoid(1.702 x), our ``quick_gelu``),
+    bias-free q/k/v."""
+    return multimodal_gpt(num_in_tokens, num_out_tokens, latent_shape, latent_shape, d_model=d_model,
+                          num_heads=num_heads, num_layers=num_layers, dropout=dropout, attn_dropout=attn_dropout,
+                          activation="quick_gelu", in_dim=embedding_dim, out_dim=embedding_dim, proj_bias=False,
+                          qkv_bias=False, detach_sos=detach_sos)

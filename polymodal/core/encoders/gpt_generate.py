@@ -9,9 +9,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ...core import random as pr
-from ...core.pytree import Params
-from .model import MultimodalGPT
+from .. import random as pr
+from ..pytree import Params
+from .gpt import MultimodalGPT
 
 __all__ = ["sample_logits", "filter_logits", "generate"]
 
@@ -54,7 +54,7 @@ def generate(model: MultimodalGPT, params: Params, in_ids: Tensor, *, key: Tenso
     ``use_cache=False`` recomputes the full pass at every step (slower; equal results).
 
     >>> from polymodal.core import random as pr
-    >>> from polymodal.models.gpt import multimodal_gpt
+    >>> from polymodal.core.encoders.gpt import multimodal_gpt
     >>> gpt = multimodal_gpt(10, 6, (3,), (4,), d_model=16, num_heads=2, num_layers=1)
     >>> p = gpt.init(key=pr.key(0))
     >>> generate(gpt, p, torch.zeros(2, 3, dtype=torch.long), key=pr.key(1), top_k=3).shape

@@ -46,6 +46,8 @@ class _LayerBase(Spec):
     drop_path: float = 0.0  # stochastic depth rate of both residual branches
     bias: bool = True  # biases in projections and feed-forward
     weight_init: str = "torch"  # init of the Linears
+    qkv_bias: bool | None = None  # biases of the self-attention's q/k/v projections (None: bias); False with
+    # bias=True is TorchMultimodal's GPT decoder layer (bias-free q/k/v, biased output projection)
 
     _cross_key: ClassVar[bool] = False  # init splits a cross-attention key even without cross-attention
 
@@ -71,7 +73,8 @@ class _LayerBase(Spec):
         return self._norm()(params[norm], _residual(x, fn(x), self.drop_path, self.dropout, keys))
 
     def self_attn(self) -> MultiHeadAttention:
-        return MultiHeadAttention(self.d_model, self.num_heads, bias=self.bias, dropout=self.attn_dropout,
+        qkv_bias = self.bias if self.qkv_bias is None else self.qkv_bias
+        return MultiHeadAttention(self.d_model, self.num_heads, bias=qkv_bias, dropout=self.attn_dropout,
                                   is_causal=self.is_causal, weight_init=self.weight_init)
 
     def cross_attn(self) -> MultiHeadAttention:
