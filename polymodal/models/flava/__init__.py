@@ -23,3 +23,24 @@ __all__ = [
     "FLAVALosses", "FLAVAPretrainingLoss", "MaskedPredictionHead", "FLAVAModel", "FLAVAOutput",
     "FLAVAForClassification", "FLAVAForPreTraining", "FLAVAPreTrainingOutput",
 ]
+
+from ...registry import register_family  # noqa: E402
+
+
+def _load_pretrained(name, path=None, cache_dir=None, **kw):
+    """``polymodal.nn`` shells' loader: TorchMultimodal's published ``flava_full`` checkpoint (or ``path``)."""
+    from .pretrained import load_pretrained
+
+    pre = load_pretrained("flava_full" if name in ("flava_model", "flava_model_for_pretraining") else name,
+                          path=path, cache_dir=cache_dir, **kw)
+    return pre.spec, pre.params, None
+
+
+register_family(
+    "flava",
+    builders=BUILDERS,
+    presets={"tiny": "flava_tiny_for_pretraining", "full": "flava_model_for_pretraining"},
+    task="polymodal.models.flava.task:FLAVATask",
+    description="FLAVA multi-source pretraining: MLM, MIM, MMM, ITM, contrastive (Singh et al. 2022)",
+    extra={"build": build, "load_pretrained": _load_pretrained},
+)
