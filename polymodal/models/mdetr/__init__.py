@@ -28,3 +28,14 @@ __all__ = [
     "pad_text", "phrase_scores", "rank_phrase_boxes", "recall_at_k", "to_image_boxes", "FeatureResizer",
     "MDETRTransformer", "sine_position_embedding_2d",
 ]
+
+from ...registry import register_family  # noqa: E402
+
+register_family(
+    "mdetr",
+    builders=BUILDERS,
+    presets={"tiny": "mdetr_tiny", "tiny-vqa": "mdetr_tiny_vqa"},
+    task="polymodal.models.mdetr.task:MDETRTask",
+    description="modulated detection: phrase grounding and VQA (Kamath et al. 2021)",
+    extra={"build": build},
+)

@@ -1,11 +1,24 @@
-"""MUGEN (Hayes et al. 2022): text-to-video generation with a video VQ-VAE and a multimodal GPT."""
+"""MUGEN (Hayes et al. 2022): text-to-video generation with a video VQ-VAE and a multimodal GPT.
+
+* specs: :class:`~polymodal.core.encoders.gpt.MultimodalGPT` built by ``mugen_gpt`` (published),
+  ``mugen_gpt_tiny`` (synthetic moving shapes) and ``text_video_gpt``; VideoGPT's ``video_gpt`` is in
+  ``polymodal.core.encoders.gpt``; generation (top-k / top-p, KV cache) in ``core/encoders/gpt_generate.py``;
+* checkpoints: :func:`from_torchmultimodal` / :func:`to_torchmultimodal`, :func:`load_pretrained`;
+* training ``polymodal train video-gpt --vqvae RUN``; ``polymodal generate --run RUN "a blue square moves up"``.
+"""
 
 from .builders import BUILDERS, mugen_gpt, mugen_gpt_tiny, text_video_gpt
+from .convert import from_torchmultimodal, to_torchmultimodal
+from .pretrained import load_pretrained
 from .text import CaptionTokenizer
 
-__all__ = ["mugen_gpt", "mugen_gpt_tiny", "text_video_gpt", "CaptionTokenizer", "BUILDERS"]
+__all__ = ["mugen_gpt", "mugen_gpt_tiny", "text_video_gpt", "CaptionTokenizer", "BUILDERS", "from_torchmultimodal",
+           "to_torchmultimodal", "load_pretrained"]
 
 from ...registry import register_family  # noqa: E402
 
 register_family("video-gpt", builders=BUILDERS, presets={"tiny": "mugen_gpt_tiny", "mugen": "mugen_gpt"},
-                description="text-to-video GPT over VQ-VAE codes (MUGEN)")
+                task="polymodal.models.mugen.task:VideoGPTTask",
+                description="text-to-video GPT over VQ-VAE codes (MUGEN)",
+                extra={"load_pretrained": load_pretrained, "from_torchmultimodal": from_torchmultimodal,
+                       "to_torchmultimodal": to_torchmultimodal})

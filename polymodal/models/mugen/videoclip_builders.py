@@ -12,6 +12,7 @@ DistilBERT is re-declared here from the core encoder (families do not import one
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from ...core.encoders.bert import BERTTextEncoder, bert_text_encoder
@@ -44,8 +45,9 @@ def videoclip_tiny(**kw: Any) -> VideoCLIP:
     faster than MUGEN's ``0.07`` on this small problem."""
     text = bert_text_encoder(vocab_size=TINY_VOCAB_SIZE, hidden_size=32, num_layers=2, num_heads=2,
                              intermediate_size=64, max_position_embeddings=16, type_vocab_size=0, pooler=False)
-    args = dict(proj_dim=32, proj_dropout=0.0, logit_scale_init=2.6592600369262695, logit_scale_max=4.605170185988092)
-    return VideoCLIP(text, s3d_tiny(), **(args | kw))
+    args = dict(text=text, video=s3d_tiny(), proj_dim=32, proj_dropout=0.0, logit_scale_init=math.log(1 / 0.07),
+                logit_scale_max=math.log(100))
+    return VideoCLIP(**(args | kw))
 
 
 VIDEOCLIP_BUILDERS = {"videoclip": videoclip, "videoclip_tiny": videoclip_tiny}
