@@ -16,6 +16,7 @@ from .loss import (
 )
 from .matcher import hungarian_match, matching_cost
 from .model import MDETR, MDETROutput, pad_images, pad_text
+from .pretrained import URLS, load_pretrained, read_checkpoint
 from .postprocess import phrase_scores, rank_phrase_boxes, recall_at_k, to_image_boxes
 from .transformer import FeatureResizer, MDETRTransformer, sine_position_embedding_2d
 
@@ -26,10 +27,20 @@ __all__ = [
     "GQA_TYPES", "box_losses", "contrastive_alignment_loss", "gqa_masks", "masked_accuracy", "masked_cross_entropy",
     "soft_token_loss", "vqa_accuracy", "hungarian_match", "matching_cost", "MDETR", "MDETROutput", "pad_images",
     "pad_text", "phrase_scores", "rank_phrase_boxes", "recall_at_k", "to_image_boxes", "FeatureResizer",
-    "MDETRTransformer", "sine_position_embedding_2d",
+    "MDETRTransformer", "sine_position_embedding_2d", "URLS", "load_pretrained", "read_checkpoint",
 ]
 
 from ...registry import register_family  # noqa: E402
+
+
+
+def _load_pretrained(name, path=None, cache_dir=None, **kw):
+    """``polymodal.nn`` shells' loader (``polymodal.nn.build("mdetr_for_phrase_grounding", pretrained=...)``)."""
+    from .pretrained import load_pretrained
+
+    pre = load_pretrained(kw.pop("checkpoint", "mdetr_resnet101_pretrained"), path=path, cache_dir=cache_dir, **kw)
+    return pre.spec, pre.params, None
+
 
 register_family(
     "mdetr",
@@ -37,5 +48,5 @@ register_family(
     presets={"tiny": "mdetr_tiny", "tiny-vqa": "mdetr_tiny_vqa"},
     task="polymodal.models.mdetr.task:MDETRTask",
     description="modulated detection: phrase grounding and VQA (Kamath et al. 2021)",
-    extra={"build": build},
+    extra={"build": build, "load_pretrained": _load_pretrained},
 )

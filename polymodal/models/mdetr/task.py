@@ -126,7 +126,7 @@ def mdetr_loss(model: Any, params: Params, batch: dict, key: Tensor | None, weig
         ce = masked_cross_entropy(out.vqa_preds, batch["vqa"], gqa_masks(batch["answer_type"]))
         parts["vqa"] = sum(ce.values())
     loss = sum(weights[k] * v for k, v in parts.items())
-    return loss, {k: float(v) for k, v in parts.items()}
+    return loss, {k: float(v.detach()) if isinstance(v, Tensor) else float(v) for k, v in parts.items()}
 
 
 @dataclass
