@@ -23,3 +23,21 @@ __all__ = [
     "sample_negatives", "ALBEFModel", "ALBEFModelOutput", "enqueue", "init_queues", "momentum_update",
     "ALBEFForRetrieval", "ALBEFOutput", "ALBEFForVQA",
 ]
+
+from ...registry import register_family  # noqa: E402
+
+register_family(
+    "albef",
+    builders=BUILDERS,
+    presets={"tiny": "albef_tiny", "retrieval": "albef_retrieval", "pretraining": "albef_pretraining"},
+    task="polymodal.models.albef.task:ALBEFRetrievalTask",
+    description="ALBEF image-text retrieval pretraining: ITC + ITM + MLM with momentum distillation (Li et al. 2021)",
+)
+register_family(
+    "albef-vqa",
+    builders={},
+    builders_from="albef",
+    presets={"tiny": "albef_vqa_tiny", "vqa": "albef_vqa"},
+    task="polymodal.models.albef.vqa_task:ALBEFVQATask",
+    description="ALBEF VQA: an answer decoder ranking candidate answers, on synthetic shape questions",
+)
