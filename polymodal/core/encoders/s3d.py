@@ -103,7 +103,7 @@ def _one(cin: int, cout: int, bn: BatchNorm3d) -> _Unit:
 class S3D(Spec):
     """S3D: ``video (B, 3, T, H, W) -> ((B, out_dim), new_state)``; see the module docstring.
 
-    The defaults are torchvision's ``S3D`` (8,320,048 params with the 400-class head; 7,909,248
+    The defaults are torchvision's ``S3D`` (8,320,048 params with the 400-class head; 7,910,048
     without). ``T`` is reduced 8x and ``H, W`` 32x before the head, whose average pool needs at
     least ``pool_kernel`` positions (torchvision: ``(2, 7, 7)``, i.e. 16 x 224 x 224 clips or more).
 
@@ -268,7 +268,7 @@ class S3D(Spec):
 
 def s3d(**kw) -> S3D:
     """torchvision's ``S3D`` layout (Xie et al. 2018, Table 1; the encoder of MUGEN's VideoCLIP):
-    7,909,248 params without the classifier, 8,320,048 with ``num_classes=400``."""
+    7,910,048 params without the classifier, 8,320,048 with ``num_classes=400``."""
     return S3D(**kw)
 
 
