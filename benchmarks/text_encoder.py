@@ -1,28 +1,43 @@
 """BERT-base forward and forward+backward: polymodal (functional and shell, eager and compiled) against
 ``transformers``' ``BertModel`` (eager and compiled, its SDPA attention) from the same weights, in one
-run; then tokenizer throughput against the Hugging Face fast tokenizer.
+run, interleaved; then tokenizer throughput against the Hugging Face fast tokenizer.
 
 Reproduce (writes ``benchmarks/results/text_encoder.md``)::
 
-    .venv/bin/python benchmarks/text_encoder.py                  # BERT-base, batch 8 x 128, 1 thread
-    .venv/bin/python benchmarks/text_encoder.py --layers 2 --steps 2   # a quick look
+    .venv/bin/python benchmarks/text_encoder.py                        # BERT-base, 8 x 128, 1 thread and torch's default
+    .venv/bin/python benchmarks/text_encoder.py --layers 2 --rounds 2 --threads 1   # a quick look
 
 The batch is 8 rows of 128 token ids with ragged padding (real lengths drawn in [32, 128], the
-rest ``[PAD]`` and masked out); every row gets the same ids and ``attention_mask``. The polymodal
-params are converted from the ``transformers`` model with ``from_huggingface``, and each row prints
-the sum of its last hidden state so the rows are seen to compute the same thing. The loss of
-forward+backward is ``(last_hidden_state * probe).mean()`` with a fixed random ``probe``; gradients go
-to every parameter; a row's ``check`` is the forward's ``(hidden * probe).sum()`` or that loss.
+rest ``[PAD]`` and masked out; 77 % of the positions are real). The polymodal params are converted
+from the ``transformers`` model with ``from_huggingface``. polymodal runs twice:
 
-Timing: on CPU, the CPU time of this process with torch on ``--threads`` threads (1 by default:
-the machine is shared, so wall time mostly measures the neighbours), after ``--warmup`` untimed
-calls (compilation happens there); best and median of ``--steps`` calls; ratios compare best
-times (noise only ever adds time). On CUDA (``--device cuda``) wall time after synchronising.
+* ``unpad``: ``bert_text_encoder(..., unpad=True)``: the projections, feed-forward, residuals and
+  LayerNorms run on the real tokens only (``core/encoders/bert_unpad.py``); attention is SDPA on the
+  padded ``(B, H, T, Dh)`` with the key-padding mask, as in the padded path. Real positions equal
+  ``transformers``' (1e-5); padded positions are zeros where ``transformers`` computes the pad
+  queries' attention over the real tokens (values nobody reads: masked out of attention, pooling
+  and losses).
+* ``padded``: the default encoder, every position computed, equal to ``transformers`` everywhere.
+
+The loss of forward+backward is ``(last_hidden_state * probe).mean()`` with a fixed random ``probe``
+that is zero at padded positions (so both forms of the output give the same loss and gradients);
+gradients go to every parameter; a row's ``check`` is the forward's ``(hidden * probe).sum()`` or
+that loss.
+
+Timing: on CPU, the CPU time of this process (the machine is shared, so wall time mostly measures
+the neighbours), with torch on each of ``--threads``; after ``--warmup`` untimed calls
+(compilation happens there), ``--rounds`` rounds, each round timing every variant once in turn
+(interleaved, so load drift hits all rows alike). Reported: best, median and the spread
+(max / min - 1) of a row; ratios of best times, and the median and minimum over rounds of the
+per-round ratio (the same round's transformers time over this row's). On CUDA (``--device cuda``)
+wall time after synchronising.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import os
 import platform
 import statistics
 import time
@@ -33,6 +48,7 @@ from pathlib import Path
 import torch
 
 RESULTS = Path(__file__).parent / "results" / "text_encoder.md"
+HF = "transformers BertModel (sdpa)"
 
 
 def _clock(device: torch.device) -> Callable[[], float]:
@@ -69,7 +85,16 @@ def batch(b: int, t: int, vocab: int, device: torch.device) -> tuple[torch.Tenso
     return ids.to(device), mask.to(device)
 
 
-def rows(args, device: torch.device) -> list[tuple[str, str, float, float, float]]:
+def _dynamic(fn: Callable) -> Callable:
+    """``fn`` with dynamo capturing data-dependent shapes (the unpadded path's ``nonzero``)."""
+    def call(*a, **k):
+        with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+            return fn(*a, **k)
+    return call
+
+
+def variants(args, device: torch.device):
+    """``[(name, mode, forward fn, parameter leaves)]`` and the probe, all from one set of weights."""
     import transformers as tf
 
     from polymodal import nn as pnn
@@ -82,49 +107,66 @@ def rows(args, device: torch.device) -> list[tuple[str, str, float, float, float
     ref = tf.BertModel(cfg).to(device).eval()
     spec, params = from_huggingface({k: v.detach().clone() for k, v in ref.state_dict().items()}, cfg.to_dict())
     params = pytree.tree_map(lambda x: x.to(device), params)
-    shell = pnn.BERTTextEncoder.from_params(spec, params).eval()
     ids, mask = batch(args.batch, args.seq, cfg.vocab_size, device)
     probe = torch.randn(args.batch, args.seq, cfg.hidden_size, generator=torch.Generator().manual_seed(1)).to(device)
+    probe = probe * mask[..., None]
+    out = [(HF, "eager", lambda: ref(input_ids=ids, attention_mask=mask).last_hidden_state, list(ref.parameters()))]
+    hf_c = torch.compile(ref)
+    out.append((HF, "compiled", lambda: hf_c(input_ids=ids, attention_mask=mask).last_hidden_state,
+                list(ref.parameters())))
+    leaves = list(pytree.flatten(params).values())
+    for form in args.forms:
+        s = dataclasses.replace(spec, unpad=form == "unpad")
+        hidden = (lambda s: lambda p, i, m: s(p, i, m).last_hidden_state)(s)
+        fn_c = _dynamic(torch.compile(hidden, fullgraph=True))
+        shell = pnn.BERTTextEncoder.from_params(s, params).eval()
+        shell_c = _dynamic(torch.compile(shell))
+        out += [(f"polymodal {form} functional", "eager", (lambda h: lambda: h(params, ids, mask))(hidden), leaves),
+                (f"polymodal {form} functional", "compiled", (lambda h: lambda: h(params, ids, mask))(fn_c), leaves),
+                (f"polymodal {form} shell", "eager", (lambda m: lambda: m(ids, mask).last_hidden_state)(shell),
+                 list(shell.parameters())),
+                (f"polymodal {form} shell", "compiled", (lambda m: lambda: m(ids, mask).last_hidden_state)(shell_c),
+                 list(shell.parameters()))]
+    return out, probe
 
-    hf_fwd = lambda m: (lambda: m(input_ids=ids, attention_mask=mask).last_hidden_state)  # noqa: E731
-    fn_fwd = lambda f: (lambda: f(params, ids, mask))  # noqa: E731
-    shell_fwd = lambda m: (lambda: m(ids, mask).last_hidden_state)  # noqa: E731
-    spec_hidden = lambda p, i, m: spec(p, i, m).last_hidden_state  # noqa: E731
 
-    hf_compiled = torch.compile(ref)
-    fn_compiled = torch.compile(spec_hidden, fullgraph=True)
-    shell_compiled = torch.compile(shell)
-    variants = [
-        ("transformers BertModel (sdpa)", "eager", hf_fwd(ref), list(ref.parameters())),
-        ("transformers BertModel (sdpa)", "compiled", hf_fwd(hf_compiled), list(ref.parameters())),
-        ("polymodal functional", "eager", fn_fwd(spec_hidden), list(pytree.flatten(params).values())),
-        ("polymodal functional", "compiled", fn_fwd(fn_compiled), list(pytree.flatten(params).values())),
-        ("polymodal shell", "eager", shell_fwd(shell), list(shell.parameters())),
-        ("polymodal shell", "compiled", shell_fwd(shell_compiled), list(shell.parameters())),
-    ]
-    out = []
-    for name, mode, fwd, leaves in variants:
-        def forward() -> float:
-            with torch.no_grad():
-                return float((fwd() * probe).double().sum())
+def interleaved(args, device: torch.device) -> list[dict]:
+    """Per variant and pass: the times of every round (rounds interleave the variants)."""
+    vs, probe = variants(args, device)
+    clock = _clock(device)
 
-        def train() -> float:
-            for p in leaves:
-                p.requires_grad_(True)
-                p.grad = None
-            loss = (fwd() * probe).mean()
-            loss.backward()
-            return float(loss)
+    def forward(fwd) -> float:
+        with torch.no_grad():
+            return float((fwd() * probe).double().sum())
 
-        for what, fn in (("forward", forward), ("forward+backward", train)):
-            best, med, check = timed(fn, args.warmup, args.steps, device)
-            print(f"{name:32s} {mode:9s} {what:17s} best {best * 1e3:9.1f} ms  median {med * 1e3:9.1f} ms  "
-                  f"check {check:.6g}", flush=True)
-            out.append((f"{name} {mode}", what, best, med, check))
+    def train(fwd, leaves) -> float:
+        for p in leaves:
+            p.requires_grad_(True)
+            p.grad = None
+        loss = (fwd() * probe).mean()
+        loss.backward()
         for p in leaves:
             p.requires_grad_(False)
             p.grad = None
-    return out
+        return float(loss)
+
+    res = []
+    for what in ("forward", "forward+backward"):
+        calls = [(name, mode, (lambda f: lambda: forward(f))(fwd) if what == "forward" else
+                  (lambda f, lv: lambda: train(f, lv))(fwd, leaves)) for name, mode, fwd, leaves in vs]
+        rows = [{"name": f"{n} {m}", "mode": m, "pass": what, "times": [], "check": c()} for n, m, c in calls]
+        for _ in range(args.warmup - 1):
+            for _, _, c in calls:
+                c()
+        for r in range(args.rounds):
+            for row, (_, _, c) in zip(rows, calls):
+                t0 = clock()
+                c()
+                row["times"].append(clock() - t0)
+            print(f"{what} round {r + 1}/{args.rounds}: " + "  ".join(f"{t['times'][-1] * 1e3:.0f}" for t in rows),
+                  flush=True)
+        res += rows
+    return res
 
 
 def tokenizer_rows(n: int) -> list[tuple[str, float]]:
@@ -153,31 +195,27 @@ def tokenizer_rows(n: int) -> list[tuple[str, float]]:
     return res
 
 
-def report(args, res, tok, device: torch.device) -> str:
-    lines = [f"# BERT text encoder: polymodal vs transformers (`benchmarks/text_encoder.py`)", "",
-             f"BERT-base layout with {args.layers} layers, batch {args.batch} x {args.seq} tokens, ragged padding "
-             f"(lengths in [32, {args.seq}]), fp32, device `{device}`"
-             + (f", torch on {args.threads} thread(s), **CPU time of the process** (the machine is shared by several "
-                "jobs; wall time would measure them)" if device.type == "cpu" else ", wall time") +
-             f"; {args.warmup} warm-up and {args.steps} timed calls per row, best and median. "
-             f"torch {torch.__version__}, transformers {__import__('transformers').__version__}, "
-             f"{platform.processor() or platform.machine()}. One run, all rows in one process from the same weights "
-             "(`from_huggingface`); `check` is `(hidden * probe).sum()` for a fixed random probe (forward) or `(hidden * probe).mean()`, the loss (forward+backward).", "",
-             "| implementation | pass | best (ms) | median (ms) | check | transformers eager / this | "
-             "transformers same-mode / this |", "|---|---|---:|---:|---:|---:|---:|"]
-    base = {(r[0], r[1]): r[2] for r in res}
-    for name, what, best, med, check in res:
-        mode = name.rsplit(" ", 1)[1]
-        eager = base[("transformers BertModel (sdpa) eager", what)]
-        same = base[(f"transformers BertModel (sdpa) {mode}", what)]
-        lines.append(f"| {name} | {what} | {best * 1e3:.1f} | {med * 1e3:.1f} | {check:.6g} | {eager / best:.2f}x | "
-                     f"{same / best:.2f}x |")
-    lines += ["", "Ratios > 1 mean polymodal is faster than that transformers row.", "",
-              "## Tokenizer throughput", "",
-              f"{args.tokenize} sentences of 24 words (WordPiece, a 3,000-word vocabulary), padded and truncated to "
-              "128, as tensors; CPU time, best of 3.", "", "| tokenizer | sentences / s |", "|---|---:|"]
-    lines += [f"| {n} | {v:,.0f} |" for n, v in tok]
-    return "\n".join(lines) + "\n"
+def table(res: list[dict]) -> list[str]:
+    lines = ["| implementation | pass | best (ms) | median (ms) | spread | check | transformers eager / this, "
+             "best | same-mode / this, best | same-mode / this per round, median (min) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    by = {(r["name"], r["pass"]): r for r in res}
+    for r in res:
+        t = r["times"]
+        eager, same = by[(f"{HF} eager", r["pass"])], by[(f"{HF} {r['mode']}", r["pass"])]
+        per_round = [a / b for a, b in zip(same["times"], t)]
+        lines.append(f"| {r['name']} | {r['pass']} | {min(t) * 1e3:.1f} | {statistics.median(t) * 1e3:.1f} | "
+                     f"{max(t) / min(t) - 1:.0%} | {r['check']:.6g} | {min(eager['times']) / min(t):.2f}x | "
+                     f"{min(same['times']) / min(t):.2f}x | {statistics.median(per_round):.2f}x "
+                     f"({min(per_round):.2f}x) |")
+    return lines
+
+
+def load() -> str:
+    try:
+        return "load average " + " / ".join(f"{v:.1f}" for v in os.getloadavg())
+    except OSError:
+        return "load average unknown"
 
 
 def main() -> None:
@@ -185,19 +223,46 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=12)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=128)
-    ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=7, help="interleaved timed rounds per pass")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed calls per variant (the first compiles)")
+    ap.add_argument("--threads", default="1,default", help="comma list of torch thread counts ('default': torch's)")
+    ap.add_argument("--forms", default="unpad,padded", help="polymodal forms: unpad, padded")
     ap.add_argument("--tokenize", type=int, default=20_000)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    args.forms = args.forms.split(",")
     warnings.filterwarnings("ignore")
     device = torch.device(args.device)
-    res = rows(args, device)
-    tok = tokenizer_rows(args.tokenize)
-    Path(args.out).write_text(report(args, res, tok, device))
+    default_threads = torch.get_num_threads()
+    lines = ["# BERT text encoder: polymodal vs transformers (`benchmarks/text_encoder.py`)", "",
+             f"BERT-base layout with {args.layers} layers, batch {args.batch} x {args.seq} tokens, ragged padding "
+             f"(lengths in [32, {args.seq}]), fp32, device `{device}`, "
+             + ("**CPU time of the process**" if device.type == "cpu" else "wall time") +
+             f"; {args.warmup} warm-up calls, then {args.rounds} interleaved rounds per pass. torch {torch.__version__}, "
+             f"transformers {__import__('transformers').__version__}, {platform.processor() or platform.machine()}, "
+             f"{os.cpu_count()} CPUs. All rows in one process from the same weights (`from_huggingface`); "
+             "`check` is `(hidden * probe).sum()` (forward) or the loss `(hidden * probe).mean()` (forward+backward) "
+             "for a fixed random probe that is zero at padding. `unpad`: the blocks skip padded positions "
+             "(zeros there); `padded`: every position, equal to transformers everywhere. Spread: max / min - 1 "
+             "over the rounds. Ratios > 1 mean polymodal is faster.", ""]
+    for th in args.threads.split(","):
+        n = default_threads if th == "default" else int(th)
+        torch.set_num_threads(n)
+        before = load()
+        t0 = time.time()
+        res = interleaved(args, device)
+        lines += [f"## torch on {n} thread(s){' (the default)' if th == 'default' else ''}", "",
+                  f"Machine load before: {before}; after: {load()} ({time.time() - t0:.0f} s wall).", ""]
+        lines += table(res) + [""]
+    torch.set_num_threads(default_threads)
+    if args.tokenize:
+        tok = tokenizer_rows(args.tokenize)
+        lines += ["## Tokenizer throughput", "",
+                  f"{args.tokenize} sentences of 24 words (WordPiece, a 3,000-word vocabulary), padded and truncated "
+                  "to 128, as tensors; CPU time, best of 3.", "", "| tokenizer | sentences / s |", "|---|---:|"]
+        lines += [f"| {name} | {v:,.0f} |" for name, v in tok]
+    Path(args.out).write_text("\n".join(lines) + "\n")
     print(f"wrote {args.out}")
 
 

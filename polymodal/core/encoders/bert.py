@@ -23,6 +23,7 @@ they agree::
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -37,6 +38,7 @@ from ..layers.norm import LayerNorm
 from ..layers.transformer import TransformerEncoder, TransformerEncoderLayer
 from ..pytree import Params
 from ..spec import Spec, check_dtype, check_ids, check_sizes
+from .bert_unpad import packed_encoder
 
 __all__ = ["BERTTextEmbeddings", "BERTTextEncoder", "BERTOutput", "bert_text_encoder"]
 
@@ -146,6 +148,13 @@ class BERTTextEncoder(Spec):
     ``input_ids != pad_token_id`` (``mask_padding=True``, TorchMultimodal's rule) or nothing is masked.
     ``encoder_hidden_states (B, S, dim_kv)`` (+ ``encoder_attention_mask (B, S)``, 1 = real) feed the
     cross-attending layers.
+
+    ``unpad=True`` (with a mask: ``attention_mask`` or ``mask_padding``) runs the blocks on the real
+    tokens only (:mod:`.bert_unpad`): real positions equal the padded path's, padded positions of
+    ``last_hidden_state`` and ``hidden_states`` are zeros (Hugging Face returns the pad queries'
+    attention over the real tokens there), and the pooler reads position 0 as always. Not under
+    ``vmap`` (data-dependent shapes); ``torch.compile`` needs
+    ``torch._dynamo.config.capture_dynamic_output_shape_ops = True``.
     """
 
     embeddings: BERTTextEmbeddings  # ids -> (B, T, D)
@@ -153,6 +162,7 @@ class BERTTextEncoder(Spec):
     pooler: bool = True  # tanh(dense(first token)) as the pooled output
     final_norm: bool = False  # a LayerNorm after the blocks (pre-norm stacks: TorchMultimodal's FLAVA)
     mask_padding: bool = True  # without attention_mask, mask the pad_token_id positions out of attention
+    unpad: bool = False  # token-wise work on real tokens only (bert_unpad.py); last_hidden_state is 0 at padding
 
     def __post_init__(self) -> None:
         d, w = self.embeddings.hidden_size, self.encoder.layer.d_model
@@ -194,7 +204,8 @@ class BERTTextEncoder(Spec):
         check_dtype(input_ids, f"{type(self).__name__}: input_ids", _INT)
         if input_ids.dim() == 1:  # one unbatched row (under vmap): the masks need a batch axis
             add = (lambda t: None if t is None else t[None])
-            out = self(params, input_ids[None], add(attention_mask), add(token_type_ids), position_ids=add(position_ids),
+            enc = dataclasses.replace(self, unpad=False) if self.unpad else self  # vmap needs static shapes
+            out = enc(params, input_ids[None], add(attention_mask), add(token_type_ids), position_ids=add(position_ids),
                        encoder_hidden_states=add(encoder_hidden_states),
                        encoder_attention_mask=add(encoder_attention_mask), key=key,
                        return_hidden_states=return_hidden_states, return_attention_weights=return_attention_weights)
@@ -212,15 +223,32 @@ class BERTTextEncoder(Spec):
         k_emb, k_enc = pr.maybe_split(key, 2)
         x = self.embeddings(params["embeddings"], input_ids, token_type_ids, position_ids, key=k_emb)
         mem_pad = None if encoder_attention_mask is None else ~encoder_attention_mask.bool()
+        if self.unpad and valid is not None:
+            return self._packed(params, x, valid, encoder_hidden_states, mem_pad, k_enc, return_hidden_states,
+                                return_attention_weights)
         out = self.encoder(params["encoder"], x, encoder_hidden_states,
                            key_padding_mask=None if valid is None else ~valid, memory_key_padding_mask=mem_pad,
                            key=k_enc, return_hidden_states=return_hidden_states,
                            return_attention_weights=return_attention_weights)
-        h = out.last_hidden_state
+        return self._finish(params, out.last_hidden_state, out.hidden_states, out.attentions, out.cross_attentions)
+
+    def _finish(self, params: Params, h: Tensor, *rest) -> BERTOutput:
         if self.final_norm:
             h = self.norm()(params["layernorm"], h)
         pooled = torch.tanh(self.dense()(params["pooler"]["dense"], h[:, 0])) if self.pooler else None
-        return BERTOutput(h, pooled, out.hidden_states, out.attentions, out.cross_attentions)
+        return BERTOutput(h, pooled, *rest)
+
+    def _packed(self, params: Params, x: Tensor, valid: Tensor, memory: Tensor | None, mem_pad: Tensor | None,
+                key: Tensor | None, hidden: bool, weights: bool) -> BERTOutput:
+        crosses = [i for i in range(self.encoder.num_layers) if self.encoder.layer_at(i).cross_attention]
+        if crosses and memory is None:
+            raise ValueError(f"{type(self).__name__}: layers {crosses} cross-attend; expected "
+                             "encoder_hidden_states (B, S, dim_kv), got None")
+        if memory is not None and not crosses:
+            raise ValueError(f"{type(self).__name__}: encoder_hidden_states was given but no layer cross-attends")
+        h, hs, attns, cross = packed_encoder(self.encoder, params["encoder"], x, valid, memory, mem_pad, key=key,
+                                             return_hidden_states=hidden, return_attention_weights=weights)
+        return self._finish(params, h, hs, attns, cross)
 
 
 def bert_text_encoder(*, vocab_size: int = 30522, hidden_size: int = 768, num_layers: int = 12, num_heads: int = 12,
@@ -229,17 +257,22 @@ def bert_text_encoder(*, vocab_size: int = 30522, hidden_size: int = 768, num_la
                       attn_dropout: float | None = None, activation: str = "gelu", position_offset: bool = False,
                       pooler: bool = True, norm_first: bool = False, final_norm: bool | None = None,
                       cross_attention_every: int | None = None, dim_kv: int | None = None,
-                      mask_padding: bool = True, init_std: float = 0.02) -> BERTTextEncoder:
+                      mask_padding: bool = True, init_std: float = 0.02, unpad: bool = False,
+                      is_causal: bool = False) -> BERTTextEncoder:
     """A :class:`BERTTextEncoder` from Hugging Face's ``BertConfig`` hyperparameters (defaults: bert-base).
 
     ``cross_attention_every=k``: layers ``0, k, 2k, ...`` cross-attend to ``dim_kv``-wide memory
     (``k=1``: every layer, Hugging Face's ``add_cross_attention``; ``k=2``: BLIP-2's Q-Former).
+    ``unpad=True``: the blocks skip padded positions (zeros there; see :class:`BERTTextEncoder`).
+    ``is_causal=True``: causal self-attention (Hugging Face's ``is_decoder=True``, ``BertLMHeadModel``);
+    ALBEF's fusion encoder and BLIP-2's Q-Former cross-attend bidirectionally (the default).
     """
     layer = TransformerEncoderLayer(hidden_size, num_heads, dim_feedforward=intermediate_size, dropout=dropout,
                                     attn_dropout=dropout if attn_dropout is None else attn_dropout,
                                     activation=activation, norm_first=norm_first, layer_norm_eps=layer_norm_eps,
-                                    dim_kv=dim_kv if dim_kv != hidden_size else None, weight_init="normal")
+                                    dim_kv=dim_kv if dim_kv != hidden_size else None, weight_init="normal",
+                                    is_causal=is_causal)
     emb = BERTTextEmbeddings(vocab_size, hidden_size, max_position_embeddings, type_vocab_size, pad_token_id,
                              layer_norm_eps, dropout, position_offset, init_std)
     return BERTTextEncoder(emb, TransformerEncoder(layer, num_layers, cross_attention_every=cross_attention_every),
-                           pooler, norm_first if final_norm is None else final_norm, mask_padding)
+                           pooler, norm_first if final_norm is None else final_norm, mask_padding, unpad)

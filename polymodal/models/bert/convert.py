@@ -15,9 +15,13 @@ Hugging Face BERT / RoBERTa                  DistilBERT                         
 ==========================================  ==========================================  ===========================
 
 ``embeddings.*`` and ``pooler.dense.*`` keep their names. Task models: ``bert.`` / ``roberta.`` /
-``distilbert.`` prefixes are the encoder; ``cls.predictions.*`` is our ``predictions.*``
-(``BertForMaskedLM``; its ``decoder.weight`` / ``decoder.bias`` are the tied word table and the
-bias, checked equal when read and written back); ``classifier.*`` is kept
+``distilbert.`` prefixes are the encoder. Masked-LM heads are our ``predictions.*``:
+``BertForMaskedLM``'s ``cls.predictions.{transform.dense, transform.LayerNorm, bias}``,
+``RobertaForMaskedLM``'s ``lm_head.{dense, layer_norm, bias}``, ``DistilBertForMaskedLM``'s
+``vocab_transform``, ``vocab_layer_norm``, ``vocab_projector.bias`` (``transform.dense``,
+``transform.LayerNorm``, ``bias``); their decoders (``cls.predictions.decoder``, ``lm_head.decoder``,
+``vocab_projector.weight``) are the tied word table and the bias, checked equal when read and
+written back. ``classifier.*`` is kept
 (``BertForSequenceClassification``). TorchMultimodal's ``BERTTextEncoder``: ``embeddings.layer_norm``,
 ``encoder.layer.{i}.attention.{query,key,value,output}``, ``attention_layernorm``,
 ``feedforward.model.{0,3}`` (FLAVA's ``{0,2}``), ``feedforward_layernorm``, ``layernorm``, ``pooler.dense``.
@@ -54,7 +58,7 @@ from ...core.pytree import Params
 from .model import BERTForMaskedLM, bert_classifier, bert_for_masked_lm
 
 __all__ = ["from_huggingface", "to_huggingface", "from_torchmultimodal", "to_torchmultimodal", "config_from_huggingface",
-           "legacy_names",
+           "legacy_names", "mlm_layout",
            "huggingface_table", "torchmultimodal_table"]
 
 _PREFIXES = ("bert.", "roberta.", "distilbert.")
@@ -126,6 +130,29 @@ def _flavour(spec: BERTTextEncoder) -> str:
     return "distilbert" if spec.embeddings.type_vocab_size == 0 else "bert"
 
 
+# Masked-LM heads: BertForMaskedLM's cls.predictions, RobertaForMaskedLM's lm_head, DistilBertForMaskedLM's vocab_*.
+_MLM_RULES = {
+    "bert": (Rule("cls.predictions.transform.{n}.{p}", "predictions.transform.{n}.{p}"),
+             Rule("cls.predictions.bias", "predictions.bias")),
+    "roberta": (Rule("lm_head.dense.{p}", "predictions.transform.dense.{p}"),
+                Rule("lm_head.layer_norm.{p}", "predictions.transform.LayerNorm.{p}"),
+                Rule("lm_head.bias", "predictions.bias")),
+    "distilbert": (Rule("vocab_transform.{p}", "predictions.transform.dense.{p}"),
+                   Rule("vocab_layer_norm.{p}", "predictions.transform.LayerNorm.{p}"),
+                   Rule("vocab_projector.bias", "predictions.bias")),
+}
+# (tied decoder weight = the word table, its bias when it is a second name of the head's bias)
+_MLM_TIED = {"bert": ("cls.predictions.decoder.weight", "cls.predictions.decoder.bias"),
+             "roberta": ("lm_head.decoder.weight", "lm_head.decoder.bias"),
+             "distilbert": ("vocab_projector.weight", None)}
+_MLM_BIAS = {"bert": "cls.predictions.bias", "roberta": "lm_head.bias", "distilbert": "vocab_projector.bias"}
+
+
+def mlm_layout(enc: BERTTextEncoder) -> str:
+    """Which Hugging Face masked-LM head goes with ``enc``: ``"bert"``, ``"roberta"`` or ``"distilbert"``."""
+    return _flavour(enc) if _flavour(enc) == "distilbert" else "roberta" if enc.embeddings.position_offset else "bert"
+
+
 @functools.lru_cache(maxsize=32)
 def huggingface_table(spec: Any, prefix: str | None = None) -> Table:
     """The Hugging Face layout of ``spec`` (an encoder, :class:`BERTForMaskedLM` or :class:`BERTClassifier`);
@@ -139,10 +166,10 @@ def huggingface_table(spec: Any, prefix: str | None = None) -> Table:
         prefix = {"distilbert": "distilbert."}.get(fl, "roberta." if enc.embeddings.position_offset else "bert.")
     rules = _encoder_rules(enc, prefix, "bert.", fl)
     if isinstance(spec, BERTForMaskedLM):
-        rules += (Rule("cls.predictions.transform.{n}.{p}", "predictions.transform.{n}.{p}"),
-                  Rule("cls.predictions.bias", "predictions.bias"))
-        # the tied decoder; BertForPreTraining's next-sentence head and pooler (BertForMaskedLM has neither)
-        drop = ("cls.predictions.decoder.weight", "cls.predictions.decoder.bias", "cls.seq_relationship.{p}")
+        layout = mlm_layout(enc)
+        rules += _MLM_RULES[layout]
+        # the tied decoder (and, for BERT, BertForPreTraining's next-sentence head and pooler)
+        drop = tuple(k for k in _MLM_TIED[layout] if k) + (("cls.seq_relationship.{p}",) if layout == "bert" else ())
         if not enc.pooler:
             drop += (f"{prefix}pooler.{{p*}}",)
     else:
@@ -179,7 +206,8 @@ def config_from_huggingface(state_dict: Mapping[str, Tensor], config: Mapping[st
                             ) -> BERTTextEncoder:
     """The encoder spec from ``config.json`` (a dict or its path) or, without one, from the shapes. Shapes cannot
     show the head count (taken as ``hidden // 64``, BERT's convention), the activation (GELU), nor the
-    padding id (0; RoBERTa's 1 when the keys say ``roberta.``): pass the config when you have it."""
+    padding id (0; RoBERTa's 1 when the keys say ``roberta.``), nor ``is_decoder`` (causal self-attention,
+    which a config's ``is_decoder: true`` turns on): pass the config when you have it."""
     prefix, sd = _strip(state_dict)
     if isinstance(config, (str, os.PathLike)):  # a config.json path
         config = json.loads(Path(config).read_text(encoding="utf-8"))
@@ -197,7 +225,7 @@ def config_from_huggingface(state_dict: Mapping[str, Tensor], config: Mapping[st
             vocab_size=vocab, hidden_size=hidden, num_layers=n_layers, intermediate_size=ff.shape[0],
             max_position_embeddings=sd["embeddings.position_embeddings.weight"].shape[0],
             type_vocab_size=0 if distil else sd["embeddings.token_type_embeddings.weight"].shape[0],
-            pooler="pooler.dense.weight" in sd)
+            pooler="pooler.dense.weight" in sd, is_causal=bool(cfg.get("is_decoder", False)))
     except KeyError as e:
         raise ValueError(f"from_huggingface: cannot infer the BERT architecture: key {e.args[0]!r} is missing "
                          f"(keys start {sorted(state_dict)[:4]}); pass config=... (config.json) or spec=...") from None
@@ -230,12 +258,17 @@ def legacy_names(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return {fix(k): v for k, v in state_dict.items()}
 
 
+_MLM_KEYS = ("cls.predictions.transform.dense.weight", "lm_head.dense.weight", "vocab_transform.weight")
+
+
 def _task_spec(state_dict: Mapping[str, Tensor], enc: BERTTextEncoder, model: str) -> Any:
     if model == "auto":
-        model = "mlm" if "cls.predictions.transform.dense.weight" in state_dict else \
+        model = "mlm" if any(k in state_dict for k in _MLM_KEYS) else \
             "classifier" if "classifier.weight" in state_dict and enc.pooler else "encoder"
-    if model == "mlm":
-        return bert_for_masked_lm(enc)
+    if model == "mlm":  # RobertaLMHead applies exact GELU whatever hidden_act; DistilBERT's head norm has eps 1e-12
+        layout = mlm_layout(enc)
+        return bert_for_masked_lm(enc, activation="gelu" if layout == "roberta" else None,
+                                  layer_norm_eps=1e-12 if layout == "distilbert" else None)
     if model == "classifier":
         return bert_classifier(enc, state_dict["classifier.weight"].shape[0])
     if model != "encoder":
@@ -259,12 +292,19 @@ def from_huggingface(state_dict: Mapping[str, Tensor], config: Mapping[str, Any]
         table = huggingface_table(spec, prefix)
     else:
         table = huggingface_table(spec, _strip(state_dict)[0])
-        dec = state_dict.get("cls.predictions.decoder.weight")
-        word = state_dict.get(f"{_strip(state_dict)[0]}embeddings.word_embeddings.weight")
-        if dec is not None and word is not None and not torch.equal(dec, word):
-            raise ValueError("from_huggingface: cls.predictions.decoder.weight differs from the word embeddings; "
-                             "polymodal's masked-LM head ties them (as BertForMaskedLM)")
+        if isinstance(spec, BERTForMaskedLM):
+            _check_tied(state_dict, mlm_layout(spec.bert))
     return spec, table.to_ours(state_dict, spec)
+
+
+def _check_tied(state_dict: Mapping[str, Tensor], layout: str) -> None:
+    """The decoder's weight must be the word table (and a decoder bias the head's bias): polymodal ties them."""
+    (dec_w, dec_b), prefix = _MLM_TIED[layout], _strip(state_dict)[0]
+    for key, other in ((dec_w, f"{prefix}embeddings.word_embeddings.weight"), (dec_b, _MLM_BIAS[layout])):
+        a, b = (None if key is None else state_dict.get(key)), state_dict.get(other)
+        if a is not None and b is not None and not torch.equal(a, b):
+            raise ValueError(f"from_huggingface: {key} differs from {other}; polymodal's masked-LM head ties them "
+                             "(as Hugging Face's masked-LM models do)")
 
 
 def to_huggingface(params: Params, spec: Any, prefix: str | None = None) -> dict[str, Tensor]:
@@ -272,9 +312,12 @@ def to_huggingface(params: Params, spec: Any, prefix: str | None = None) -> dict
     an encoder as ``BertModel`` / ``RobertaModel`` / ``DistilBertModel``, task models with their prefix."""
     sd = huggingface_table(spec, prefix).to_theirs(params, spec=spec)
     if isinstance(spec, BERTForMaskedLM):
-        p = "bert." if prefix is None else prefix
-        sd["cls.predictions.decoder.weight"] = sd[f"{p}embeddings.word_embeddings.weight"]
-        sd["cls.predictions.decoder.bias"] = sd["cls.predictions.bias"]
+        layout = mlm_layout(spec.bert)
+        p = f"{layout}." if prefix is None else prefix
+        dec_w, dec_b = _MLM_TIED[layout]
+        sd[dec_w] = sd[f"{p}embeddings.word_embeddings.weight"]
+        if dec_b is not None:
+            sd[dec_b] = sd[_MLM_BIAS[layout]]
     return sd
 
 

@@ -62,13 +62,18 @@ class BERTClassifier(Spec):
         return self.classifier(params["classifier"], pooled, key=kh)
 
 
-def bert_for_masked_lm(bert: BERTTextEncoder) -> BERTForMaskedLM:
-    """The masked-LM model over ``bert`` (its pooler dropped, as ``BertForMaskedLM``)."""
+def bert_for_masked_lm(bert: BERTTextEncoder, activation: str | None = None,
+                       layer_norm_eps: float | None = None) -> BERTForMaskedLM:
+    """The masked-LM model over ``bert`` (its pooler dropped, as ``BertForMaskedLM``); the head's
+    ``activation`` and ``layer_norm_eps`` default to the encoder's (``RobertaForMaskedLM``'s head is
+    always ``"gelu"``, ``DistilBertForMaskedLM``'s norm always has eps ``1e-12``)."""
     import dataclasses
     lay = bert.encoder.layer
     return BERTForMaskedLM(dataclasses.replace(bert, pooler=False),
-                           MaskedLMHead(bert.hidden_size, bert.embeddings.vocab_size, lay.activation,
-                                        lay.layer_norm_eps, bert.embeddings.init_std))
+                           MaskedLMHead(bert.hidden_size, bert.embeddings.vocab_size,
+                                        lay.activation if activation is None else activation,
+                                        lay.layer_norm_eps if layer_norm_eps is None else layer_norm_eps,
+                                        bert.embeddings.init_std))
 
 
 def bert_classifier(bert: BERTTextEncoder, num_labels: int, dropout: float | None = None) -> BERTClassifier:

@@ -2,6 +2,8 @@
 pooled outputs and logits (1e-5) on padded batches of different lengths; exact round trips; one error
 naming every mismatched key."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -123,21 +125,98 @@ def test_pretraining_checkpoint_with_legacy_names():
     torch.testing.assert_close(spec(params, ids, mask, tt), want.prediction_logits, atol=1e-5, rtol=1e-5)
 
 
-def test_cross_attention_layout_loads_into_transformers():
-    ref = t.BertModel(t.BertConfig(**SMALL, is_decoder=True, add_cross_attention=True))
+def _cross_batch():
+    g = torch.Generator().manual_seed(2)
+    memory = torch.randn(3, 5, 32, generator=g)
+    memory_mask = (torch.arange(5) < torch.tensor([5, 3, 2])[:, None]).long()
+    return memory, memory_mask
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("unpad", [False, True])
+def test_cross_attention_parity(causal, unpad):
+    """Hidden states of a cross-attending BertModel (``add_cross_attention``) given ``encoder_hidden_states``
+    and ``encoder_attention_mask``. HF's cross-attention needs ``is_decoder=True``, whose self-attention is
+    causal (``causal=True``, read from config.json as ``is_causal``); ALBEF's fusion encoder is the same
+    layers with bidirectional self-attention, which HF gives with ``config.is_decoder`` switched off after
+    building (the layers keep their cross-attention) and the self-attention's ``is_causal`` cleared."""
+    ref = _randomise(t.BertModel(t.BertConfig(**SMALL, is_decoder=True, add_cross_attention=True)))
     sd = ref.state_dict()
     spec, params = from_huggingface(sd, ref.config.to_dict())
-    assert spec.encoder.cross_attention_every == 1
+    assert spec.encoder.cross_attention_every == 1 and spec.encoder.layer.is_causal
+    if not causal:
+        ref.config.is_decoder = False
+        for layer in ref.encoder.layer:
+            layer.attention.self.is_causal = False
+        spec, _ = from_huggingface(sd, ref.config.to_dict())
+        assert not spec.encoder.layer.is_causal
+    spec = dataclasses.replace(spec, unpad=unpad)
+    ids, mask, tt = _batch(0, True)
+    memory, memory_mask = _cross_batch()
+    with torch.no_grad():
+        want = ref(input_ids=ids, attention_mask=mask, token_type_ids=tt, encoder_hidden_states=memory,
+                   encoder_attention_mask=memory_mask, use_cache=False)
+    got = spec(params, ids, mask, tt, encoder_hidden_states=memory, encoder_attention_mask=memory_mask)
+    real = mask[..., None].bool() if unpad else torch.ones(1, dtype=torch.bool)  # unpad: zeros at padding
+    torch.testing.assert_close(got.last_hidden_state * real, want.last_hidden_state * real, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got.pooled, want.pooler_output, atol=1e-5, rtol=1e-5)
     back = to_huggingface(params, spec)
     assert set(back) == set(sd) and all(torch.equal(back[k], sd[k]) for k in sd)
+
+
+def test_cross_attention_layout_with_memory_width():
+    """A memory narrower than the text (ALBEF / BLIP-2 ``dim_kv``): HF's cross-attention key/value take
+    ``hidden_size`` inputs, so only those two shapes differ (HF has no such option; its ``encoder_width``
+    config entry is ignored)."""
+    from polymodal.core import random as pr
     spec_kv = bert_text_encoder(vocab_size=60, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
                                 max_position_embeddings=40, cross_attention_every=1, dim_kv=24)
     ref_kv = t.BertModel(t.BertConfig(**SMALL, is_decoder=True, add_cross_attention=True, encoder_width=24))
-    from polymodal.core import random as pr
-    sd_kv = to_huggingface(spec_kv.init(key=pr.key(0)), spec_kv)
+    params = spec_kv.init(key=pr.key(0))
+    sd_kv = to_huggingface(params, spec_kv)
     assert {k: tuple(v.shape) for k, v in sd_kv.items() if "crossattention" in k} == \
         {k: (v.shape[0], 24) if "crossattention.self.key.weight" in k or "crossattention.self.value.weight" in k
          else tuple(v.shape) for k, v in ref_kv.state_dict().items() if "crossattention" in k}
+    spec2, back = from_huggingface(sd_kv)
+    assert spec2.encoder.layer.dim_kv == 24 and flatten(back).keys() == flatten(params).keys()
+    assert all(torch.equal(flatten(back)[k], v) for k, v in flatten(params).items())
+
+
+@pytest.mark.parametrize("kind", ["roberta", "distilbert"])
+def test_roberta_and_distilbert_masked_lm_parity(kind):
+    """RobertaForMaskedLM (``lm_head.dense / layer_norm / decoder / bias``) and DistilBertForMaskedLM
+    (``vocab_transform``, ``vocab_layer_norm``, ``vocab_projector``): logits within 1e-5, exact round trips,
+    and the written state dict loads strictly."""
+    torch.manual_seed(0)
+    if kind == "roberta":  # hidden_act gelu_new: RobertaLMHead still applies exact GELU
+        ref = t.RobertaForMaskedLM(t.RobertaConfig(**SMALL | {"max_position_embeddings": 42}, pad_token_id=1,
+                                                   type_vocab_size=1, hidden_act="gelu_new"))
+    else:
+        ref = t.DistilBertForMaskedLM(t.DistilBertConfig(vocab_size=60, dim=32, n_layers=2, n_heads=4, hidden_dim=64,
+                                                         max_position_embeddings=40, dropout=0.0,
+                                                         attention_dropout=0.0))
+    ref = _randomise(ref)
+    sd = ref.state_dict()
+    spec, params = from_huggingface(sd, ref.config.to_dict())
+    assert type(spec).__name__ == "BERTForMaskedLM"
+    ids, mask, _ = _batch(1 if kind == "roberta" else 0, False, start=0 if kind == "roberta" else 2)
+    with torch.no_grad():
+        want = ref(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(spec(params, ids, mask), want, atol=1e-5, rtol=1e-5)
+    back = to_huggingface(params, spec)
+    assert set(back) == set(sd) and all(torch.equal(back[k], sd[k]) for k in sd)
+    type(ref)(ref.config).load_state_dict(back, strict=True)
+    # an untied decoder is refused, naming the key
+    dec = "lm_head.decoder.weight" if kind == "roberta" else "vocab_projector.weight"
+    bad = dict(sd) | {dec: sd[dec] + 1}
+    with pytest.raises(ValueError, match=dec.replace(".", r"\.")):
+        from_huggingface(bad, ref.config.to_dict())
+    # the encoder alone out of the masked-LM checkpoint (head ignored)
+    enc, enc_params = from_huggingface(sd, ref.config.to_dict(), model="encoder")
+    base = ref.roberta if kind == "roberta" else ref.distilbert
+    with torch.no_grad():
+        torch.testing.assert_close(enc(enc_params, ids, mask).last_hidden_state,
+                                   base(input_ids=ids, attention_mask=mask).last_hidden_state, atol=1e-5, rtol=1e-5)
 
 
 def test_mismatched_checkpoint_names_every_key():
