@@ -22,3 +22,14 @@ register_family("video-gpt", builders=BUILDERS, presets={"tiny": "mugen_gpt_tiny
                 description="text-to-video GPT over VQ-VAE codes (MUGEN)",
                 extra={"load_pretrained": load_pretrained, "from_torchmultimodal": from_torchmultimodal,
                        "to_torchmultimodal": to_torchmultimodal})
+
+# VideoCLIP (text-video retrieval): its own family, files videoclip*.py (docs/models/mugen.md).
+from . import videoclip_convert as _vc_convert, videoclip_pretrained as _vc_pretrained  # noqa: E402
+from .videoclip_builders import VIDEOCLIP_BUILDERS  # noqa: E402
+
+register_family("videoclip", builders=VIDEOCLIP_BUILDERS, presets={"tiny": "videoclip_tiny", "mugen": "videoclip"},
+                task="polymodal.models.mugen.videoclip_task:VideoCLIPTask",
+                description="text-video retrieval: S3D + DistilBERT, contrastive (MUGEN's VideoCLIP)",
+                extra={"load_pretrained": _vc_pretrained.load_pretrained,
+                       "from_torchmultimodal": _vc_convert.from_torchmultimodal,
+                       "to_torchmultimodal": _vc_convert.to_torchmultimodal})
