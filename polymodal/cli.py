@@ -151,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     et.add_argument("texts", nargs="+", help="texts to embed")
     et.add_argument("--output", default=None, help="save the (N, D) embeddings here (.pt or .npy) instead of printing")
     et.add_argument("--no-normalize", action="store_true", help="mean pooling without L2 normalisation")
+    from .models.mugen.cli import add_generate_parser
+    add_generate_parser(sub)
     return parser
 
 
@@ -364,6 +366,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "embed-text":
             from .models.bert.cli import embed_text_command
             return embed_text_command(args)
+        if args.command == "generate":
+            from .models.mugen.cli import generate_command
+            return generate_command(args)
         return _cmd_zero_shot(args)
     except (CLIError, FileNotFoundError, BadSampleError, FloatingPointError, CheckpointError, CheckpointSaveError,
             RunDirError) as e:

@@ -72,11 +72,11 @@ def mugen_vqvae(*, in_channel_dim: int = 3, hidden_dim: int = 240, kernel_size: 
                        beta=beta)
 
 
-def vqvae_tiny(*, num_embeddings: int = 128, embedding_dim: int = 32, hidden_dim: int = 48) -> VQVAE:
-    """A tiny video VQ-VAE that trains on 2 CPU cores: 8x32x32 clips -> 8x8x8... codes with
-    downsampling (2, 4, 4) (two (1|2, 2, 2) layers of 4x4x4 kernels), 48 channels, 1 residual block,
-    codebook 128 x 32."""
-    return video_vqvae(((4, 4, 4), (4, 4, 4)), ((2, 2, 2), (1, 2, 2)), (3, 3, 3), (1, 1, 1),
+def vqvae_tiny(*, num_embeddings: int = 256, embedding_dim: int = 32, hidden_dim: int = 48) -> VQVAE:
+    """A tiny video VQ-VAE that trains on 2 CPU cores: downsampling (2, 4, 4) by two 3x3x3 convolutions
+    (strides (2, 2, 2), (1, 2, 2); 8x32x32 clips -> 4x8x8 codes), 48 channels, 1 residual block,
+    codebook 256 x 32."""
+    return video_vqvae(((3, 3, 3), (3, 3, 3)), ((2, 2, 2), (1, 2, 2)), (3, 3, 3), (1, 1, 1),
                        encoder_hidden_dim=hidden_dim, n_res_layers=1, attn_hidden_dim=hidden_dim,
                        num_embeddings=num_embeddings, embedding_dim=embedding_dim, decoder_hidden_dim=hidden_dim)
 
