@@ -25,12 +25,20 @@ __all__ = [
 ]
 
 from ...registry import register_family  # noqa: E402
+from .pretrained import Pretrained, load_pretrained  # noqa: E402
+from .pretrained import shell_loader as _shell_loader  # noqa: E402
+from .convert import from_torchmultimodal, to_torchmultimodal  # noqa: E402
+from .rerank import recall_from_scores, retrieval_scores  # noqa: E402
+
+__all__ += ["Pretrained", "load_pretrained", "from_torchmultimodal", "to_torchmultimodal", "recall_from_scores",
+            "retrieval_scores"]
 
 register_family(
     "albef",
     builders=BUILDERS,
     presets={"tiny": "albef_tiny", "retrieval": "albef_retrieval", "pretraining": "albef_pretraining"},
     task="polymodal.models.albef.task:ALBEFRetrievalTask",
+    extra={"build": build, "load_pretrained": _shell_loader},
     description="ALBEF image-text retrieval pretraining: ITC + ITM + MLM with momentum distillation (Li et al. 2021)",
 )
 register_family(
