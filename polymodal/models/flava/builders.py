@@ -168,8 +168,8 @@ def flava_tiny(**kw) -> FLAVAModel:
 
 
 def flava_tiny_for_pretraining(**kw) -> FLAVAForPreTraining:
-    """:func:`flava_tiny` + a narrow dVAE (width 16, 128 codes, 32 px: a 4 x 4 grid, as the patches) + the losses."""
-    return flava_model_for_pretraining(**(dict(codebook_image_size=32, codebook_n_hid=16, image_vocab_size=128)
+    """:func:`flava_tiny` + a narrow dVAE (width 4, 128 codes, 32 px: a 4 x 4 grid, as the patches) + the losses."""
+    return flava_model_for_pretraining(**(dict(codebook_image_size=32, codebook_n_hid=4, image_vocab_size=128)
                                           | _TINY | kw))
 
 

@@ -1,0 +1,181 @@
+"""``polymodal train flava``: FLAVA's multi-source pretraining on the built-in synthetic shapes through the
+one training loop, evaluated by zero-shot classification with the contrastive projections.
+
+Every step sees three sources, as FLAVA's pretraining mixes datasets: paired images and captions (ITM with
+in-batch negatives of another class, MMM-text, MMM-image, the global contrastive loss), unpaired images
+(MIM against the dVAE's codes at BEiT-masked patches) and unpaired captions (MLM). Batches are a pure
+function of ``(seed, step)`` (resume replays them; each rank takes its slice); all masks come from keys.
+The metrics hold the total and every loss term. Captions are tokenised by a WordPiece
+:class:`~polymodal.data.BertTokenizer` over the synthetic captions' words.
+
+>>> from polymodal.train import LoopConfig, make_task
+>>> task = make_task("flava", "tiny", {"train_size": 64}, LoopConfig(steps=2, batch_size=8))
+>>> batch = next(iter(task.train_batches(0, 0, 1)))
+>>> sorted(batch), sorted(batch["paired"])[:4]
+(['image', 'paired', 'text'], ['image', 'image_for_codebook', 'image_patches_mask', 'itm_labels'])
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ...core import random as pr
+from ...core.pytree import Params
+from ...data.bert_tokenizer import BertTokenizer
+from ...data.synthetic import COLORS, POSITIONS, SHAPES, SIZES, TEMPLATES, SyntheticCaptions
+from ...train.task import LossOutput, eval_progress, option
+from .transforms import IMAGE_MEAN, IMAGE_STD, block_mask, itm_negatives, map_pixels, mlm_mask
+
+__all__ = ["FLAVATask", "FLAVAOptions", "caption_vocab"]
+
+_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+_WHERE_WORDS = "on the left right at top bottom in center noisy background"
+
+
+def caption_vocab() -> dict[str, int]:
+    """``{token: id}``: BERT's special tokens, then every word of the synthetic captions and prompts."""
+    words = set(" ".join(TEMPLATES).replace("{", " ").replace("}", " ").split())
+    words |= set(SHAPES) | set(COLORS) | set(SIZES) | set(POSITIONS) | set(_WHERE_WORDS.split()) | {"an", "photo"}
+    words = {w for w in words if re.fullmatch(r"[a-z]+", w) and w not in ("size", "color", "shape", "where")}
+    return {w: i for i, w in enumerate(list(_SPECIALS) + sorted(words))}
+
+
+@dataclass
+class FLAVAOptions:
+    """``polymodal train flava``'s data options (the loop's are :class:`polymodal.train.LoopConfig`)."""
+
+    train_size: int = option(20_000, "synthetic samples the three sources draw from", positive=True)
+    eval_size: int = option(500, "synthetic eval images per split (seen and held-out pairs)", positive=True)
+    unpaired: float = option(0.5, "unpaired images and unpaired captions per step, as a fraction of the batch")
+    mask_patches: int = option(6, "patches masked per image (BEiT block masking; tiny: 16 patches)", positive=True)
+    mlm_prob: float = option(0.15, "fraction of caption tokens masked (80/10/10)")
+    itm_negatives: float = option(0.5, "fraction of pairs whose caption is swapped for another class's")
+    max_length: int = option(16, "caption tokens (truncation)", positive=True)
+
+
+class FLAVATask:
+    """FLAVA tiny pretraining on synthetic shapes (see the module docstring)."""
+
+    Options = FLAVAOptions
+    loop_defaults = {"steps": 400, "batch_size": 64, "lr": 2e-3, "weight_decay": 0.05, "eval_every": 0,
+                     "save_every": 0, "out": "runs/flava"}
+    trainable_presets = ("tiny", "flava_tiny_for_pretraining")
+
+    def __init__(self, preset: str, options: FLAVAOptions, loop: Any) -> None:
+        from .builders import flava_tiny_for_pretraining
+
+        self.preset, self.options, self.loop = preset, options, loop
+        self.vocab = caption_vocab()
+        self.tokenizer = BertTokenizer(self.vocab, max_length=options.max_length)
+        self.model = flava_tiny_for_pretraining(vocab_size=len(self.vocab),
+                                                max_position_embeddings=max(options.max_length, 8))
+        self.image_size = self.model.model.image_encoder.vit.embeddings.image_size[0]
+        self.grid = self.model.model.image_encoder.vit.embeddings.grid
+        mk = lambda split, n: SyntheticCaptions(split, size=n, image_size=self.image_size, seed=loop.seed)  # noqa: E731
+        self.train_set = mk("train", options.train_size)
+        self.eval_sets = {"seen": mk("eval", options.eval_size), "heldout": mk("heldout", options.eval_size)}
+        self.prompts = self.train_set.prompts()
+        self.steps = loop.steps
+        self.root = pr.fold_in(pr.key(loop.seed), 7)
+        self.name, self.title = f"flava-{preset}", f"FLAVA {preset} on synthetic shapes"
+        self.special_ids = [self.vocab[t] for t in _SPECIALS]
+
+    def init(self, key: Tensor) -> tuple[Params, None]:
+        return self.model.init(key=key), None
+
+    # --- data --------------------------------------------------------------------------------------------
+
+    def _images(self, items: list[dict], key: Tensor) -> dict[str, Tensor]:
+        raw = torch.stack([it["image"] for it in items])  # (B, 3, S, S) in [0, 1]
+        mean, std = torch.tensor(IMAGE_MEAN)[:, None, None], torch.tensor(IMAGE_STD)[:, None, None]
+        masks = [block_mask(pr.fold_in(key, i), self.grid, self.options.mask_patches, min_num_patches=2)
+                 for i in range(len(items))]
+        return {"image": (raw - mean) / std, "image_for_codebook": map_pixels(raw),
+                "image_patches_mask": torch.stack(masks).flatten(1)}
+
+    def _texts(self, captions: list[str], key: Tensor) -> dict[str, Tensor]:
+        ids = self.tokenizer(captions)["input_ids"]
+        masked, labels = mlm_mask(key, ids, mask_id=self.vocab["[MASK]"], vocab_size=len(self.vocab),
+                                  special_ids=self.special_ids, prob=self.options.mlm_prob)
+        return {"text": ids, "text_masked": masked, "mlm_labels": labels}
+
+    def batch(self, step: int, rank: int = 0, world: int = 1) -> dict:
+        """This rank's slice of step ``step``'s batch: ``{"paired", "image", "text"}`` dicts of tensors."""
+        b = self.loop.batch_size
+        if b % world:
+            raise ValueError(f"global batch size {b} must be divisible by the {world} ranks")
+        u = max(1, int(round(b * self.options.unpaired)))
+        k = pr.fold_in(self.root, step)
+        idx = pr.randint(pr.fold_in(k, 0), (b + 2 * u,), 0, len(self.train_set)).tolist()
+        lo, hi = rank * b // world, (rank + 1) * b // world
+        ulo, uhi = rank * u // world, (rank + 1) * u // world
+        paired = self.train_set.__getitems__(idx[lo:hi])
+        keys = pr.split(pr.fold_in(k, rank + 1), 5)
+        text_index, itm = itm_negatives(keys[0], len(paired), self.options.itm_negatives,
+                                        groups=[it["label"] for it in paired])
+        captions = [paired[j]["caption"] for j in text_index.tolist()]
+        out = {"paired": self._images(paired, keys[1]) | self._texts(captions, keys[2]) | {"itm_labels": itm}}
+        images = self.train_set.__getitems__(idx[b + ulo:b + uhi]) if uhi > ulo else []
+        texts = self.train_set.__getitems__(idx[b + u + ulo:b + u + uhi]) if uhi > ulo else []
+        if images:
+            out["image"] = self._images(images, keys[3])
+        if texts:
+            out["text"] = self._texts([it["caption"] for it in texts], keys[4])
+        return out
+
+    def train_batches(self, start_step: int, rank: int, world: int) -> Iterator[dict]:
+        for step in range(start_step, self.steps):
+            yield self.batch(step, rank, world)
+
+    # --- the loss --------------------------------------------------------------------------------------
+
+    def loss(self, params: Params, state: None, batch: dict, key: Tensor) -> LossOutput:
+        import torch.distributed as dist
+
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        k = pr.split(key, 3)
+        p = batch["paired"]
+        parts = [self.model(params, p["image"], p["text"], p["image_for_codebook"], p["image_patches_mask"],
+                            p["text_masked"], itm_labels=p["itm_labels"], mlm_labels=p["mlm_labels"], key=k[0],
+                            backprop_type="global" if world > 1 else "none").losses]
+        if "image" in batch:
+            i = batch["image"]
+            parts.append(self.model(params, i["image"], None, i["image_for_codebook"], i["image_patches_mask"],
+                                    required_embedding="image", key=k[1]).losses)
+        if "text" in batch:
+            t = batch["text"]
+            parts.append(self.model(params, None, None, text_masked=t["text_masked"], mlm_labels=t["mlm_labels"],
+                                    required_embedding="text", key=k[2]).losses)
+        total = sum(x.total for x in parts)
+        metrics = {n: v.detach() for x in parts for n, v in x.terms().items()}
+        logits = parts[0].itm_logits
+        metrics["itm_accuracy"] = (logits.argmax(-1) == p["itm_labels"]).float().mean().detach()
+        return LossOutput(total, metrics, None)
+
+    # --- evaluation --------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self, params: Params, state: None, *, device: Any = "cpu") -> dict:
+        """Zero-shot accuracy (image vs every class prompt, contrastive projections) on seen and held-out
+        (shape, colour) pairs."""
+        m = self.model.model
+        prompts = self.tokenizer(self.prompts)["input_ids"].to(device)
+        classes = m.text_embeddings(params["model"], prompts)
+        mean, std = torch.tensor(IMAGE_MEAN)[:, None, None], torch.tensor(IMAGE_STD)[:, None, None]
+        metrics = {}
+        for name, ds in self.eval_sets.items():
+            correct = 0
+            for lo in eval_progress(range(0, len(ds), 256), f"eval {name}"):
+                items = ds.__getitems__(list(range(lo, min(lo + 256, len(ds)))))
+                images = ((torch.stack([it["image"] for it in items]) - mean) / std).to(device)
+                pred = (m.image_embeddings(params["model"], images) @ classes.T).argmax(-1).cpu()
+                correct += int((pred == torch.tensor([it["label"] for it in items])).sum())
+            metrics[f"eval/zero_shot_{name}"] = correct / len(ds)
+        return metrics
+
