@@ -1,0 +1,35 @@
+"""``polymodal train flava --preset tiny`` through the one loop: every loss term in metrics.jsonl, the
+zero-shot evaluation, deterministic batches; the caption vocabulary covers the synthetic captions."""
+
+import torch
+
+from polymodal.cli import main
+from polymodal.train import LoopConfig, make_task
+from polymodal.train.metrics import read_metrics
+
+TERMS = ("mlm_loss", "mim_loss", "mmm_text_loss", "mmm_image_loss", "itm_loss", "global_contrastive_loss")
+
+
+def test_train_logs_every_loss_term(tmp_path):
+    out = tmp_path / "flava"
+    assert main(["train", "flava", "--preset", "tiny", "--steps", "3", "--batch-size", "8", "--train-size", "64",
+                 "--eval-size", "20", "--no-progress", "--out", str(out)]) == 0
+    recs = read_metrics(out)
+    steps = [r for r in recs if "loss" in r]
+    assert len(steps) == 3
+    for r in steps:
+        assert all(t in r for t in TERMS), r
+        assert abs(sum(r[t] for t in TERMS) - r["loss"]) < 1e-4 * max(1.0, r["loss"])
+    assert "eval/zero_shot_seen" in recs[-1] and 0 <= recs[-1]["eval/zero_shot_seen"] <= 1
+
+
+def test_batches_are_a_function_of_the_step():
+    task = make_task("flava", "tiny", {"train_size": 64}, LoopConfig(steps=2, batch_size=8))
+    a, b = task.batch(1), task.batch(1)
+    assert torch.equal(a["paired"]["text_masked"], b["paired"]["text_masked"])
+    assert torch.equal(a["image"]["image_patches_mask"], b["image"]["image_patches_mask"])
+    halves = [task.batch(1, r, 2) for r in range(2)]
+    assert torch.equal(torch.cat([h["paired"]["image"] for h in halves]), a["paired"]["image"])
+    unk = task.vocab["[UNK]"]
+    ids = task.tokenizer(task.prompts + [task.train_set[i]["caption"] for i in range(30)])["input_ids"]
+    assert not (ids == unk).any()  # every word of the captions and prompts is in the vocabulary
