@@ -5,8 +5,10 @@ The model state (momentum copies, queues and pointer) is the loop's ``state``: r
 step, saved in checkpoints and restored on ``--resume``, so a resumed run equals an uninterrupted one.
 Batches are a pure function of ``(seed, step)``; the step key draws dropout, hard negatives and the
 MLM corruption. Evaluation: image<->text recall@1/5/10 on the eval split (attribute pairs seen in
-training) and the held-out split (unseen shape-colour pairs), from contrastive scores alone and
-after ITM re-ranking of the top-k (:mod:`.rerank`).
+training) and the held-out split (unseen shape-colour pairs), one image per distinct caption, from
+contrastive scores alone and after ITM re-ranking of the top-k (:mod:`.rerank`). Captions name every
+attribute ("a small red circle on the left") and the sample id is the attribute combination
+(:func:`scene_id`), so images a caption describes equally are ITC positives and never ITM negatives.
 
 >>> from polymodal.train import LoopConfig, make_task
 >>> task = make_task("albef", "tiny", {"train_size": 64}, LoopConfig(steps=2, batch_size=16))
@@ -26,7 +28,7 @@ from torch import Tensor
 
 from ...core import random as pr
 from ...core.pytree import Params
-from ...data.synthetic import TEMPLATES, SyntheticCaptions
+from ...data.synthetic import COLORS, POSITIONS, SHAPES, SIZES, TEMPLATES, SyntheticCaptions
 from ...train.task import LossOutput, eval_progress, option
 from .builders import BUILDERS
 from .momentum import check_queue
@@ -36,6 +38,14 @@ from .text import mask_tokens, synthetic_tokenizer, synthetic_vocab
 __all__ = ["ALBEFRetrievalTask", "ALBEFOptions", "step_indices"]
 
 EVAL_TEMPLATE = TEMPLATES[2]  # "a {size} {color} {shape} {where}": every attribute named
+
+
+def scene_id(attributes: dict) -> int:
+    """The id of an attribute combination (shape, colour, size, position): the sample id ALBEF's ITC
+    targets and hard negatives use, so two images a caption describes equally are positives of each other."""
+    s, c = SHAPES.index(attributes["shape"]), tuple(COLORS).index(attributes["color"])
+    z, p = tuple(SIZES).index(attributes["size"]), tuple(POSITIONS).index(attributes["position"])
+    return ((s * len(COLORS) + c) * len(SIZES) + z) * len(POSITIONS) + p
 
 
 def step_indices(n: int, batch_size: int, step: int, key: Tensor) -> list[int]:
@@ -54,6 +64,9 @@ class ALBEFOptions:
     alpha: float = option(0.4, "momentum distillation weight of ITC and MLM")
     mlm: bool = option(True, "masked language modelling (the third pretraining objective)")
     rerank_k: int = option(16, "candidates re-ranked by ITM in evaluation", positive=True)
+    all_templates: bool = option(False, "train on all caption templates (some omit size and position, so a caption "
+                                 "can fit images labelled as its negatives); default: the template naming every "
+                                 "attribute")
     max_length: int = option(16, "tokens per caption", positive=True)
 
 
@@ -61,7 +74,7 @@ class ALBEFRetrievalTask:
     """See the module docstring."""
 
     Options = ALBEFOptions
-    loop_defaults = {"steps": 600, "batch_size": 32, "lr": 1e-3, "weight_decay": 0.02, "eval_every": 0,
+    loop_defaults = {"steps": 600, "batch_size": 32, "lr": 2e-3, "weight_decay": 0.02, "eval_every": 0,
                      "save_every": 0, "out": "runs/albef"}
 
     def __init__(self, preset: str, options: ALBEFOptions, loop: Any) -> None:
@@ -76,7 +89,8 @@ class ALBEFRetrievalTask:
         size = self.model.model.vision.embeddings.image_size[0]
         mk = lambda split, n, **k: SyntheticCaptions(split, size=n, image_size=size, seed=loop.seed,  # noqa: E731
                                                      normalize=True, **k)
-        self.train_set = mk("train", options.train_size)
+        self.train_set = mk("train", options.train_size,
+                            **({} if options.all_templates else {"templates": (EVAL_TEMPLATE,)}))
         self.eval_sets = {"eval": mk("eval", options.eval_size, templates=(EVAL_TEMPLATE,)),
                           "heldout": mk("heldout", options.eval_size, templates=(EVAL_TEMPLATE,))}
         if options.train_size < loop.batch_size:
@@ -90,10 +104,12 @@ class ALBEFRetrievalTask:
         params = self.model.init(key=kp)
         return params, self.model.initial_state(params, key=ks)
 
-    def collate(self, items: list[dict], indices: list[int]) -> dict:
+    def collate(self, items: list[dict], indices: list[int] | None = None) -> dict:
+        """``indices`` None: each item's :func:`scene_id` (captions naming every attribute); else the indices."""
         enc = self.tokenizer([it["caption"] for it in items])
+        ids = [scene_id(it["attributes"]) for it in items] if indices is None else indices
         return {"images": torch.stack([it["image"] for it in items]), "input_ids": enc["input_ids"],
-                "attention_mask": enc["attention_mask"], "idx": torch.tensor(indices, dtype=torch.long)}
+                "attention_mask": enc["attention_mask"], "idx": torch.tensor(ids, dtype=torch.long)}
 
     def train_batches(self, start_step: int, rank: int, world: int) -> Iterator[dict]:
         bs = self.loop.batch_size
@@ -103,7 +119,7 @@ class ALBEFRetrievalTask:
         for step in range(start_step, self.steps):
             glob = step_indices(len(self.train_set), bs, step, self.key)
             mine = glob[rank * local:(rank + 1) * local]
-            yield self.collate(self.train_set.__getitems__(mine), mine)
+            yield self.collate(self.train_set.__getitems__(mine), mine if self.options.all_templates else None)
 
     def loss(self, params: Params, state: Params, batch: dict, key: Tensor) -> LossOutput:
         k_model, k_mask = pr.split(key, 2)
@@ -123,12 +139,17 @@ class ALBEFRetrievalTask:
     def evaluate(self, params: Params, state: Params | None, *, device: Any = "cpu") -> dict:
         metrics: dict[str, float] = {}
         for name, ds in self.eval_sets.items():
-            items = [it for i in eval_progress(range(0, len(ds), 128), f"eval {name}")
-                     for it in ds.__getitems__(list(range(i, min(i + 128, len(ds)))))]
-            b = self.collate(items, list(range(len(items))))
+            items, seen = [], set()
+            for i in eval_progress(range(0, len(ds), 128), f"eval {name}"):
+                for it in ds.__getitems__(list(range(i, min(i + 128, len(ds))))):
+                    if it["caption"] not in seen:  # one image per caption: the pair is the only right answer
+                        seen.add(it["caption"])
+                        items.append(it)
+            b = self.collate(items)
             sim, i2t, t2i = retrieval_scores(self.model, params, b["images"].to(device), b["input_ids"].to(device),
                                              b["attention_mask"].to(device), k=self.options.rerank_k)
             truth = torch.arange(len(items))
+            metrics[f"eval/{name}_pairs"] = float(len(items))
             for tag, (a, c) in (("itc", (sim.cpu(), sim.T.cpu())), ("itm", (i2t.cpu(), t2i.cpu()))):
                 for k, v in recall_from_scores(a, c, truth).items():
                     metrics[f"eval/{name}_{tag}_{k}"] = v

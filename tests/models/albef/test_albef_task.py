@@ -39,7 +39,7 @@ def test_stopped_and_resumed_equals_uninterrupted(tmp_path):
         assert sorted(fa) == sorted(fb) and all(torch.equal(fa[k], fb[k]) for k in fa)
     state = ra.state
     assert state["queue_ptr"].tolist() == [24]  # 3 steps of 8 into a queue of 256
-    assert sorted(set(state["idx_queue"][0, :24].tolist())) == sorted(set(range(32)) & set(state["idx_queue"][0].tolist()))
+    assert (state["idx_queue"][0, :24] >= 0).all() and (state["idx_queue"][0, 24:] == -100).all()
     assert not torch.equal(state["momentum"]["text_proj"]["weight"], ra.params["text_proj"]["weight"])
     for split in ("eval", "heldout"):
         for tag in ("itc", "itm"):
