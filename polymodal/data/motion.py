@@ -41,6 +41,7 @@ _RADIUS = (0.10, 0.15)  # shape radius (fraction of the side)
 _ACROSS = 0.18  # jitter of the path across the direction of motion
 _MAX_TURN = math.pi / 6
 _NOISE = 0.06
+_BACKGROUNDS = ("grey", "dark")
 
 
 def _indices(attrs: Mapping[str, object]) -> tuple[list[Tensor], bool]:
@@ -86,7 +87,8 @@ def _paths(keys: Tensor, direction: Tensor, frames: int) -> tuple[Tensor, Tensor
     return centres, radius, _MAX_TURN * (2 * g[:, 4] - 1), 0.08 * (g[:, 5:] - 0.5)
 
 
-def render_video(key: Tensor, attrs: Mapping[str, object], frames: int = 8, image_size: int = 32) -> Tensor:
+def render_video(key: Tensor, attrs: Mapping[str, object], frames: int = 8, image_size: int = 32, *,
+                 background: str = "grey") -> Tensor:
     """Render moving-shape videos, one per row of ``attrs``.
 
     Args:
@@ -97,6 +99,8 @@ def render_video(key: Tensor, attrs: Mapping[str, object], frames: int = 8, imag
             ``DIRECTIONS``.
         frames: number of frames ``T`` (>= 2).
         image_size: side ``S`` of the square frames (>= 8).
+        background: ``"grey"`` (a random grey with a tint and a gradient, as the still shapes) or
+            ``"dark"`` (near black: every shape is brighter than its background).
 
     Returns:
         float32 videos in ``[0, 1]``: ``(3, T, S, S)`` for plain names, else ``(N, 3, T, S, S)``.
@@ -110,6 +114,8 @@ def render_video(key: Tensor, attrs: Mapping[str, object], frames: int = 8, imag
         raise ValueError(f"render_video: frames: expected an int >= 2, got {frames!r}")
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 8:
         raise ValueError(f"render_video: image_size: expected an int >= 8, got {image_size!r}")
+    if background not in _BACKGROUNDS:
+        raise ValueError(f"render_video: background: expected one of {_BACKGROUNDS}, got {background!r}")
     n, s = shape.shape[0], image_size
     if not isinstance(key, Tensor) or key.dtype != torch.int64 or key.dim() not in (1, 2) or key.shape[-1] != 2:
         raise TypeError(f"render_video: key: expected a key (2,) or a stack of keys (N, 2), got {key!r:.80}")
@@ -123,10 +129,12 @@ def render_video(key: Tensor, attrs: Mapping[str, object], frames: int = 8, imag
     h = pr.uniform(k_bg, (6,))  # grey, tint x3, gradient angle, gradient strength
     grey = 0.3 + 0.3 * h[:, :1] + 0.08 * (h[:, 1:4] - 0.5)  # (N, 3)
     angle, slope = 2 * math.pi * h[:, 4], 0.25 * h[:, 5]
+    if background == "dark":
+        grey, slope = 0.02 + 0.06 * h[:, :1].expand(n, 3), 0.05 * h[:, 5]
     grid = (torch.arange(s, dtype=torch.float32) + 0.5) / s
     xs, ys = grid.view(1, 1, 1, s), grid.view(1, 1, s, 1)
     ramp = (angle.cos() * slope).view(n, 1, 1, 1) * (xs - 0.5) + (angle.sin() * slope).view(n, 1, 1, 1) * (ys - 0.5)
-    background = grey.view(n, 3, 1, 1, 1) + ramp.unsqueeze(1)  # (N, 3, 1, S, S)
+    bg = grey.view(n, 3, 1, 1, 1) + ramp.unsqueeze(1)  # (N, 3, 1, S, S)
     cx, cy = centres[..., 0].view(n, frames, 1, 1), centres[..., 1].view(n, frames, 1, 1)
     cos, sin = turn.cos().view(n, 1, 1, 1), turn.sin().view(n, 1, 1, 1)
     dx, dy = xs - cx, ys - cy
@@ -137,7 +145,7 @@ def render_video(key: Tensor, attrs: Mapping[str, object], frames: int = 8, imag
         sdf[rows] = _sdf(kind, u[rows], v[rows], radius[rows].view(-1, 1, 1, 1))
     mask = (0.5 - sdf * s).clamp(0.0, 1.0).unsqueeze(1)  # (N, 1, T, S, S), anti-aliased edge
     rgb = (_RGB[color] + jitter).view(n, 3, 1, 1, 1)
-    video = torch.lerp(background.expand(n, 3, frames, s, s), rgb.expand(n, 3, frames, s, s), mask)
+    video = torch.lerp(bg.expand(n, 3, frames, s, s), rgb.expand(n, 3, frames, s, s), mask)
     field = _noise_field(s)  # (3, 2S, 2S); each frame adds its own window of it
     offsets = ((pr.bits(k_noise, (frames, 2)) * s) >> 32).tolist()
     noise = torch.stack([torch.stack([field[:, y : y + s, x : x + s] for y, x in per]) for per in offsets])  # (N, T, 3, S, S)
@@ -154,6 +162,7 @@ class MovingShapes(Dataset):
         frames: frames per video ``T`` (>= 2).
         image_size: side ``S`` of the frames (>= 8).
         seed: integer seed.
+        background: ``"grey"`` or ``"dark"`` (see :func:`render_video`).
         transform: optional callable applied to each video ``(3, T, S, S)``.
 
     Items are ``{"video": (3, T, S, S) float32 in [0, 1], "label": int (index into
@@ -173,8 +182,11 @@ class MovingShapes(Dataset):
         image_size: int = 32,
         seed: int = 0,
         *,
+        background: str = "grey",
         transform: Callable[[Tensor], object] | None = None,
     ) -> None:
+        if background not in _BACKGROUNDS:
+            raise ValueError(f"MovingShapes: background: expected one of {_BACKGROUNDS}, got {background!r}")
         if split not in _SPLITS:
             raise ValueError(f"MovingShapes: split: expected one of {tuple(_SPLITS)}, got {split!r}")
         if isinstance(size, bool) or not isinstance(size, int) or size < 0:
@@ -184,7 +196,7 @@ class MovingShapes(Dataset):
         if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 8:
             raise ValueError(f"MovingShapes: image_size: expected an int >= 8, got {image_size!r}")
         self.split, self.size, self.frames, self.image_size, self.seed = split, size, frames, image_size, seed
-        self.transform = transform
+        self.transform, self.background = transform, background
         self._key = pr.fold_in(pr.key(seed), 0x40710 + _SPLITS[split])
 
     def __len__(self) -> int:
@@ -210,7 +222,8 @@ class MovingShapes(Dataset):
         k_attr, k_render = pr.split(keys, 2).unbind(-2)
         counts = torch.tensor([len(SHAPES), len(COLORS), len(DIRECTIONS)])
         draws = (pr.bits(k_attr, (3,)) * counts) >> 32  # (B, 3): shape, colour, direction
-        videos = render_video(k_render, dict(zip(_ATTRS, draws.unbind(1))), self.frames, self.image_size)
+        videos = render_video(k_render, dict(zip(_ATTRS, draws.unbind(1))), self.frames, self.image_size,
+                              background=self.background)
         items = []
         for video, (si, ci, di) in zip(videos, draws.tolist()):
             shape, color, direction = SHAPES[si], _VOCAB["color"][ci], DIRECTIONS[di]

@@ -89,3 +89,17 @@ def test_bad_input():
         MovingShapes("validation", 4)
     with pytest.raises(IndexError):
         MovingShapes("train", 4)[4]
+
+
+def test_dark_background_keeps_the_motion_and_puts_the_shape_above_it():
+    attrs = {"shape": ["circle", "square"], "color": ["blue", "red"], "direction": ["right", "up"]}
+    dark = render_video(pr.key(4), attrs, frames=4, image_size=32, background="dark")
+    grey = render_video(pr.key(4), attrs, frames=4, image_size=32)
+    assert float(dark[:, :, :, :2, :2].max()) < 0.2 < float(grey[:, :, :, :2, :2].min())  # corners: background
+    for video, color in zip(dark, attrs["color"]):
+        shape = (video - torch.tensor(COLORS[color]).view(3, 1, 1, 1)).abs().amax(0) < 0.2  # (T, H, W)
+        assert bool((video.amax(0)[shape] > 0.5).all())  # the shape's brightest channel is well above the background
+    ds = MovingShapes("train", 4, frames=4, image_size=16, background="dark")
+    assert ds[0]["video"].shape == (3, 4, 16, 16) and ds.background == "dark"
+    with pytest.raises(ValueError, match=r"background: expected one of \('grey', 'dark'\), got 'white'"):
+        MovingShapes("train", 4, background="white")
