@@ -129,7 +129,7 @@ def _phrase(obj: Mapping[str, str], with_size: bool) -> str:
 class GroundingScenes(Dataset):
     """Synthetic grounding scenes (see the module docstring). Items: ``{"image": (3, S, S) float32 in [0, 1],
     "caption": str, "phrases": [(start, end)], "boxes": (N, 4) pixel xyxy float32, "box_phrase": (N,) int64
-    (the phrase of each box), "objects": [{shape, color, size}], "question": str, "question_type": int,
+    (the phrase of each box), "objects": [{shape, color, size}], "object_boxes": (2 or 3, 4) every object's box, "question": str, "question_type": int,
     "answer": int}`` (``answer`` indexes ``ANSWERS[QUESTION_TYPES[question_type]]``)."""
 
     def __init__(self, split: str = "train", size: int = 1000, image_size: int = 64, seed: int = 0) -> None:
@@ -146,7 +146,7 @@ class GroundingScenes(Dataset):
     def _layout(self, i: int) -> tuple[list[dict], Tensor]:
         d = pr.randint(pr.fold_in(self.key, i), (24,), 0, 1 << 20).tolist()
         n = 2 + d[0] % 2
-        cells = torch.randperm(9, generator=torch.Generator().manual_seed(d[1]))[:n].tolist()
+        cells = pr.permutation(pr.fold_in(self.key, 40_000_000 + i), 9)[:n].tolist()
         objs: list[dict] = []
         for j in range(n):
             while True:  # the distractor never repeats a named (shape, colour)
@@ -197,6 +197,7 @@ class GroundingScenes(Dataset):
         return {"image": img.clamp(0, 1), "caption": caption, "phrases": spans,
                 "boxes": torch.tensor(boxes[:2], dtype=torch.float32), "box_phrase": torch.tensor([0, 1]),
                 "objects": [{k: o[k] for k in ("shape", "color", "size")} for o in objs],
+                "object_boxes": torch.tensor(boxes, dtype=torch.float32),
                 "question": question, "question_type": qtype, "answer": answer}
 
     @staticmethod

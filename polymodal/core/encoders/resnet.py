@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import random as pr
+from ..layers.batchnorm import outside_func_transforms
 from ..layers.conv import Conv2d
 from ..layers.seam import run_layers
 from ..pytree import Params
@@ -194,6 +195,9 @@ class ResNet(Spec):
         if images.shape[1] != 3:
             raise ValueError(f"ResNet: images: expected shape (B, 3, H, W), got {tuple(images.shape)}")
         frozen_upto = 5 - self.trainable_layers  # 0: none; 1: the stem; 2: stem + layer1; ...
+        if images.device.type == "cpu" and outside_func_transforms():
+            # oneDNN's convolutions (and their backward) run faster on channels-last activations
+            images = images.contiguous(memory_format=torch.channels_last)
         conv, bn = self.stem()
         stem = _detach_tree({"conv1": params["conv1"]}) if frozen_upto >= 1 else params
         x = F.relu(bn(params["bn1"], conv(stem["conv1"], images)))

@@ -220,8 +220,8 @@ class MDETRTask:
                     truth.append(gt)
                     x1, y1 = g.uniform(0, w - 1), g.uniform(0, h - 1)
                     rand_box.append(torch.tensor([[x1, y1, g.uniform(x1 + 1, w), g.uniform(y1 + 1, h)]]))
-                    rand_obj.append(it["boxes"][g.randrange(len(it["boxes"]))][None] if len(it["objects"]) == 2 or
-                                    g.random() < 2 / 3 else torch.tensor([[0.0, 0.0, 1.0, 1.0]]))
+                    objects = it.get("object_boxes", it["boxes"])  # JSONL: the annotated boxes
+                    rand_obj.append(objects[g.randrange(len(objects))][None] if len(objects) else gt[:0])
         r = recall_at_k(ranked, truth)
         metrics = {"eval/recall@1": r[1], "eval/recall@5": r[5],
                    "eval/random_box_recall@1": recall_at_k(rand_box, truth, (1,))[1],
