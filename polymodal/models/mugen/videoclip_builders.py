@@ -41,11 +41,13 @@ def videoclip(*, text: BERTTextEncoder | None = None, video: S3D | None = None, 
 
 def videoclip_tiny(**kw: Any) -> VideoCLIP:
     """A 2-layer width-32 DistilBERT over the synthetic captions' words, a 1/16-width S3D for 8-frame
-    32x32 clips, 32-d projections; CLIP's initial temperature (log scale ``log(1/0.07)``) trains
+    32x32 clips (batch-norm momentum 0.1), 32-d projections; CLIP's initial temperature (log scale ``log(1/0.07)``) trains
     faster than MUGEN's ``0.07`` on this small problem."""
     text = bert_text_encoder(vocab_size=TINY_VOCAB_SIZE, hidden_size=32, num_layers=2, num_heads=2,
                              intermediate_size=64, max_position_embeddings=16, type_vocab_size=0, pooler=False)
-    args = dict(text=text, video=s3d_tiny(), proj_dim=32, proj_dropout=0.0, logit_scale_init=math.log(1 / 0.07),
+    # torchvision's batch-norm momentum 1e-3 would leave the running statistics near their initial
+    # values after a few hundred steps (evaluation then normalises with the wrong ones): 0.1 here
+    args = dict(text=text, video=s3d_tiny(bn_momentum=0.1), proj_dim=32, proj_dropout=0.0, logit_scale_init=math.log(1 / 0.07),
                 logit_scale_max=math.log(100))
     return VideoCLIP(**(args | kw))
 
