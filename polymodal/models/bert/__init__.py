@@ -3,7 +3,10 @@ Hugging Face and TorchMultimodal converters, local Hugging Face folders, a DP fi
 
 * specs: ``core/encoders/bert.py`` (:class:`BERTTextEmbeddings`, :class:`BERTTextEncoder`) and
   ``core/encoders/bert_heads.py``; models :class:`BERTForMaskedLM`, :class:`BERTClassifier`;
-* checkpoints: :func:`from_huggingface` / :func:`to_huggingface` (key mapping in ``convert.py``),
+* ``bert_base_uncased(unpad=True)`` etc.: the blocks skip padded positions (``core/encoders/bert_unpad.py``;
+  real positions unchanged, zeros at padding): faster on ragged batches;
+* checkpoints: :func:`from_huggingface` / :func:`to_huggingface` (key mapping in ``convert.py``; BertModel,
+  cross-attending and causal ``is_decoder`` layouts, the BERT / RoBERTa / DistilBERT masked-LM heads),
   :func:`from_torchmultimodal`; :func:`load_pretrained` reads a local Hugging Face folder
   (no ``transformers`` needed); tokenizers in ``polymodal.data.bert_tokenizer``;
 * sentence embeddings :func:`embed_texts` (``polymodal embed-text --model DIR "text"``);
