@@ -153,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     et.add_argument("--no-normalize", action="store_true", help="mean pooling without L2 normalisation")
     from .models.mugen.cli import add_generate_parser
     add_generate_parser(sub)
+    from .models.omnivore.cli import add_classify_parser
+    add_classify_parser(sub)
     return parser
 
 
@@ -369,6 +371,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "generate":
             from .models.mugen.cli import generate_command
             return generate_command(args)
+        if args.command == "classify":
+            from .models.omnivore.cli import classify_command
+            return classify_command(args)
         return _cmd_zero_shot(args)
     except (CLIError, FileNotFoundError, BadSampleError, FloatingPointError, CheckpointError, CheckpointSaveError,
             RunDirError) as e:

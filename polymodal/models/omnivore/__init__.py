@@ -37,6 +37,8 @@ def _load_pretrained(name, path=None, cache_dir=None, **kw):
 register_family(
     "omnivore",
     builders=BUILDERS,
+    presets={"tiny": "omnivore_tiny", "swin-t": "omnivore_swin_t"},
+    task="polymodal.models.omnivore.task:OmnivoreTask",
     description="one Swin3D model for images, videos and RGB-D (Girdhar et al. 2022)",
     extra={"build": build, "load_pretrained": _load_pretrained, "from_torchmultimodal": from_torchmultimodal, "to_torchmultimodal": to_torchmultimodal},
 )

@@ -64,10 +64,10 @@ def omnivore_swin_b(**kw: Any) -> Omnivore:
 
 def omnivore_tiny(**kw: Any) -> Omnivore:
     """A two-stage, width-32 Omnivore for the synthetic data (32 px, 4 frames) that trains on 2 CPU cores:
-    heads ``image`` (30 shape-colour classes), ``video`` (4 directions) and ``rgbd`` (2: which shape is nearer)."""
+    heads ``image`` (30 shape-colour classes), ``video`` (4 directions) and ``rgbd`` (6: the nearer shape's colour)."""
     enc = omnivore_encoder(**({"patch_size": (2, 4, 4), "embed_dim": 32, "depths": (2, 2), "num_heads": (2, 4),
                                "window_size": (2, 4, 4), "stochastic_depth_prob": 0.0} | kw))
-    return omnivore(enc, (("image", "image", 30, 0.0), ("video", "video", 4, 0.0), ("rgbd", "rgbd", 2, 0.0)))
+    return omnivore(enc, (("image", "image", 30, 0.0), ("video", "video", 4, 0.0), ("rgbd", "rgbd", 6, 0.0)))
 
 
 BUILDERS: dict[str, Callable[..., Omnivore]] = {f.__name__: f for f in (
