@@ -5,7 +5,8 @@ The question and image are fused by the multimodal encoder; the answer decoder (
 and causal layers cross-attending to those fused question states, then a :class:`PredictionHead`)
 scores answers token by token. Training is the causal LM loss with momentum distillation from the
 momentum copies (explicit state, as :class:`~.retrieval.ALBEFForRetrieval`); inference scores the
-first token of every candidate, keeps the top ``k`` and re-ranks them by their full log-likelihood.
+first token of every candidate, keeps the top ``k`` and re-ranks them by their full log-likelihood
+(:meth:`rank_answers`), or decodes an answer freely, greedily, with a KV cache (:meth:`generate`).
 
 Params ``model``, ``answer_decoder`` (a :class:`BERTTextEncoder`), ``prediction_head``;
 state ``{"momentum": copies of all three}``.
@@ -32,6 +33,7 @@ from torch import Tensor
 
 from ...core import random as pr
 from ...core.encoders.bert import BERTTextEncoder
+from ...core.layers.transformer_layer import TransformerDecoderLayer
 from ...core.pytree import Params
 from ...core.spec import Spec
 from .heads import PredictionHead
@@ -159,3 +161,44 @@ class ALBEFForVQA(Spec):
         probs = F.softmax(log_probs, dim=-1)
         probs, order = probs.topk(k, dim=1)
         return torch.gather(topk_ids, 1, order), probs
+
+    def decoder_layer(self) -> TransformerDecoderLayer:
+        """The answer decoder's block as a :class:`TransformerDecoderLayer` (causal self-attention,
+        cross-attention, feed-forward; torch's decoder-layer names, so the same params) for cached decoding."""
+        lay = self.answer_decoder.encoder.layer
+        return TransformerDecoderLayer(lay.d_model, lay.num_heads, lay.dim_feedforward, lay.dropout, lay.attn_dropout,
+                                       lay.activation, lay.norm_first, lay.layer_norm_eps, lay.fp32_norm, 0.0,
+                                       lay.bias, lay.weight_init, cross_attention=True, dim_kv=lay.dim_kv,
+                                       is_causal=True)
+
+    @torch.no_grad()
+    def generate(self, params: Params, images: Tensor, question_ids: Tensor, question_mask: Tensor | None, *,
+                 start_id: int, end_id: int, max_length: int = 8, use_cache: bool = True) -> Tensor:
+        """Greedy free-form answers ``(B, L <= max_length)`` starting with ``start_id`` ([CLS]); after
+        ``end_id`` ([SEP]) a row continues with padding. With ``use_cache`` each step feeds one new token
+        through the layers with their KV caches (self-attention appended, cross-attention reused);
+        without, every step re-runs the whole prefix (the same ids)."""
+        check_pair("ALBEFForVQA", images, question_ids, question_mask)
+        q_mask = self._masks(question_ids, question_mask)
+        q = self._question(params, images, question_ids, q_mask, None)
+        b = images.shape[0]
+        ids = question_ids.new_full((b, 1), start_id)
+        done = torch.zeros(b, dtype=torch.bool, device=ids.device)
+        layer, dec = self.decoder_layer(), params["answer_decoder"]
+        caches: list = [None] * self.answer_decoder.encoder.num_layers
+        for t in range(max_length - 1):
+            if use_cache:
+                pos = ids.new_full((b, 1), t)
+                x = self.answer_decoder.embeddings(dec["embeddings"], ids[:, -1:], position_ids=pos)
+                for i, p in enumerate(dec["encoder"]["layers"]):
+                    x, _, caches[i] = layer(p, x, q, memory_key_padding_mask=~q_mask.bool(), cache=caches[i],
+                                            use_cache=True)
+                logits = self.prediction_head(params["prediction_head"], x[:, -1])
+            else:
+                logits = self.decode(params, ids, torch.ones_like(ids), q, q_mask)[:, -1]
+            nxt = logits.argmax(-1).masked_fill(done, self.pad_token_id)
+            ids = torch.cat([ids, nxt[:, None]], dim=1)
+            done = done | (nxt == end_id)
+            if not torch.compiler.is_compiling() and bool(done.all()):
+                break
+        return ids

@@ -148,7 +148,7 @@ def test_vqa_round_trip_and_strict_load():
 
 def test_vqa_bad_inputs_name_what_was_expected():
     params = SPEC.init(key=torch.tensor([0, 1]))
-    state = SPEC.init_state(params)
+    state = SPEC.initial_state(params)
     images, q, qa, ans, aa = data()
     with pytest.raises(ValueError, match=r"questions \[1\] have no candidate answers"):
         SPEC(params, images, q, qa, ans[:2], aa[:2], torch.ones(2), torch.tensor([2, 0]), state)
@@ -156,3 +156,21 @@ def test_vqa_bad_inputs_name_what_was_expected():
         SPEC.rank_answers(params, images, q, qa, ans[:0], aa[:0], k=1)
     with pytest.raises(ValueError, match="expected 2 texts"):
         SPEC.rank_answers(params, images, q[:1], qa[:1], ans, aa, k=1)
+
+
+def test_generation_with_the_kv_cache_equals_recomputing_the_prefix():
+    params = SPEC.init(key=torch.tensor([0, 3]))
+    images, q, qa, _, _ = data()
+    with_cache = SPEC.generate(params, images, q, qa, start_id=2, end_id=3, max_length=6)
+    without = SPEC.generate(params, images, q, qa, start_id=2, end_id=3, max_length=6, use_cache=False)
+    assert torch.equal(with_cache, without) and with_cache.shape[0] == 2 and (with_cache[:, 0] == 2).all()
+    # the cached step's logits equal the full pass's last position (not just the argmax)
+    qs = SPEC.model(params["model"], images, q, qa).multimodal_embeddings
+    full = SPEC.decode(params, with_cache[:, :3], torch.ones_like(with_cache[:, :3]), qs, qa)
+    layer, dec, caches = SPEC.decoder_layer(), params["answer_decoder"], [None, None]
+    for t in range(3):
+        x = SPEC.answer_decoder.embeddings(dec["embeddings"], with_cache[:, t:t + 1], position_ids=torch.full((2, 1), t))
+        for i, p in enumerate(dec["encoder"]["layers"]):
+            x, _, caches[i] = layer(p, x, qs, memory_key_padding_mask=~qa.bool(), cache=caches[i], use_cache=True)
+        torch.testing.assert_close(SPEC.prediction_head(params["prediction_head"], x[:, -1]), full[:, t],
+                                   atol=1e-5, rtol=1e-5)
