@@ -27,7 +27,7 @@ def losses(run):
 
 
 def test_stopped_and_resumed_equals_uninterrupted(tmp_path):
-    opts = {"train_size": 32, "eval_size": 16}
+    opts = {"train_size": 32, "eval_size": 8}
     a, b = tmp_path / "a", tmp_path / "b"
     metrics = _run("albef", opts, a)
     _run("albef", opts, b, stop_after=2)
