@@ -56,6 +56,6 @@ def test_two_steps_through_the_loop_and_per_modality_accuracy(tmp_path):
 
 
 def test_a_batch_share_that_does_not_split_over_the_ranks_is_an_error():
-    task = _task(batch_size=9)
+    task = _task(batch_size=9, video_ratio=1.0)
     with pytest.raises(ValueError, match="image takes 3 of each batch of 9: expected a multiple of the 2 ranks"):
         next(iter(task.train_batches(0, 0, 2)))
