@@ -156,20 +156,20 @@ def flava_10b(**kw) -> FLAVAForPreTraining:
 
 
 _TINY = dict(image_hidden_size=64, image_num_attention_heads=4, image_num_hidden_layers=2,
-             image_intermediate_size=128, image_size=32, patch_size=8,
+             image_intermediate_size=128, image_size=32, patch_size=4,
              text_hidden_size=64, text_num_attention_heads=4, text_num_hidden_layers=2, text_intermediate_size=128,
              vocab_size=64, max_position_embeddings=32, multimodal_hidden_size=64, multimodal_num_attention_heads=4,
              multimodal_num_hidden_layers=1, multimodal_intermediate_size=128, text_and_image_proj_size=64)
 
 
 def flava_tiny(**kw) -> FLAVAModel:
-    """A width-64 FLAVA (2 + 2 + 1 layers, 32 px images in 8 px patches, a 64-token vocabulary): trains on 2 CPU cores."""
+    """A width-64 FLAVA (2 + 2 + 1 layers, 32 px images in 4 px patches, a 64-token vocabulary): trains on 2 CPU cores."""
     return flava_model(**(_TINY | kw))
 
 
 def flava_tiny_for_pretraining(**kw) -> FLAVAForPreTraining:
-    """:func:`flava_tiny` + a narrow dVAE (width 4, 128 codes, 32 px: a 4 x 4 grid, as the patches) + the losses."""
-    return flava_model_for_pretraining(**(dict(codebook_image_size=32, codebook_n_hid=4, image_vocab_size=128)
+    """:func:`flava_tiny` + a narrow dVAE (width 4, 128 codes, 64 px: an 8 x 8 grid, as the patches) + the losses."""
+    return flava_model_for_pretraining(**(dict(codebook_image_size=64, codebook_n_hid=4, image_vocab_size=128)
                                           | _TINY | kw))
 
 

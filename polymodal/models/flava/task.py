@@ -53,7 +53,7 @@ class FLAVAOptions:
     train_size: int = option(20_000, "synthetic samples the three sources draw from", positive=True)
     eval_size: int = option(500, "synthetic eval images per split (seen and held-out pairs)", positive=True)
     unpaired: float = option(0.5, "unpaired images and unpaired captions per step, as a fraction of the batch")
-    mask_patches: int = option(6, "patches masked per image (BEiT block masking; tiny: 16 patches)", positive=True)
+    mask_patches: int = option(24, "patches masked per image (BEiT block masking; tiny: 64 patches)", positive=True)
     mlm_prob: float = option(0.15, "fraction of caption tokens masked (80/10/10)")
     itm_negatives: float = option(0.5, "fraction of pairs whose caption is swapped for another class's")
     max_length: int = option(16, "caption tokens (truncation)", positive=True)
@@ -94,9 +94,14 @@ class FLAVATask:
     def _images(self, items: list[dict], key: Tensor) -> dict[str, Tensor]:
         raw = torch.stack([it["image"] for it in items])  # (B, 3, S, S) in [0, 1]
         mean, std = torch.tensor(IMAGE_MEAN)[:, None, None], torch.tensor(IMAGE_STD)[:, None, None]
-        masks = [block_mask(pr.fold_in(key, i), self.grid, self.options.mask_patches, min_num_patches=2)
+        masks = [block_mask(pr.fold_in(key, i), self.grid, self.options.mask_patches, min_num_patches=4)
                  for i in range(len(items))]
-        return {"image": (raw - mean) / std, "image_for_codebook": map_pixels(raw),
+        cb = self.model.image_codebook.image_size
+        if cb != raw.shape[-1]:  # the dVAE's input size (8 px per code): the same image, resampled
+            raw_cb = torch.nn.functional.interpolate(raw, size=(cb, cb), mode="bilinear", align_corners=False)
+        else:
+            raw_cb = raw
+        return {"image": (raw - mean) / std, "image_for_codebook": map_pixels(raw_cb.clamp(0, 1)),
                 "image_patches_mask": torch.stack(masks).flatten(1)}
 
     def _texts(self, captions: list[str], key: Tensor) -> dict[str, Tensor]:
