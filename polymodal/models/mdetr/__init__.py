@@ -17,7 +17,7 @@ from .loss import (
 from .matcher import hungarian_match, matching_cost
 from .model import MDETR, MDETROutput, pad_images, pad_text
 from .pretrained import URLS, load_pretrained, read_checkpoint
-from .postprocess import phrase_scores, rank_phrase_boxes, recall_at_k, to_image_boxes
+from .postprocess import alignment_scores, phrase_scores, rank_phrase_boxes, recall_at_k, to_image_boxes
 from .transformer import FeatureResizer, MDETRTransformer, sine_position_embedding_2d
 
 __all__ = [
@@ -26,7 +26,7 @@ __all__ = [
     "torchmultimodal_table", "GQA_HEADS", "GroundingOutput", "MDETRForPhraseGrounding", "MDETRForVQA", "VQAOutput",
     "GQA_TYPES", "box_losses", "contrastive_alignment_loss", "gqa_masks", "masked_accuracy", "masked_cross_entropy",
     "soft_token_loss", "vqa_accuracy", "hungarian_match", "matching_cost", "MDETR", "MDETROutput", "pad_images",
-    "pad_text", "phrase_scores", "rank_phrase_boxes", "recall_at_k", "to_image_boxes", "FeatureResizer",
+    "pad_text", "alignment_scores", "phrase_scores", "rank_phrase_boxes", "recall_at_k", "to_image_boxes", "FeatureResizer",
     "MDETRTransformer", "sine_position_embedding_2d", "URLS", "load_pretrained", "read_checkpoint",
 ]
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops.boxes import box_convert, box_iou
 
-__all__ = ["to_image_boxes", "phrase_scores", "rank_phrase_boxes", "recall_at_k"]
+__all__ = ["to_image_boxes", "phrase_scores", "alignment_scores", "rank_phrase_boxes", "recall_at_k"]
 
 
 def to_image_boxes(pred_boxes: Tensor, image_sizes: Tensor) -> Tensor:
@@ -40,10 +40,19 @@ def phrase_scores(pred_logits: Tensor, phrase_maps: Tensor) -> Tensor:
     return (pos[:, :, None, :] * prob[:, None, :, :]).amax(-1)
 
 
+def alignment_scores(query_embeddings: Tensor, token_embeddings: Tensor, token_maps: Tensor) -> Tensor:
+    """The contrastive head's view: ``(B, Q, d)`` and ``(B, T, d)`` normalised embeddings and the phrases'
+    tokens ``token_maps (B, P, T)`` -> ``(B, P, Q)``, each query's mean similarity to the phrase's tokens."""
+    sim = query_embeddings @ token_embeddings.transpose(-1, -2)  # (B, Q, T)
+    w = token_maps.to(sim.dtype)
+    return (w @ sim.transpose(-1, -2)) / w.sum(-1, keepdim=True).clamp(min=1)
+
+
 def rank_phrase_boxes(pred_logits: Tensor, pred_boxes: Tensor, phrase_maps: Tensor, image_sizes: Tensor,
-                      k: int | None = None) -> tuple[Tensor, Tensor]:
-    """Boxes of each phrase, best first: ``(B, P, k, 4)`` pixel xyxy and their scores ``(B, P, k)``."""
-    scores = phrase_scores(pred_logits, phrase_maps)
+                      k: int | None = None, scores: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Boxes of each phrase, best first: ``(B, P, k, 4)`` pixel xyxy and their scores ``(B, P, k)``.
+    ``scores (B, P, Q)`` replaces :func:`phrase_scores` (e.g. :func:`alignment_scores`)."""
+    scores = phrase_scores(pred_logits, phrase_maps) if scores is None else scores
     k = scores.shape[-1] if k is None else min(k, scores.shape[-1])
     top, idx = scores.topk(k, dim=-1)
     boxes = to_image_boxes(pred_boxes, image_sizes)  # (B, Q, 4)

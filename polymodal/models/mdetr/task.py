@@ -6,8 +6,9 @@ matched to the target boxes (Hungarian, :mod:`.matcher`) and pay soft-token cros
 weight 0.1), box L1 (x5) and GIoU (x2); the last layer also the contrastive alignment (x1, temperature
 0.07); VQA adds the question-type heads' cross-entropies (x1). For VQA the text is the question and
 the scene has no box targets (every query is "no object"). Evaluation: recall@1/5 at IoU >= 0.5 of
-each caption phrase (with two baselines: a uniformly random box, and a random one of the scene's
-objects), VQA accuracy, and a PNG of an evaluation scene with its predicted boxes and phrases.
+each caption phrase (boxes ranked by MDETR's soft-token probabilities; ``recall@1_alignment`` ranks
+by the contrastive-alignment similarity instead), with two baselines: a uniformly random box, and a random one of the scene's
+objects, VQA accuracy, and a PNG of an evaluation scene with its predicted boxes and phrases.
 
 >>> from polymodal.train import LoopConfig, make_task
 >>> task = make_task("mdetr", "tiny", {"train_size": 32, "eval_size": 8}, LoopConfig(steps=1, batch_size=4))
@@ -38,7 +39,7 @@ from .loss import (
 )
 from .matcher import hungarian_match
 from .model import pad_images, pad_text
-from .postprocess import rank_phrase_boxes, recall_at_k
+from .postprocess import alignment_scores, rank_phrase_boxes, recall_at_k
 
 __all__ = ["MDETRTask", "MDETROptions", "Collate", "mdetr_loss", "WEIGHTS"]
 
@@ -196,7 +197,7 @@ class MDETRTask:
 
     @torch.no_grad()
     def evaluate(self, params: Params, state: None, *, device: Any = "cpu") -> dict:
-        ranked, truth, rand_box, rand_obj, vqa_right, n_q = [], [], [], [], 0.0, 0
+        ranked, aligned, truth, rand_box, rand_obj, vqa_right, n_q = [], [], [], [], [], 0.0, 0
         g = _random.Random(0)
         for i in eval_progress(range(0, len(self.eval_set), 64), "eval"):
             items = [self.eval_set[j] for j in range(i, min(i + 64, len(self.eval_set)))]
@@ -210,13 +211,18 @@ class MDETRTask:
                 dev = {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in cap.items()}
                 b = cap
             out = self.model(params, dev["images"], dev["input_ids"], dev["image_mask"], dev["text_padding_mask"])
-            boxes, _ = rank_phrase_boxes(out.model_output.pred_logits, out.model_output.pred_boxes,
-                                         dev["phrase_maps"], dev["image_sizes"], k=5)
+            mo = out.model_output
+            boxes, _ = rank_phrase_boxes(mo.pred_logits, mo.pred_boxes, dev["phrase_maps"], dev["image_sizes"], k=5)
+            t = dev["input_ids"].shape[1]
+            align = alignment_scores(out.query_embeddings, out.token_embeddings, dev["phrase_maps"][..., :t])
+            aboxes, _ = rank_phrase_boxes(mo.pred_logits, mo.pred_boxes, dev["phrase_maps"], dev["image_sizes"], k=1,
+                                          scores=align)
             for s, it in enumerate(items):
                 h, w = it["image"].shape[1:]
                 for p in range(len(it["phrases"])):
                     gt = it["boxes"][it["box_phrase"] == p]
                     ranked.append(boxes[s, p].cpu())
+                    aligned.append(aboxes[s, p].cpu())
                     truth.append(gt)
                     x1, y1 = g.uniform(0, w - 1), g.uniform(0, h - 1)
                     rand_box.append(torch.tensor([[x1, y1, g.uniform(x1 + 1, w), g.uniform(y1 + 1, h)]]))
@@ -224,6 +230,7 @@ class MDETRTask:
                     rand_obj.append(objects[g.randrange(len(objects))][None] if len(objects) else gt[:0])
         r = recall_at_k(ranked, truth)
         metrics = {"eval/recall@1": r[1], "eval/recall@5": r[5],
+                   "eval/recall@1_alignment": recall_at_k(aligned, truth, (1,))[1],
                    "eval/random_box_recall@1": recall_at_k(rand_box, truth, (1,))[1],
                    "eval/random_object_recall@1": recall_at_k(rand_obj, truth, (1,))[1]}
         if self.vqa:
