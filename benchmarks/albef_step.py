@@ -67,8 +67,9 @@ def reference(c):
             super().__init__()
             ve = ALBEFVisionEncoder(image_size=c["image"], patch_size=c["patch"], num_hidden_layers=c["vlayers"],
                                     num_attention_heads=c["vheads"], hidden_size=c["width"], mlp_dim=c["vmlp"])
-            te = bert_text_encoder(hidden_size=c["width"], num_hidden_layers=c["tlayers"], num_attention_heads=c["heads"],
-                                   intermediate_size=c["ff"], vocab_size=c["vocab"], dropout=0.0)
+            te = bert_text_encoder(hidden_size=c["width"], num_hidden_layers=c["tlayers"],
+                                   num_attention_heads=c["heads"], intermediate_size=c["ff"], vocab_size=c["vocab"],
+                                   dropout=0.0)
             me = ALBEFMultimodalEncoder(c["width"], c["mlayers"], c["heads"], c["ff"])
             self.model_with_similarity = ALBEFModelWithSimilarity(
                 ALBEFModel(ve, te, me), nn.Linear(c["width"], c["embed"]), nn.Linear(c["width"], c["embed"]),
@@ -234,7 +235,8 @@ def main() -> None:
              f"torch {torch.__version__}, {platform.processor() or platform.machine()}, 1 thread, CPU time; "
              f"load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (shared machine); "
              f"{args.warmup} warmup steps, {args.rounds} interleaved rounds.", "",
-             "| config | implementation | mode | best (s) | median (s) | ratio (TMM best / best) | check (first loss) |",
+             "| config | implementation | mode | best (s) | median (s) | ratio (TMM best / best) "
+             "| check (first loss) |",
              "|---|---|---|---|---|---|---|"]
     for name, n, m, best, med, ratio, check in rows:
         lines.append(f"| {name} | {n} | {m} | {best:.3f} | {med:.3f} | {ratio:.2f}x | {check:.4f} |")

@@ -9,7 +9,9 @@ TorchMultimodal converters, published checkpoints and training tasks.
 * training: ``polymodal train albef --preset tiny`` (retrieval), ``polymodal train albef-vqa --preset tiny``.
 """
 
-from .builders import BUILDERS, albef_model, albef_pretraining, albef_retrieval, albef_tiny, albef_vqa, albef_vqa_tiny, build
+from .builders import (
+    BUILDERS, albef_model, albef_pretraining, albef_retrieval, albef_tiny, albef_vqa, albef_vqa_tiny, build,
+)
 from .heads import PredictionHead
 from .losses import clm_loss, itc_loss, mlm_distill_loss, negative_weights, sample_negatives
 from .model import ALBEFModel, ALBEFModelOutput

@@ -135,8 +135,8 @@ def torchmultimodal_table(spec: Any, text_ff: int = 2) -> Table:
             raise ValueError("torchmultimodal_table: TorchMultimodal's ALBEFModelForRetrieval has no MLM head; "
                              "build the spec with mlm=False (albef_retrieval(mlm=False))")
         p = "model_with_similarity."
-        rules = [*_albef_model(f"{p}albef_model.", "model.", spec, text_ff), Rule("itm_head.{p}", "params.itm_head.{p}"),
-                 Rule(f"{p}temp", "params.temp")]
+        rules = [*_albef_model(f"{p}albef_model.", "model.", spec, text_ff),
+                 Rule("itm_head.{p}", "params.itm_head.{p}"), Rule(f"{p}temp", "params.temp")]
         for n in ("vision_proj", "text_proj"):
             rules += [Rule(f"{p}{n}.{{p}}", f"params.{n}.{{p}}"), Rule(f"{p}{n}_m.{{p}}", f"state.momentum.{n}.{{p}}")]
         rules += [Rule(f"{p}{n}", f"state.{n}") for n in ("image_queue", "text_queue", "idx_queue", "queue_ptr")]

@@ -1,12 +1,10 @@
 """TorchMultimodal's published ALBEF checkpoints (``examples/albef/model.py``'s ``_ALBEF_PRETRAINED_URLS``),
 downloaded and cached by :func:`polymodal.hub.fetch` and read as ``(spec, params, state)``.
 
-=============  ============================================================================  ==================
-name           URL                                                                            architecture
-=============  ============================================================================  ==================
-``retrieval``  ``download.pytorch.org/models/multimodal/albef/pretrained_retrieval_checkpoint.pt``  ``albef_retrieval(mlm=False)``
-``vqa``        ``download.pytorch.org/models/multimodal/albef/pretrained_vqa_checkpoint.pt``        ``albef_vqa()``
-=============  ============================================================================  ==================
+* ``retrieval``: ``<base>/pretrained_retrieval_checkpoint.pt``, architecture ``albef_retrieval(mlm=False)``;
+* ``vqa``: ``<base>/pretrained_vqa_checkpoint.pt``, architecture ``albef_vqa()``;
+
+with ``<base>`` = ``https://download.pytorch.org/models/multimodal/albef``.
 
 The reference publishes no digest for these files and this project could not download them to
 compute one (no network where it was written), so :data:`SHA256` is empty: the download is then

@@ -83,7 +83,7 @@ class ALBEFForRetrieval(Spec):
     queue_size: int = 65536  # Q: momentum features kept for the contrastive loss
     momentum: float = 0.995  # EMA rate of the momentum copies
     temp: float = 0.07  # initial temperature (a learned scalar, as TorchMultimodal's)
-    negatives_by_idx: bool = True  # hard negatives never share the row's idx (ALBEF repo); False: only the diagonal (TorchMultimodal)
+    negatives_by_idx: bool = True  # negatives never share the row's idx (ALBEF repo); False: diagonal only (TMM)
 
     def __post_init__(self) -> None:
         if self.vision_proj.out_features != self.text_proj.out_features:

@@ -74,8 +74,9 @@ class ALBEFForVQA(Spec):
     def decode(self, params: Params, answer_ids: Tensor, answer_mask: Tensor | None, question_states: Tensor,
                question_mask: Tensor | None, *, key: Tensor | None = None) -> Tensor:
         """``answers (N, M)``, fused ``question_states (N, L, D)`` -> scores ``(N, M, V)``."""
-        h = self.answer_decoder(params["answer_decoder"], answer_ids, answer_mask, encoder_hidden_states=question_states,
-                                encoder_attention_mask=question_mask, key=key).last_hidden_state
+        h = self.answer_decoder(params["answer_decoder"], answer_ids, answer_mask,
+                                encoder_hidden_states=question_states, encoder_attention_mask=question_mask,
+                                key=key).last_hidden_state
         return self.prediction_head(params["prediction_head"], h)
 
     def _question(self, params: Params, images: Tensor, ids: Tensor, mask: Tensor, key: Tensor | None) -> Tensor:

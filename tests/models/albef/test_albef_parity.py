@@ -108,7 +108,8 @@ SPEC = albef_retrieval(embed_size=E, queue_size=Q, negatives_by_idx=False, **CFG
 def ours_step(params, state, step, negs):
     images, ids, atts, idx = inputs(step)
     leaves = {k: v.detach().requires_grad_(v.is_floating_point()) for k, v in pytree.flatten(params).items()}
-    out, new_state = SPEC(pytree.unflatten(leaves), images, ids, atts, idx, state, alpha=0.4, neg_indices=(negs[0], negs[1]))
+    out, new_state = SPEC(pytree.unflatten(leaves), images, ids, atts, idx, state, alpha=0.4,
+                          neg_indices=(negs[0], negs[1]))
     out.loss.backward()
     return out, new_state, {k: v.grad for k, v in leaves.items()}
 

@@ -48,7 +48,8 @@ def test_stopped_and_resumed_equals_uninterrupted(tmp_path):
 
 def test_vqa_task_trains_and_reports_accuracy_per_kind(tmp_path):
     metrics = _run("albef-vqa", {"train_size": 16, "eval_size": 8}, tmp_path / "v", steps=2)
-    assert set(metrics) == {"eval/vqa_accuracy", *(f"eval/vqa_accuracy_{k}" for k in ("color", "shape", "size", "count"))}
+    kinds = ("color", "shape", "size", "count")
+    assert set(metrics) == {"eval/vqa_accuracy", *(f"eval/vqa_accuracy_{k}" for k in kinds)}
     assert len(losses(tmp_path / "v")) == 2
 
 

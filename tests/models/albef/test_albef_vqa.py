@@ -50,7 +50,8 @@ class RefDecoder(nn.Module):  # examples/albef/model.py: ALBEFDecoder
         b, t = attention_mask.shape
         causal = get_causal_attention_mask(t).repeat(b, 1).view(b, t, t)
         mask = (causal[:, None] * attention_mask[:, None, None, :]).to(attention_mask.dtype)
-        h = self.multimodal_encoder(self.text_embeddings(input_ids), mask, encoder_hidden_states, encoder_attention_mask)
+        h = self.multimodal_encoder(self.text_embeddings(input_ids), mask, encoder_hidden_states,
+                                    encoder_attention_mask)
         return self.prediction_head(h)
 
 
@@ -66,7 +67,8 @@ class RefVQA(nn.Module):  # examples/albef/model.py: ALBEFModelForVQA (_train_fo
         rep = lambda t: torch.stack([t[b] for b, n in enumerate(lengths) for _ in range(n)])  # noqa: E731
         with torch.no_grad():
             momentum_update(self.answer_decoder, self.answer_decoder_m, self.model.momentum)
-            scores_m = self.answer_decoder_m(answers, answers_atts, rep(out.multimodal_embeddings_m), rep(question_atts))
+            scores_m = self.answer_decoder_m(answers, answers_atts, rep(out.multimodal_embeddings_m),
+                                             rep(question_atts))
         scores = self.answer_decoder(answers, answers_atts, rep(out.multimodal_embeddings), rep(question_atts))
         labels = answers.masked_fill(answers == 0, self.loss.mask_token_id)
         return (weights * self.loss(labels, scores, scores_m, alpha)).sum() / image.size(0)
@@ -169,7 +171,8 @@ def test_generation_with_the_kv_cache_equals_recomputing_the_prefix():
     full = SPEC.decode(params, with_cache[:, :3], torch.ones_like(with_cache[:, :3]), qs, qa)
     layer, dec, caches = SPEC.decoder_layer(), params["answer_decoder"], [None, None]
     for t in range(3):
-        x = SPEC.answer_decoder.embeddings(dec["embeddings"], with_cache[:, t:t + 1], position_ids=torch.full((2, 1), t))
+        x = SPEC.answer_decoder.embeddings(dec["embeddings"], with_cache[:, t:t + 1],
+                                           position_ids=torch.full((2, 1), t))
         for i, p in enumerate(dec["encoder"]["layers"]):
             x, _, caches[i] = layer(p, x, qs, memory_key_padding_mask=~qa.bool(), cache=caches[i], use_cache=True)
         torch.testing.assert_close(SPEC.prediction_head(params["prediction_head"], x[:, -1]), full[:, t],
