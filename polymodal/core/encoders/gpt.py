@@ -133,13 +133,17 @@ class MultimodalGPT(Spec):
             what = "input (prompt)" if modality == "in" else "output"
             raise ValueError(f"MultimodalGPT: {modality}_ids: the {what} modality holds at most {limit} tokens "
                              f"(latent shape {self.in_shape if modality == 'in' else self.out_shape}), got {ids.shape[-1]}")
-        emb, pos, proj = (getattr(self, f"{modality}_{k}") for k in ("embed", "pos", "proj"))
-        x = emb(params[f"{modality}_embed"], ids)
-        if proj is not None:
-            x = proj(params[f"{modality}_proj"], x)
+        x = self.embed_tokens(params, ids, modality)
+        pos = self.in_pos if modality == "in" else self.out_pos
         if positions is None:
             positions = torch.arange(ids.shape[-1], device=ids.device)
         return x + pos(params[f"{modality}_pos"], positions)
+
+    def embed_tokens(self, params: Params, ids: Tensor, modality: str) -> Tensor:
+        """Token embeddings of ``ids (B, L)`` (projected to d_model), without positions."""
+        emb, proj = (getattr(self, f"{modality}_{k}") for k in ("embed", "proj"))
+        x = emb(params[f"{modality}_embed"], ids)
+        return x if proj is None else proj(params[f"{modality}_proj"], x)
 
     def logits_mask(self, num_in: int, num_out: int, device=None) -> Tensor:
         """``(num_in + num_out, vocab)`` bool: position i may predict only its modality's tokens."""
@@ -193,11 +197,17 @@ class MultimodalGPT(Spec):
         mask = self.logits_mask(0, 1, device=x.device)[0]
         return self.project(params, dec.last_hidden_state[:, -1], mask), dec.cache
 
-    def step(self, params: Params, out_id: Tensor, position: int | Tensor, cache: list[Params]) -> tuple[Tensor, list[Params]]:
+    def step(self, params: Params, out_id: Tensor, position: int | Tensor, cache: list[Params], *,
+             pos_table: Tensor | None = None) -> tuple[Tensor, list[Params]]:
         """Feed output token ``out_id (B,)`` at output position ``position``; returns the logits for
-        the next output token ``(B, vocab)`` and the grown cache."""
+        the next output token ``(B, vocab)`` and the grown cache. ``pos_table``: the output
+        positions' embeddings ``(out_len, d_model)`` (``out_pos(params["out_pos"])``), computed once
+        by a decoding loop instead of at every step."""
         pos = torch.as_tensor(position, device=out_id.device).reshape(1)
-        x = self.embed(params, out_id[:, None], "out", positions=pos)
+        if pos_table is None:
+            x = self.embed(params, out_id[:, None], "out", positions=pos)
+        else:
+            x = self.embed_tokens(params, out_id[:, None], "out") + pos_table[pos]
         dec = self.decoder(params["decoder"], x, cache=cache)
         mask = self.logits_mask(0, 1, device=x.device)[0]
         return self.project(params, dec.last_hidden_state[:, -1], mask), dec.cache

@@ -1,6 +1,6 @@
 """Autoregressive generation for :class:`MultimodalGPT`: greedy, temperature, top-k, top-p, from keys.
 
-Every random draw comes from ``fold_in(key, step)`` (Gumbel-max sampling), so the same key gives
+Every random draw comes from one ``uniform(key, (steps, B, vocab))`` (Gumbel-max sampling), so the same key gives
 the same sample, with or without the KV cache, and under ``vmap`` each example can get its own key.
 """
 
@@ -37,12 +37,13 @@ def filter_logits(logits: Tensor, top_k: int | None = None, top_p: float | None 
 
 
 def sample_logits(logits: Tensor, *, key: Tensor | None, temperature: float = 1.0, top_k: int | None = None,
-                  top_p: float | None = None) -> Tensor:
-    """One token id per row of ``logits (..., V)``: greedy when ``key`` is None or temperature is 0."""
+                  top_p: float | None = None, uniform: Tensor | None = None) -> Tensor:
+    """One token id per row of ``logits (..., V)``: greedy when ``key`` is None or temperature is 0.
+    ``uniform``: the U(0, 1) draws of the Gumbel noise, shaped like ``logits`` (default: from ``key``)."""
     if key is None or temperature == 0.0:
         return logits.argmax(-1)
     logits = filter_logits(logits.float() / temperature, top_k, top_p)
-    u = pr.uniform(key, logits.shape).clamp(1e-20, 1.0 - 1e-7)
+    u = (pr.uniform(key, logits.shape) if uniform is None else uniform).clamp(1e-20, 1.0 - 1e-7)
     return (logits - torch.log(-torch.log(u))).argmax(-1)
 
 
@@ -64,10 +65,14 @@ def generate(model: MultimodalGPT, params: Params, in_ids: Tensor, *, key: Tenso
     if n > model.out_len:
         raise ValueError(f"max_new_tokens ({n}) exceeds the output modality's length {model.out_len}")
     out = in_ids.new_zeros((in_ids.shape[0], 0))
+    # all the sampling noise in one draw (one key per call, not per step: cheaper; equal with and without cache)
+    noise = None if key is None else pr.uniform(key, (n, in_ids.shape[0], model.vocab))
     draw = lambda logits, t: sample_logits(  # noqa: E731
-        logits, key=None if key is None else pr.fold_in(key, t), temperature=temperature, top_k=top_k, top_p=top_p)
+        logits, key=key, temperature=temperature, top_k=top_k, top_p=top_p,
+        uniform=None if noise is None else noise[t])
     if use_cache:
         logits, cache = model.prefill(params, in_ids)
+        pos_table = model.out_pos(params["out_pos"])  # once, not at every step
     for t in range(n):
         if not use_cache:
             full = model(params, in_ids, torch.cat([out, out.new_zeros((out.shape[0], 1))], 1)).logits
@@ -75,5 +80,5 @@ def generate(model: MultimodalGPT, params: Params, in_ids: Tensor, *, key: Tenso
         tok = draw(logits, t) - model.num_in_tokens
         out = torch.cat([out, tok[:, None]], dim=1)
         if use_cache and t + 1 < n:
-            logits, cache = model.step(params, tok, t, cache)
+            logits, cache = model.step(params, tok, t, cache, pos_table=pos_table)
     return out

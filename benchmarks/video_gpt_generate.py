@@ -1,0 +1,162 @@
+"""Text-to-video GPT generation, tokens per second: polymodal's ``generate`` with and without the KV
+cache against TorchMultimodal's ``GenerationUtil.sample`` (its KV cache, ``causal=True``) from the same
+weights, in one run, interleaved.
+
+Reproduce (writes ``benchmarks/results/video_gpt_generate.md``)::
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/video_gpt_generate.py
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/video_gpt_generate.py --configs tiny --rounds 2   # a quick look
+
+Configurations: ``tiny`` (``mugen_gpt_tiny``: d_model 96, 4 layers, 8 text tokens -> 4x8x8 = 256
+video codes) and ``mugen_L8`` (``mugen_gpt(video_latent_shape=(2, 8, 8))``: MUGEN's published GPT for
+8-frame clips, d_model 768, 12 layers, 128 text tokens -> 128 video codes); batch 4, sampling from
+the full distribution (no top-k / top-p). TorchMultimodal's model is composed as
+``examples/mugen/generation/text_video_gpt.py`` builds it, with a code table in place of the VQ-VAE
+(generation reads only the codebook; decoding the videos is not timed for either library).
+TorchMultimodal's ``sample(use_cache=False)`` feeds only the newest token without the earlier ones
+(no cache, no context: not a generation), so it has no row; its cache lives in the attention
+modules (``MultiHeadAttention.cache``) and is never cleared, so a second ``sample`` call fails on a
+shape mismatch: the benchmark clears it before every call (inside the timing); polymodal's no-cache row recomputes the
+full sequence at every step.
+
+Timing: CPU time of this process (``time.process_time``; the machine is shared) on ``--threads``
+threads, one untimed call first, then ``--rounds`` rounds interleaving the variants. tokens/s =
+batch x new tokens / best time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+RESULTS = Path(__file__).parent / "results" / "video_gpt_generate.md"
+
+
+class CodeTable(nn.Module):
+    """A tokenizer with a codebook and nothing else (TorchMultimodal's GPT calls encode / lookup / decode)."""
+
+    def __init__(self, n: int, d: int, table: bool) -> None:
+        super().__init__()
+        self.table = table
+        if table:  # MUGEN's text tokenizer: an nn.Embedding named "embedding"
+            self.embedding = nn.Embedding(n, d)
+        else:  # the VQ-VAE: a codebook buffer
+            self.codebook = nn.Module()
+            self.codebook.register_buffer("embedding", torch.randn(n, d))
+
+    def encode(self, x, **kwargs):
+        return x
+
+    def lookup(self, ids):
+        return self.embedding(ids) if self.table else nn.functional.embedding(ids, self.codebook.embedding)
+
+    def decode(self, ids, **kwargs):
+        return ids
+
+
+def build(config: str):
+    from torchmultimodal.models.video_gpt.gpt import MultimodalGPT, MultimodalTransformerDecoder, RightShift, \
+        TransformerDecoder, TransformerDecoderLayer
+    from torchmultimodal.modules.layers.attention import SelfAttention
+    from torchmultimodal.modules.layers.position_embedding import BroadcastedPositionEmbedding
+
+    from polymodal.models.mugen import mugen_gpt, mugen_gpt_tiny
+    from polymodal.models.mugen.convert import from_torchmultimodal
+
+    spec = mugen_gpt_tiny() if config == "tiny" else mugen_gpt(video_latent_shape=(2, 8, 8))
+    d, n_in, n_out = spec.d_model, spec.num_in_tokens, spec.num_out_tokens
+    heads, layers = spec.decoder.layer.num_heads, spec.decoder.num_layers
+    torch.manual_seed(0)
+    layer = TransformerDecoderLayer(d, heads, 0.2, attn_module=SelfAttention(attn_dropout=0.3))
+    mm = MultimodalTransformerDecoder(nn.Embedding(spec.in_len, d), BroadcastedPositionEmbedding(spec.out_shape, d),
+                                      TransformerDecoder(layer, layers), RightShift(d))
+    emb = spec.out_embed.embedding_dim
+    ref = MultimodalGPT(d, n_in, n_out, spec.out_shape, CodeTable(n_in, d, True), CodeTable(n_out, emb, False), mm,
+                        nn.Identity(), nn.Linear(emb, d, bias=False)).eval()
+    with torch.no_grad():
+        ref.to_logit.weight.normal_(std=0.02)  # zero-initialised: every sample would be uniform noise
+    params = from_torchmultimodal(ref.state_dict(), spec)
+    text = torch.randint(0, n_in, (4, spec.in_len))
+    return spec, params, ref, text
+
+
+def run(config: str, rounds: int) -> list[str]:
+    from torchmultimodal.utils.generate import GenerationUtil
+
+    from polymodal.core import random as pr
+    from polymodal.core.encoders.gpt_generate import generate
+
+    spec, params, ref, text = build(config)
+    util = GenerationUtil(ref)
+    n = spec.out_len
+    step = {"i": 0}
+
+    def ours(cache):
+        def f():
+            step["i"] += 1
+            with torch.no_grad():
+                return generate(spec, params, text, key=pr.key(step["i"]), use_cache=cache)
+        return f
+
+    def theirs():
+        for m in ref.modules():  # its KV cache lives in the attention modules and outlives a call: clear it
+            if hasattr(m, "cache"):
+                m.cache = None
+        return util.sample(text, n, use_cache=True, causal=True)
+
+    fns = {"TorchMultimodal GenerationUtil (KV cache)": theirs,
+           "polymodal generate (KV cache)": ours(True), "polymodal generate (no cache)": ours(False)}
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            t = time.process_time()
+            fn()
+            times[k].append(time.process_time() - t)
+    base = min(times["TorchMultimodal GenerationUtil (KV cache)"])
+    rows = []
+    for k, v in times.items():
+        tps = text.shape[0] * n / min(v)
+        rows.append(f"| {config} | {k} | {n} | {min(v):.2f} | {statistics.median(v):.2f} | {tps:.0f} | "
+                    f"{base / min(v):.2f}x |")
+        print(rows[-1], flush=True)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--configs", nargs="+", default=["tiny", "mugen_L8"], choices=["tiny", "mugen_L8"])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--no-write", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    rows = []
+    for c in args.configs:
+        rows += run(c, args.rounds)
+    if args.no_write:
+        return
+    load = open("/proc/loadavg").read().split()[:3] if Path("/proc/loadavg").exists() else ["?"]
+    text = "\n".join([
+        "# Text-to-video GPT generation: polymodal vs TorchMultimodal's GenerationUtil (same weights)", "",
+        f"Command: `OMP_NUM_THREADS={args.threads} .venv/bin/python benchmarks/video_gpt_generate.py "
+        f"--configs {' '.join(args.configs)} --rounds {args.rounds}`", "",
+        f"Machine: {platform.machine()} CPU, torch {torch.__version__}, {args.threads} thread(s); "
+        f"load average at the end {' '.join(load)} (shared: CPU time of this process is measured).", "",
+        "Batch 4, all video codes of a clip generated per call. Seconds are CPU seconds per call; "
+        "ratio = TorchMultimodal's best / this row's best (> 1: faster).", "",
+        "| config | variant | new tokens | best s | median s | tokens/s | vs TorchMultimodal |",
+        "|---|---|---|---|---|---|---|", *rows, ""])
+    RESULTS.write_text(text)
+    print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
