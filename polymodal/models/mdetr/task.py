@@ -14,7 +14,7 @@ objects, VQA accuracy, and a PNG of an evaluation scene with its predicted boxes
 >>> task = make_task("mdetr", "tiny", {"train_size": 32, "eval_size": 8}, LoopConfig(steps=1, batch_size=4))
 >>> b = next(iter(task.train_batches(0, 0, 1)))
 >>> b["images"].shape, len(b["boxes"]), b["positive_map"].shape[-1]
-(torch.Size([4, 3, 64, 64]), 4, 256)
+(torch.Size([4, 3, 96, 96]), 4, 256)
 """
 
 from __future__ import annotations
@@ -138,14 +138,15 @@ class MDETROptions:
     tokenizer: str | None = option(None, "a RoBERTa tokenizer folder (vocab.json + merges.txt) for --data JSONL")
     train_size: int = option(4000, "synthetic training scenes", positive=True)
     eval_size: int = option(256, "synthetic evaluation scenes", positive=True)
-    image_size: int = option(64, "side of the synthetic scenes", positive=True)
+    image_size: int = option(96, "side of the synthetic scenes (96: a 3 x 3 feature map, one cell per grid cell)",
+                             positive=True)
 
 
 class MDETRTask:
     """Phrase grounding / VQA with a tiny MDETR (see the module docstring)."""
 
     Options = MDETROptions
-    loop_defaults = {"steps": 600, "batch_size": 32, "lr": 1e-3, "eval_every": 0, "save_every": 0, "out": "runs/mdetr"}
+    loop_defaults = {"steps": 2500, "batch_size": 32, "lr": 1e-3, "eval_every": 0, "save_every": 0, "out": "runs/mdetr"}
 
     def __init__(self, preset: str, options: MDETROptions, loop: Any) -> None:
         from ...registry import family
