@@ -22,7 +22,7 @@ reference computes the same tower twice).
 >>> p = model.init(key=pr.key(0))
 >>> out = model(p, torch.rand(2, 3, 32, 32), torch.tensor([[2, 9, 7, 3, 0], [2, 5, 3, 0, 0]]), skip_unmasked_mm_encoder=False)
 >>> out.projected_image_embeddings.shape, out.multimodal.last_hidden_state.shape
-(torch.Size([2, 64]), torch.Size([2, 23, 64]))
+(torch.Size([2, 64]), torch.Size([2, 71, 64]))
 """
 
 from __future__ import annotations

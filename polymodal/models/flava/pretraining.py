@@ -9,8 +9,8 @@ see ``convert.py``), ``loss.*``; ``model.*``, ``classifier.*`` (classification).
 >>> spec = flava_tiny_for_pretraining()
 >>> p = spec.init(key=pr.key(0))
 >>> text = torch.tensor([[2, 9, 7, 3], [2, 5, 6, 3]])
->>> out = spec(p, image=torch.rand(2, 3, 32, 32), text=text, image_for_codebook=torch.rand(2, 3, 32, 32),
-...            image_patches_mask=torch.zeros(2, 16, dtype=torch.bool).index_fill(1, torch.tensor([1, 5]), True),
+>>> out = spec(p, image=torch.rand(2, 3, 32, 32), text=text, image_for_codebook=torch.rand(2, 3, 64, 64),
+...            image_patches_mask=torch.zeros(2, 64, dtype=torch.bool).index_fill(1, torch.tensor([1, 5]), True),
 ...            text_masked=text, mlm_labels=torch.tensor([[-1, 9, -1, -1], [-1, -1, 6, -1]]),
 ...            itm_labels=torch.tensor([1, 1]))
 >>> sorted(out.losses.terms())

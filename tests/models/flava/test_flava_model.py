@@ -45,11 +45,11 @@ def test_required_embedding_and_skip(params):
     out = MODEL(params, text=text)
     assert out.image is None and out.text.last_hidden_state.shape == (B, 6, 64)
     out = MODEL(params, image, text, text_masked=text)
-    assert out.multimodal is None and out.multimodal_masked.last_hidden_state.shape == (B, 1 + 17 + 6, 64)
+    assert out.multimodal is None and out.multimodal_masked.last_hidden_state.shape == (B, 1 + 65 + 6, 64)
     assert MODEL(params, image, text, required_embedding="image").text is None
     # masked towers without masks equal the unmasked ones; a patch mask changes the image states
     assert out.image_masked is out.image
-    mask = torch.zeros(B, 16, dtype=torch.bool)
+    mask = torch.zeros(B, 64, dtype=torch.bool)
     mask[:, 3] = True
     masked = MODEL(params, image, image_patches_mask=mask).image_masked.last_hidden_state
     assert not torch.allclose(masked, out.image.last_hidden_state)
@@ -107,11 +107,12 @@ def test_bad_input_names_expected_and_actual():
         m(p["model"], torch.rand(3, 1, 32, 32))
     with pytest.raises(ValueError, match=r"T <= 32 \(the position table's rows\), got \(3, 40\)"):
         m(p["model"], text=torch.ones(3, 40, dtype=torch.long))
-    with pytest.raises(ValueError, match=r"image_patches_mask: expected shape \(3, 16\), got \(3, 17\)"):
-        m(p["model"], image, image_patches_mask=torch.zeros(3, 17, dtype=torch.bool))
-    with pytest.raises(ValueError, match=r"expected 16 patches per image \(shape \(3, 16\)\), got shape \(3, 5\)"):
-        spec(p, image, image_for_codebook=image, image_patches_mask=torch.zeros(3, 5, dtype=torch.bool))
-    with pytest.raises(ValueError, match=r"DalleEncoder: images: expected shape \(B, 3, 32, 32\), got \(3, 3, 64, 64\)"):
-        spec(p, image, image_for_codebook=torch.rand(3, 3, 64, 64), image_patches_mask=torch.zeros(3, 16).bool())
+    with pytest.raises(ValueError, match=r"image_patches_mask: expected shape \(3, 64\), got \(3, 65\)"):
+        m(p["model"], image, image_patches_mask=torch.zeros(3, 65, dtype=torch.bool))
+    cb = torch.rand(3, 3, 64, 64)
+    with pytest.raises(ValueError, match=r"expected 64 patches per image \(shape \(3, 64\)\), got shape \(3, 5\)"):
+        spec(p, image, image_for_codebook=cb, image_patches_mask=torch.zeros(3, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"DalleEncoder: images: expected shape \(B, 3, 64, 64\), got \(3, 3, 32, 32\)"):
+        spec(p, image, image_for_codebook=image, image_patches_mask=torch.zeros(3, 64).bool())
     with pytest.raises(ValueError, match="required_embedding: expected one of"):
         m(p["model"], image, required_embedding="video")
