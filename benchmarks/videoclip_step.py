@@ -132,7 +132,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", choices=("small", "full"))
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--no-compile", action="store_true", help="eager only")
+    ap.add_argument("--no-write", action="store_true", help=f"do not write {RESULTS.name}")
     args = ap.parse_args()
     runs = []
     if args.only in (None, "small"):
@@ -145,7 +146,8 @@ def main() -> None:
     lines = [
         "# VideoCLIP training step: polymodal vs TorchMultimodal (same weights)", "",
         f"Command: `OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '?')} .venv/bin/python "
-        f"benchmarks/videoclip_step.py{' --only ' + args.only if args.only else ''} --rounds {args.rounds}`", "",
+        f"benchmarks/videoclip_step.py{' --only ' + args.only if args.only else ''} --rounds {args.rounds}"
+        f"{' --no-compile' if args.no_compile else ''}`", "",
         f"Machine: {platform.machine()}, {os.cpu_count()} CPUs shared with other jobs (load average "
         f"{load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} at the end), torch {torch.__version__}, CPU time of this "
         f"process, median of the rounds. Step = forward of both towers in train mode + contrastive loss + backward.",
@@ -157,7 +159,7 @@ def main() -> None:
                      f"{r['loss']:.4f} |")
     text = "\n".join(lines) + "\n"
     print(text)
-    if args.only is None:
+    if not args.no_write:
         RESULTS.write_text(text)
         print(f"wrote {RESULTS}")
 

@@ -104,7 +104,7 @@ class VideoCLIPTask:
     """
 
     Options = VideoCLIPOptions
-    loop_defaults = {"steps": 300, "batch_size": 32, "lr": 2e-3, "weight_decay": 1e-3, "eval_every": 0,
+    loop_defaults = {"steps": 600, "batch_size": 32, "lr": 5e-3, "weight_decay": 1e-3, "eval_every": 0,
                      "save_every": 0, "out": "runs/videoclip"}
 
     def __init__(self, preset: str, options: VideoCLIPOptions, loop: Any) -> None:
