@@ -116,3 +116,14 @@ def test_bad_input_names_expected_and_actual():
         spec(p, image, image_for_codebook=image, image_patches_mask=torch.zeros(3, 64).bool())
     with pytest.raises(ValueError, match="required_embedding: expected one of"):
         m(p["model"], image, required_embedding="video")
+
+
+def test_block_stacks_declared_equal_what_runs():
+    from polymodal.core.layers.seam import record_stacks
+
+    spec = flava_tiny_for_pretraining()
+    p = spec.init(key=pr.key(0))
+    image, text = _inputs()
+    ran = record_stacks(lambda q: spec(q, image, text, text_masked=text, skip_unmasked_mm_encoder=False), p)
+    assert sorted(set(ran)) == sorted(spec.block_stacks()) == [
+        "model.image_encoder.transformer.layers", "model.mm_encoder.encoder.layers", "model.text_encoder.encoder.layers"]
