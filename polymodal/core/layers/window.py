@@ -23,6 +23,7 @@ torch.Size([2, 3, 5, 5, 8])
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -138,8 +139,18 @@ def relative_position_index(window: Sequence[int], device: torch.device | str | 
 def relative_position_bias(table: Tensor, window_size: Sequence[int], window: Sequence[int]) -> Tensor:
     """``(heads, n, n)`` bias for the used ``window`` (n its volume) from a table of the configured ``window_size``."""
     n = math.prod(window)
-    index = relative_position_index(window_size, table.device)[:n, :n]
-    return table[index.reshape(-1)].reshape(n, n, -1).permute(2, 0, 1)
+    if torch.compiler.is_compiling():  # traced once into the graph; no Python cache inside it
+        index = relative_position_index(window_size, table.device)[:n, :n].reshape(-1)
+    else:  # every block of every call needs it: (3, N, N) integer arithmetic costs as much as a matmul
+        index = _flat_index(tuple(window_size), n, table.device)
+    return table[index].reshape(n, n, -1).permute(2, 0, 1)
+
+
+@functools.lru_cache(maxsize=64)
+def _flat_index(window_size: tuple[int, ...], n: int, device: torch.device) -> Tensor:
+    """``relative_position_index(window_size)[:n, :n].reshape(-1)``, computed once per (window, n, device);
+    read-only (only ever used to index the table)."""
+    return relative_position_index(window_size, device)[:n, :n].reshape(-1)
 
 
 def shifted_window_mask(
