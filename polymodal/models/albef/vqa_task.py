@@ -43,7 +43,7 @@ class ALBEFVQATask:
     """See the module docstring."""
 
     Options = ALBEFVQAOptions
-    loop_defaults = {"steps": 300, "batch_size": 32, "lr": 1e-3, "weight_decay": 0.02, "eval_every": 0,
+    loop_defaults = {"steps": 600, "batch_size": 32, "lr": 2e-3, "weight_decay": 0.02, "eval_every": 0,
                      "save_every": 0, "out": "runs/albef-vqa"}
 
     def __init__(self, preset: str, options: ALBEFVQAOptions, loop: Any) -> None:
