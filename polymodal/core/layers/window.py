@@ -35,7 +35,7 @@ from torch import Tensor
 from .. import random as pr
 from ..pytree import Params
 from ..spec import Spec, check_floating
-from .attention_kernel import sdpa
+from . import attention_kernel  # noqa: F401  (registers the fused kernels' vmap batching rules)
 from .dropout import dropout as _dropout
 from .init import trunc_normal
 from .linear import Linear
@@ -178,7 +178,8 @@ class ShiftedWindowAttention3d(Spec):
 
     Any T, H, W: inputs are zero-padded to whole windows and cropped back. Equals
     torchvision's ``ShiftedWindowAttention3d``. Without attention dropout it runs on the fused
-    kernel (:func:`polymodal.core.layers.attention_kernel.sdpa`, vmap-batched on CPU) with the bias
+    kernel (``F.scaled_dot_product_attention``, vmap-batched on CPU by
+    :mod:`polymodal.core.layers.attention_kernel`) with the bias
     and shift mask as its additive mask; with it, on explicit softmax. ``key`` drives both dropouts.
 
     >>> import torch
@@ -264,7 +265,10 @@ class ShiftedWindowAttention3d(Spec):
             # over batch x windows; shifted, the (windows, heads) bias broadcasts over the batch.
             fold = (-1, nw * self.num_heads, n, head_dim) if shifted else (-1, self.num_heads, n, head_dim)
             bias = bias.reshape(1, -1, n, n)
-            out = sdpa(q.reshape(fold), k.reshape(fold), v.reshape(fold), bias).reshape(q.shape)
+            # No row is ever fully masked (a token always sees itself: bias finite, mask 0 on the
+            # diagonal), so the kernel is called directly, without sdpa's fully-masked-row guard.
+            out = F.scaled_dot_product_attention(q.reshape(fold), k.reshape(fold), v.reshape(fold),
+                                                 attn_mask=bias).reshape(q.shape)
         out = out.transpose(-3, -2).reshape(*lead, nw, n, c)
         out = _dropout(self.proj()(params["proj"], out), self.dropout, key=k_out)
         x = window_reverse(out, window, padded)
