@@ -155,6 +155,7 @@ def interleaved(args, device: torch.device) -> list[dict]:
         calls = [(name, mode, (lambda f: lambda: forward(f))(fwd) if what == "forward" else
                   (lambda f, lv: lambda: train(f, lv))(fwd, leaves)) for name, mode, fwd, leaves in vs]
         rows = [{"name": f"{n} {m}", "mode": m, "pass": what, "times": [], "check": c()} for n, m, c in calls]
+        print(f"{what} checks: " + "  ".join(f"{r['check']:.6g}" for r in rows), flush=True)
         for _ in range(args.warmup - 1):
             for _, _, c in calls:
                 c()
@@ -255,6 +256,7 @@ def main() -> None:
         lines += [f"## torch on {n} thread(s){' (the default)' if th == 'default' else ''}", "",
                   f"Machine load before: {before}; after: {load()} ({time.time() - t0:.0f} s wall).", ""]
         lines += table(res) + [""]
+        Path(args.out).write_text("\n".join(lines) + "\n")  # each section as soon as it is measured
     torch.set_num_threads(default_threads)
     if args.tokenize:
         tok = tokenizer_rows(args.tokenize)
