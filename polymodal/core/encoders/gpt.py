@@ -132,7 +132,8 @@ class MultimodalGPT(Spec):
         if positions is None and ids.shape[-1] > limit:
             what = "input (prompt)" if modality == "in" else "output"
             raise ValueError(f"MultimodalGPT: {modality}_ids: the {what} modality holds at most {limit} tokens "
-                             f"(latent shape {self.in_shape if modality == 'in' else self.out_shape}), got {ids.shape[-1]}")
+                             f"(latent shape {self.in_shape if modality == 'in' else self.out_shape}), "
+                             f"got {ids.shape[-1]}")
         x = self.embed_tokens(params, ids, modality)
         pos = self.in_pos if modality == "in" else self.out_pos
         if positions is None:

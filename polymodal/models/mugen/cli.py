@@ -15,7 +15,6 @@ from torch import Tensor
 
 from ...core import random as pr
 from ...core.encoders.gpt_generate import generate
-from .task import load_vqvae
 
 __all__ = ["add_generate_parser", "generate_command", "sample_videos", "write_gif_grid"]
 

@@ -10,7 +10,7 @@ TorchMultimodal (``video_gpt`` / MUGEN ``text_video_gpt``)  ours (:class:`Multim
 ``mm_decoder.{in,out}_pos_emb.embedding.d_{k}``         ``{in,out}_pos.embedding.d_{k}``
 ``mm_decoder.in_pos_emb.weight`` (MUGEN nn.Embedding)   ``in_pos.embedding.d_0``
 ``mm_decoder.right_shift.sos``                          ``sos``
-``mm_decoder.decoder.layers.{i}.attention.{query,key,value}.weight``  ``decoder.layers.{i}.self_attn.in_proj_weight`` (fused)
+``mm_decoder.decoder.layers.{i}.attention.{query,key,value}.weight``  ``decoder.layers.{i}.self_attn.in_proj_weight``
 ``....attention.output.*``, ``norm_attn``, ``norm_mlp``  ``self_attn.out_proj.*``, ``norm1``, ``norm2``
 ``....mlp.model.0`` / ``mlp.model.2``                   ``linear1`` / ``linear2``
 ``norm.*``, ``to_logit.weight``                         same
@@ -53,8 +53,8 @@ def torchmultimodal_table(spec: MultimodalGPT) -> Table:
     (MUGEN's text); a 1-d position table is MUGEN's ``nn.Embedding``."""
     d = "mm_decoder.decoder.layers.{i}"
     o = "decoder.layers.{i}"
-    rules = [Rule(tuple(f"{d}.attention.{n}.weight" for n in ("query", "key", "value")), f"{o}.self_attn.in_proj_weight",
-                  fused(0)),
+    qkv = tuple(f"{d}.attention.{n}.weight" for n in ("query", "key", "value"))
+    rules = [Rule(qkv, f"{o}.self_attn.in_proj_weight", fused(0)),
              Rule(f"{d}.attention.output.{{p}}", f"{o}.self_attn.out_proj.{{p}}"),
              Rule(f"{d}.norm_attn.{{p}}", f"{o}.norm1.{{p}}"), Rule(f"{d}.norm_mlp.{{p}}", f"{o}.norm2.{{p}}"),
              Rule(f"{d}.mlp.model.0.{{p}}", f"{o}.linear1.{{p}}"), Rule(f"{d}.mlp.model.2.{{p}}", f"{o}.linear2.{{p}}"),

@@ -25,7 +25,8 @@ def _triple(v: int | Sequence[int]) -> Triple:
     return (v,) * 3 if isinstance(v, int) else tuple(v)
 
 
-def video_vqvae(conv_filter_sizes: Sequence[Triple] = ((4, 4, 4),), conv_filter_strides: Sequence[Triple] = ((2, 2, 2),),
+def video_vqvae(conv_filter_sizes: Sequence[Triple] = ((4, 4, 4),),
+                conv_filter_strides: Sequence[Triple] = ((2, 2, 2),),
                 encoder_filter_size: Triple = (3, 3, 3), encoder_filter_stride: Triple = (1, 1, 1), *,
                 in_channel_dim: int = 3, encoder_hidden_dim: int = 240, n_res_layers: int = 4,
                 attn_hidden_dim: int = 240, num_embeddings: int = 1024, embedding_dim: int = 256,

@@ -38,7 +38,8 @@ __all__ = ["AxialAttentionBlock", "AttentionResidualBlock", "VideoEncoder", "Vid
 def _check_video(spec: Spec, x: Tensor, channels: int, what: str) -> None:
     check_floating(x, what, spec)
     if x.dim() != 5 or x.shape[1] != channels:
-        raise ValueError(f"{type(spec).__name__}: {what}: expected shape (B, {channels}, T, H, W), got {tuple(x.shape)}")
+        raise ValueError(f"{type(spec).__name__}: {what}: expected shape (B, {channels}, T, H, W), "
+                         f"got {tuple(x.shape)}")
 
 
 @dataclass(frozen=True)
@@ -61,8 +62,8 @@ class AxialAttentionBlock(Spec):
     def __call__(self, params: Params, x: Tensor) -> Tensor:
         check_floating(x, "x", self)
         if x.dim() != self.n_dims + 2 or x.shape[1] != self.qkv_dim:
-            raise ValueError(f"AxialAttentionBlock: x: expected shape (B, {self.qkv_dim}, <{self.n_dims} latent axes>), "
-                             f"got {tuple(x.shape)}")
+            raise ValueError(f"AxialAttentionBlock: x: expected shape (B, {self.qkv_dim}, "
+                             f"<{self.n_dims} latent axes>), got {tuple(x.shape)}")
         h = x.movedim(1, -1)  # (B, *latent, C)
         out = None
         for axis, p in enumerate(params["mha_attns"]):

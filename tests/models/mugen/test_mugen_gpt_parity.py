@@ -58,9 +58,10 @@ def reference(kind, seed=0):
     torch.manual_seed(seed)
     out_tok = tmm_video_vqvae(SIZES, STRIDES, **VQ).eval()
     if kind == "text":
-        ref = TGPT(D, TEXT_TOKENS, 32, LATENT, TextTokenizer(TEXT_TOKENS, D), out_tok, _decoder(nn.Embedding(TEXT_LEN, D)),
-                   nn.Identity(), nn.Linear(8, D, bias=False))
-        spec = text_video_gpt(TEXT_TOKENS, TEXT_LEN, LATENT, 32, 8, d_model=D, num_heads=2, num_layers=2, detach_sos=True)
+        ref = TGPT(D, TEXT_TOKENS, 32, LATENT, TextTokenizer(TEXT_TOKENS, D), out_tok,
+                   _decoder(nn.Embedding(TEXT_LEN, D)), nn.Identity(), nn.Linear(8, D, bias=False))
+        spec = text_video_gpt(TEXT_TOKENS, TEXT_LEN, LATENT, 32, 8, d_model=D, num_heads=2, num_layers=2,
+                              detach_sos=True)
     else:
         in_tok = tmm_video_vqvae(SIZES, STRIDES, **VQ).eval()
         ref = TGPT(D, 32, 32, LATENT, in_tok, out_tok, _decoder(BroadcastedPositionEmbedding(LATENT, D)),
@@ -147,6 +148,7 @@ def _shapes(sd):
             or k.endswith("tokenizer.embedding.weight")}
 
 
+@pytest.mark.slow  # full-size layouts (meta device)
 def test_published_configurations_have_the_reference_layout():
     with torch.device("meta"):
         ref = tmm_video_gpt()

@@ -43,7 +43,10 @@ def test_video_gpt_run_and_generation_writes_a_gif_grid(runs, capsys):
     assert gif.n_frames == 8 and gif.size == (2 * 34 + 2, 2 * 34 + 2)
     # the same key gives the same videos, another key others
     task, run = run_task(d / "gpt"), load_run(d / "gpt")
-    draw = lambda k: sample_videos(task, run.params, ["a green cross moves down"], num_samples=1, key=pr.key(k))  # noqa: E731
+
+    def draw(k):
+        return sample_videos(task, run.params, ["a green cross moves down"], num_samples=1, key=pr.key(k))
+
     a = draw(1)
     assert a.shape == (1, 1, 3, 8, 32, 32) and torch.equal(a, draw(1)) and not torch.equal(a, draw(2))
 
