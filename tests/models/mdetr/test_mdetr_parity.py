@@ -209,3 +209,25 @@ def test_matching_and_losses_match_the_reference(seed):
     t = torch.nn.functional.normalize(pr.normal(pr.key(seed + 11), (3, 12, 8)), dim=-1)
     torch.testing.assert_close(contrastive_alignment_loss(q, t, token_maps, ours, num),
                                ref_contrastive(q, t, spans, ours, num, _Tokenized(12)), **TOL)
+
+
+@pytest.mark.slow
+def test_full_size_outputs_match_torchmultimodal(monkeypatch):
+    monkeypatch.setattr(tmm_model, "mdetr_resnet101_backbone", lambda: mdetr_resnet101_backbone(weights=None))
+    torch.manual_seed(0)
+    ref = tmm_model.mdetr_for_vqa().eval()
+    spec = mdetr_for_vqa()
+    params = from_torchmultimodal(ref.state_dict(), spec)
+    images = [torch.randn(3, 128, 160), torch.randn(3, 96, 128)]
+    texts = [torch.tensor([0, 713, 16, 10, 2335, 2]), torch.tensor([0, 4083, 2])]
+    with torch.no_grad():
+        want = ref(images, texts)
+        x, mask = pad_images(images)
+        ids, pad = pad_text(texts)
+        got = spec(params, x, ids, mask, pad)
+    torch.testing.assert_close(got.model_output.pred_logits, want.model_output.pred_logits, **TOL)
+    torch.testing.assert_close(got.model_output.pred_boxes, want.model_output.pred_boxes, **TOL)
+    torch.testing.assert_close(got.query_embeddings, want.contrastive_embeddings.query_embeddings, **TOL)
+    torch.testing.assert_close(got.token_embeddings, want.contrastive_embeddings.token_embeddings, **TOL)
+    for k in want.vqa_preds:
+        torch.testing.assert_close(got.vqa_preds[k], want.vqa_preds[k], **TOL)
