@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 
 from checks import check_compile, check_spec
@@ -110,3 +112,21 @@ def test_load_pretrained_from_a_mirror(tmp_path, monkeypatch):
         load_video_encoder("video_encoder", cache_dir=tmp_path / "cache", spec=spec.video, progress=False)
     with pytest.raises(ValueError, match="no published weights for 'nope'"):
         load_pretrained("nope", cache_dir=tmp_path / "cache", spec=spec)
+
+
+_TINY = videoclip_tiny()
+_TINY_P = _TINY.init(key=pr.key(5))
+
+
+@settings(max_examples=4, deadline=None)
+@given(perm=st.permutations(range(4)))
+def test_batch_permutation_equivariance(perm):
+    """Eval mode: permuting the pairs permutes the embeddings and leaves the loss unchanged."""
+    g = torch.Generator().manual_seed(0)
+    video, ids = torch.rand(4, 3, 8, 32, 32, generator=g), torch.randint(3, 20, (4, 6), generator=g)
+    perm = torch.tensor(perm)
+    out, _ = _TINY(_TINY_P, video, ids)
+    out_p, _ = _TINY(_TINY_P, video[perm], ids[perm])
+    torch.testing.assert_close(out_p.video_embeddings, out.video_embeddings[perm], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(out_p.text_embeddings, out.text_embeddings[perm], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(_TINY.loss(_TINY_P, out_p).loss, _TINY.loss(_TINY_P, out).loss, atol=1e-6, rtol=1e-5)
