@@ -243,7 +243,10 @@ class GroundingJSONL(Dataset):
                 raise ValueError(f"{where}: {k!r}: expected a {t.__name__}, got {type(row.get(k)).__name__}")
         spans, boxes, owner = [], [], []
         for p, ph in enumerate(row["phrases"]):
-            spans.append((int(ph["start"]), int(ph["end"])))
+            if not isinstance(ph, dict) or not isinstance(ph.get("start"), int) or not isinstance(ph.get("end"), int):
+                raise ValueError(f"{where}: phrase {p}: expected {{\"start\": int, \"end\": int, \"boxes\": "
+                                 f"[[x1, y1, x2, y2], ...]}}, got {ph!r:.80}")
+            spans.append((ph["start"], ph["end"]))
             for b in ph.get("boxes", []):
                 if len(b) != 4:
                     raise ValueError(f"{where}: phrase {p}: expected boxes of 4 numbers [x1, y1, x2, y2], got {b}")

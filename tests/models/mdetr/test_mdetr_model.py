@@ -146,3 +146,6 @@ def test_bad_targets_name_what_is_wrong(tmp_path):
     assert ds[1]["boxes"].shape == (0, 4)  # empty targets: every query is "no object"
     with pytest.raises(ValueError, match=r"g.jsonl:3: box 0: expected inside the image \[0, 10\] x \[0, 8\]"):
         ds[2]
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"image": "a.png", "caption": "x", "phrases": [{"start": 0}]}))
+    with pytest.raises(ValueError, match=r"bad.jsonl:1: phrase 0: expected \{\"start\": int"):
+        GroundingJSONL(tmp_path / "bad.jsonl")
