@@ -7,19 +7,21 @@
 * shells: ``polymodal.nn.build("vqvae_tiny")``; training: ``polymodal train vqvae --preset tiny``.
 """
 
-from .builders import BUILDERS, mugen_vqvae, video_vqvae, vqvae_tiny
+from .builders import BUILDERS, mugen_vqvae, video_vqvae, vqvae_tiny, vqvae_tiny_narrow
 from .convert import from_torchmultimodal, to_torchmultimodal
 from .model import VQVAE, VQVAEOutput
 from .pretrained import load_pretrained
 from .video import AttentionResidualBlock, AxialAttentionBlock, VideoDecoder, VideoEncoder
 
 __all__ = ["VQVAE", "VQVAEOutput", "VideoEncoder", "VideoDecoder", "AttentionResidualBlock", "AxialAttentionBlock",
-           "video_vqvae", "mugen_vqvae", "vqvae_tiny", "BUILDERS", "from_torchmultimodal", "to_torchmultimodal",
+           "video_vqvae", "mugen_vqvae", "vqvae_tiny", "vqvae_tiny_narrow", "BUILDERS", "from_torchmultimodal",
+           "to_torchmultimodal",
            "load_pretrained"]
 
 from ...registry import register_family  # noqa: E402
 
-register_family("vqvae", builders=BUILDERS, presets={"tiny": "vqvae_tiny", "video": "video_vqvae",
+register_family("vqvae", builders=BUILDERS, presets={"tiny": "vqvae_tiny", "tiny-narrow": "vqvae_tiny_narrow",
+                                                     "video": "video_vqvae",
                                                      "mugen": "mugen_vqvae"},
                 task="polymodal.models.vqvae.task:VQVAETask",
                 description="video VQ-VAE (VideoGPT / MUGEN)",
