@@ -103,7 +103,17 @@ def test_outputs_match_torchmultimodal(extra):
             torch.testing.assert_close(got.vqa_preds[k], want.vqa_preds[k], **TOL)
 
 
-def test_full_configuration_layout_matches_torchmultimodal(monkeypatch):
+@pytest.fixture
+def cheap_meta_keys(monkeypatch):
+    """Meta-device inits never read values: a stand-in key hash keeps them fast (as tests/core/test_convert.py)."""
+    from polymodal.core.convert import _meta
+    monkeypatch.setattr(pr, "_hash", lambda k, c: k[..., 0].reshape(k.shape[:-1] + (1,) * c.dim()) ^ c)
+    _meta.cache_clear()
+    yield
+    _meta.cache_clear()
+
+
+def test_full_configuration_layout_matches_torchmultimodal(monkeypatch, cheap_meta_keys):
     # the reference's builder, its backbone without downloaded weights, on the meta device
     monkeypatch.setattr(tmm_model, "mdetr_resnet101_backbone", lambda: mdetr_resnet101_backbone(weights=None))
     with torch.device("meta"):
@@ -115,7 +125,7 @@ def test_full_configuration_layout_matches_torchmultimodal(monkeypatch):
     assert sum(math.prod(s) for s in want.values()) == 185_722_414
 
 
-def test_resnet101_converts_from_torchvision():
+def test_resnet101_converts_from_torchvision(cheap_meta_keys):
     from polymodal.core.encoders.resnet import from_torchvision, resnet101
     with torch.device("meta"):
         sd = torchvision.models.resnet101(weights=None).state_dict()
