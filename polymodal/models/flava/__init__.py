@@ -44,3 +44,12 @@ register_family(
     description="FLAVA multi-source pretraining: MLM, MIM, MMM, ITM, contrastive (Singh et al. 2022)",
     extra={"build": build, "load_pretrained": _load_pretrained},
 )
+# Fine-tune the tiny FLAVA classifier on synthetic shapes, optionally with DP-SGD.
+register_family(
+    "flava-classifier",
+    builders={},
+    builders_from="flava",
+    presets={"tiny": "flava_tiny_for_classification"},
+    task="polymodal.models.flava.classifier_task:FLAVAClassifierTask",
+    description="fine-tune a tiny FLAVA classifier on synthetic shapes, optionally with DP-SGD",
+)

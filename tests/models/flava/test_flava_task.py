@@ -33,3 +33,14 @@ def test_batches_are_a_function_of_the_step():
     unk = task.vocab["[UNK]"]
     ids = task.tokenizer(task.prompts + [task.train_set[i]["caption"] for i in range(30)])["input_ids"]
     assert not (ids == unk).any()  # every word of the captions and prompts is in the vocabulary
+
+
+def test_dp_classifier_trains_and_logs_epsilon(tmp_path):
+    out = tmp_path / "clf"
+    assert main(["train", "flava-classifier", "--preset", "tiny", "--steps", "2", "--batch-size", "8",
+                 "--train-size", "64", "--eval-size", "20", "--dp", "--noise-multiplier", "1.0", "--no-progress",
+                 "--out", str(out)]) == 0
+    recs = read_metrics(out)
+    eps = [r["epsilon"] for r in recs if "loss" in r]
+    assert len(eps) == 2 and 0 < eps[0] <= eps[1]
+    assert 0 <= recs[-1]["eval/accuracy"] <= 1
