@@ -150,7 +150,8 @@ def main() -> None:
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args()
     torch.set_num_threads(1)
-    lines = ["# FLAVA pretraining step", "", __doc__.split("\n\n")[2].replace("\n", " "), "",
+    parts = __doc__.split("\n\n")
+    lines = ["# FLAVA pretraining step", "", parts[3].replace("\n", " "), "", parts[4].replace("\n", " "), "",
              f"Command: `OMP_NUM_THREADS=1 python benchmarks/flava_pretrain_step.py {' '.join(os.sys.argv[1:])}`",
              f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, 1 torch thread; torch {torch.__version__}; "
              f"load average at start {os.getloadavg()[0]:.1f}", ""]
