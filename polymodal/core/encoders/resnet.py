@@ -13,8 +13,7 @@ optimizer skips them). ``trainable_layers`` (torchvision's ``trainable_backbone_
 detaches the convolutions of the leading stages too: MDETR trains ``layer2..layer4`` only (3).
 
 ``ResNet(...)(params, images) -> (B, C_out, H / 32, W / 32)``: the last stage's feature map (no
-pooling, no classifier), stateless. Each frozen norm is folded into the convolution before it
-(:func:`conv_frozen_bn`: one op instead of three over the activations).
+pooling, no classifier), stateless.
 
 >>> import torch
 >>> from polymodal.core import random as pr
@@ -38,7 +37,7 @@ from ..layers.seam import run_layers
 from ..pytree import Params
 from ..spec import Spec, check_floating, check_ndim, check_param_dtype, take_params
 
-__all__ = ["FrozenBatchNorm2d", "conv_frozen_bn", "ResNetBlock", "ResNet", "resnet", "resnet18", "resnet50", "resnet101",
+__all__ = ["FrozenBatchNorm2d", "ResNetBlock", "ResNet", "resnet", "resnet18", "resnet50", "resnet101",
            "from_torchvision", "to_torchvision"]
 
 _EXPANSION = {"basic": 1, "bottleneck": 4}
@@ -67,17 +66,6 @@ class FrozenBatchNorm2d(Spec):
         scale = w * (rv + self.eps).rsqrt()
         shift = b - rm * scale
         return x * scale.reshape(1, -1, 1, 1) + shift.reshape(1, -1, 1, 1)
-
-
-def conv_frozen_bn(conv: Conv2d, bn: FrozenBatchNorm2d, p_conv: Params, p_bn: Params, x: Tensor) -> Tensor:
-    """``bn(conv(x))`` as one convolution: the frozen norm's per-channel scale folds into the (bias-free)
-    kernel and its shift becomes the bias, so no extra pass over the activations runs, forward or backward
-    (equal to the two steps up to float rounding)."""
-    w, b, rm, rv = (t.detach() for t in take_params(p_bn, bn, weight=True, bias=True, running_mean=True,
-                                                       running_var=True))
-    scale = w * (rv + bn.eps).rsqrt()
-    kernel = take_params(p_conv, conv, weight=True, bias=False)[0]
-    return F.conv2d(x, kernel * scale.reshape(-1, 1, 1, 1), b - rm * scale, conv.stride, conv.padding, conv.dilation)
 
 
 def _conv(cin: int, cout: int, k: int, stride: int = 1) -> Conv2d:
@@ -143,13 +131,13 @@ class ResNetBlock(Spec):
         out = x
         for j, n in enumerate(convs):
             bn = f"bn{n[-1]}"
-            out = conv_frozen_bn(layers[n], layers[bn], params[n], params[bn], out)
+            out = layers[bn](params[bn], layers[n](params[n], out))
             if j < len(convs) - 1:
-                out = F.relu_(out)  # in place on a fresh convolution output (its backward does not read it)
+                out = F.relu_(out)  # in place on the fresh normalised output (no backward reads it)
         identity = x
         if self.has_downsample:
             conv, bn = self._shortcut()
-            identity = conv_frozen_bn(conv, bn, params["downsample"][0], params["downsample"][1], x)
+            identity = bn(params["downsample"][1], conv(params["downsample"][0], x))
         return F.relu_(out.add_(identity))  # as torchvision: fewer large allocations, same autograd
 
 
@@ -210,7 +198,7 @@ class ResNet(Spec):
         conv, bn = self.stem()
         stem = _detach_tree({"conv1": params["conv1"]}) if frozen_upto >= 1 else params
         check_param_dtype(images, "images", params["conv1"]["weight"], self)
-        x = F.relu_(conv_frozen_bn(conv, bn, stem["conv1"], params["bn1"], images))
+        x = F.relu_(bn(params["bn1"], conv(stem["conv1"], images)))
         x = F.max_pool2d(x, kernel_size=3, stride=2, padding=1)
         for s in range(4):
             blocks = params[f"layer{s + 1}"]
