@@ -113,7 +113,6 @@ def run_tmm(cfg, sd, batch, compiled, warmup, steps):
         return float(loss)
 
     res = _time(step, warmup, steps)
-    del model, fwd, opt
     gc.collect()
     return res
 
@@ -136,7 +135,6 @@ def run_ours(cfg, sd, batch, compiled, warmup, steps):
         return float(loss)
 
     res = _time(step, warmup, steps)
-    del leaves, opt, tree
     gc.collect()
     return res
 
