@@ -31,8 +31,8 @@ def _load_pretrained(name, path=None, cache_dir=None, **kw):
     """``polymodal.nn`` shells' loader: TorchMultimodal's published ``flava_full`` checkpoint (or ``path``)."""
     from .pretrained import load_pretrained
 
-    pre = load_pretrained("flava_full" if name in ("flava_model", "flava_model_for_pretraining") else name,
-                          path=path, cache_dir=cache_dir, **kw)
+    published = {"flava_model": "flava_full_model", "flava_model_for_pretraining": "flava_full"}
+    pre = load_pretrained(published.get(name, name), path=path, cache_dir=cache_dir, **kw)
     return pre.spec, pre.params, None
 
 
