@@ -4,7 +4,7 @@ run, interleaved; then tokenizer throughput against the Hugging Face fast tokeni
 
 Reproduce (writes ``benchmarks/results/text_encoder.md``)::
 
-    .venv/bin/python benchmarks/text_encoder.py                        # BERT-base, 8 x 128, 1 thread and torch's default
+    .venv/bin/python benchmarks/text_encoder.py       # BERT-base, 8 x 128, 1 thread and torch's default
     .venv/bin/python benchmarks/text_encoder.py --layers 2 --rounds 2 --threads 1   # a quick look
 
 The batch is 8 rows of 128 token ids with ragged padding (real lengths drawn in [32, 128], the
@@ -240,7 +240,8 @@ def main() -> None:
              f"BERT-base layout with {args.layers} layers, batch {args.batch} x {args.seq} tokens, ragged padding "
              f"(lengths in [32, {args.seq}]), fp32, device `{device}`, "
              + ("**CPU time of the process**" if device.type == "cpu" else "wall time") +
-             f"; {args.warmup} warm-up calls, then {args.rounds} interleaved rounds per pass. torch {torch.__version__}, "
+             f"; {args.warmup} warm-up calls, then {args.rounds} interleaved rounds per pass. "
+             f"torch {torch.__version__}, "
              f"transformers {__import__('transformers').__version__}, {platform.processor() or platform.machine()}, "
              f"{os.cpu_count()} CPUs. All rows in one process from the same weights (`from_huggingface`); "
              "`check` is `(hidden * probe).sum()` (forward) or the loss `(hidden * probe).mean()` (forward+backward) "
