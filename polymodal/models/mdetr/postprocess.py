@@ -6,8 +6,8 @@ Recall@k at IoU >= 0.5 is Flickr30k Entities' metric (Plummer et al. 2015): a ph
 one of its top-k boxes overlaps one of its ground-truth boxes with IoU >= 0.5.
 
 >>> import torch
->>> to_image_boxes(torch.tensor([[[0.5, 0.5, 0.2, 0.4]]]), torch.tensor([[100, 200]]))
-tensor([[[ 80.,  30., 120.,  70.]]])
+>>> to_image_boxes(torch.tensor([[[0.5, 0.5, 0.25, 0.5]]]), torch.tensor([[100, 200]])).tolist()
+[[[75.0, 25.0, 125.0, 75.0]]]
 """
 
 from __future__ import annotations
