@@ -104,11 +104,12 @@ def flava_model_for_pretraining(codebook_image_size: int = 112, codebook_n_hid: 
     return FLAVAForPreTraining(model, codebook, loss)
 
 
-def flava_model_for_classification(num_classes: int, classifier_in_dim: int = 768,
+def flava_model_for_classification(num_classes: int = 2, classifier_in_dim: int = 768,
                                    classifier_hidden_sizes: int | list[int] = 768, classifier_dropout: float = 0.5,
                                    classifier_activation: Any = "relu", classifier_normalization: str | None = None,
                                    **flava_model_kwargs: Any) -> FLAVAForClassification:
-    """TorchMultimodal's ``flava_model_for_classification`` (an MLP on the pooled class token; its
+    """TorchMultimodal's ``flava_model_for_classification`` (an MLP on the pooled class token; ``num_classes``,
+    which the reference requires, defaults to 2 here so every registered builder builds without arguments; its
     ``pretrained`` / ``loss_fn`` arguments are the caller's: :func:`~.pretrained.load_pretrained`,
     :meth:`FLAVAForClassification.loss`)."""
     flava_model_kwargs.pop("pretrained", None)
