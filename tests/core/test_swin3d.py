@@ -386,3 +386,20 @@ def test_per_sample_gradients_equal_a_loop(shift):
     for i in range(3):
         for k, g in pytree.flatten(torch.func.grad(loss)(p, x[i])).items():
             torch.testing.assert_close(per_sample[k][i], g, **TOL, msg=k)
+
+
+def test_relative_position_bias_trains_after_a_first_call_in_inference_mode():
+    """The flat index is cached per (window, n, device): a first call under torch.inference_mode must not
+    leave an inference tensor that a later training call saves for backward."""
+    from polymodal.core.layers import window as W
+
+    W._flat_index.cache_clear()
+    table = torch.randn(27, 2, requires_grad=True)
+    with torch.inference_mode():
+        first = W.relative_position_bias(table.detach(), (2, 2, 2), (2, 2, 2))
+    bias = W.relative_position_bias(table, (2, 2, 2), (2, 2, 2))
+    bias.sum().backward()
+    expected = W.relative_position_index((2, 2, 2))[:8, :8]
+    assert torch.equal(bias.detach(), table.detach()[expected.reshape(-1)].reshape(8, 8, -1).permute(2, 0, 1))
+    assert torch.equal(first, bias.detach())
+    assert torch.equal(table.grad, torch.bincount(expected.reshape(-1), minlength=27).float()[:, None].expand(27, 2))

@@ -149,8 +149,10 @@ def relative_position_bias(table: Tensor, window_size: Sequence[int], window: Se
 @functools.lru_cache(maxsize=64)
 def _flat_index(window_size: tuple[int, ...], n: int, device: torch.device) -> Tensor:
     """``relative_position_index(window_size)[:n, :n].reshape(-1)``, computed once per (window, n, device);
-    read-only (only ever used to index the table)."""
-    return relative_position_index(window_size, device)[:n, :n].reshape(-1)
+    read-only (only ever used to index the table). Made outside inference mode: a cached inference tensor
+    could not be saved for backward when a later call trains."""
+    with torch.inference_mode(False):
+        return relative_position_index(window_size, device)[:n, :n].reshape(-1)
 
 
 def shifted_window_mask(
