@@ -17,7 +17,8 @@ TorchMultimodal (``video_gpt`` / MUGEN ``text_video_gpt``)  ours (:class:`Multim
 =====================================================  ===========================================
 
 The rest of a tokenizer VQ-VAE (``*_tokenizer.encoder/decoder/codebook.code_*``) is not the GPT's:
-read it with ``polymodal.models.vqvae.convert.from_torchmultimodal(sd, spec, prefix="out_tokenizer.")``;
+read it with the ``vqvae`` family's converter (``family("vqvae").extra["from_torchmultimodal"](sd, spec,
+prefix="out_tokenizer.")``, as :func:`polymodal.models.mugen.pretrained.load_pretrained` does);
 :func:`to_torchmultimodal` merges such a state dict back in (``tokenizers=``).
 
 >>> from polymodal.core import random as pr
