@@ -19,6 +19,16 @@ The layouts match TorchMultimodal's model apart from two things: ``transformers`
 nothing without an ``attention_mask`` (pass one; ours masks the pad id), and its multimodal encoder masks the
 text's padding exactly as polymodal's default does. Its prediction heads' LayerNorm eps is the towers'
 (``1e-12``), and :func:`config_from_huggingface` builds the spec accordingly.
+
+``FlavaForPreTraining``'s six losses, their total and every gradient equal :class:`FLAVAForPreTraining`'s
+(``tests/models/flava/test_flava_hf_losses.py``) once its conventions are carried over, which
+:func:`config_from_huggingface` does: ``ignore_index = ce_ignore_index`` (-100), its loss weights and
+``logit_scale_init_value``; pass ``text_attention_mask`` as its ``attention_mask``. Left different by design:
+without ``input_ids_masked`` it runs ITM / MMM on the unmasked text (ours, as TorchMultimodal: pass
+``text_masked=text``); without labels it returns no term (ours a zero term, TorchMultimodal's); it clamps
+``logit_scale`` in place in training mode only (ours in the forward in every mode, straight-through: its
+training-mode values and gradients); it writes ``ce_ignore_index`` into the caller's ``mim_labels`` (a
+side effect not copied); ``global_backprop_contrastive=False`` is our ``backprop_type="none"``.
 """
 
 from __future__ import annotations
@@ -99,8 +109,33 @@ def huggingface_table(spec: Any) -> Table:
     raise TypeError(f"huggingface_table: expected a FLAVAModel or FLAVAForPreTraining, got {type(spec).__name__}")
 
 
+_WEIGHTS = (("mlm_weight", "mlm_weight"), ("mim_weight", "mim_weight"), ("itm_weight", "itm_loss_weight"),
+            ("global_contrastive_weight", "contrastive_loss_weight"), ("mmm_image_weight", "mmm_image_loss_weight"),
+            ("mmm_text_weight", "mmm_text_loss_weight"))
+
+
+def _check_heads(cfg: Mapping[str, Any]) -> None:
+    """``FlavaForPreTraining``'s heads take their width, GELU and LayerNorm eps from the image / text configs
+    (ITM: the top level ``hidden_size``); ours, TorchMultimodal's, one width (the multimodal) and one eps."""
+    t, i, m = cfg["text_config"], cfg["image_config"], cfg["multimodal_config"]
+    widths = {"text_config": t["hidden_size"], "image_config": i["hidden_size"],
+              "multimodal_config": m["hidden_size"], "hidden_size": cfg.get("hidden_size", m["hidden_size"])}
+    if len(set(widths.values())) != 1:
+        raise ValueError(f"config_from_huggingface: FlavaForPreTraining's heads need one width: expected the text, "
+                         f"image, multimodal and top-level hidden_size equal, got {widths}")
+    if t["layer_norm_eps"] != i["layer_norm_eps"]:
+        raise ValueError(f"config_from_huggingface: the prediction heads share one LayerNorm eps: expected the text "
+                         f"and image layer_norm_eps equal, got {t['layer_norm_eps']} and {i['layer_norm_eps']}")
+    if t["hidden_act"] != "gelu" or i["hidden_act"] != "gelu":
+        raise ValueError(f"config_from_huggingface: the prediction heads use GELU: expected hidden_act 'gelu' in the "
+                         f"text and image configs, got {t['hidden_act']!r} and {i['hidden_act']!r}")
+
+
 def config_from_huggingface(config: Any, *, pretraining: bool = False) -> Any:
-    """A ``transformers.FlavaConfig`` (or its ``to_dict()``) -> the spec with the same architecture."""
+    """A ``transformers.FlavaConfig`` (or its ``to_dict()``) -> the spec with the same architecture.
+
+    With ``pretraining``, the loss also takes the config's ``ce_ignore_index`` (``-100``: label unmasked
+    positions with it, not polymodal's default ``-1``), the six loss weights and ``logit_scale_init_value``."""
     cfg = config.to_dict() if hasattr(config, "to_dict") else dict(config)
     t, i, m = cfg["text_config"], cfg["image_config"], cfg["multimodal_config"]
     act = {"gelu": "gelu", "gelu_new": "gelu_tanh", "relu": "relu"}
@@ -125,10 +160,13 @@ def config_from_huggingface(config: Any, *, pretraining: bool = False) -> Any:
     if c.get("num_groups", 4) != 4 or c.get("num_blocks_per_group", 2) != 2:
         raise ValueError(f"config_from_huggingface: expected the dVAE's 4 groups of 2 blocks, got "
                          f"{c.get('num_groups')} x {c.get('num_blocks_per_group')}")
+    _check_heads(cfg)
     spec = flava_model_for_pretraining(codebook_image_size=8 * (i["image_size"] // i["patch_size"]),
                                        codebook_n_hid=c["hidden_size"], image_vocab_size=i["vocab_size"], **kw)
+    weights = {ours: float(cfg.get(theirs, 1.0)) for theirs, ours in _WEIGHTS}
     loss = dataclasses.replace(spec.loss, layer_norm_eps=t["layer_norm_eps"],
-                               logit_scale_init=cfg.get("logit_scale_init_value", math.log(1 / 0.07)))
+                               logit_scale_init=cfg.get("logit_scale_init_value", math.log(1 / 0.07)),
+                               ignore_index=int(cfg.get("ce_ignore_index", -100)), **weights)
     codebook = dataclasses.replace(spec.image_codebook, vocab_size=c["vocab_size"])
     return dataclasses.replace(spec, loss=loss, image_codebook=codebook)
 

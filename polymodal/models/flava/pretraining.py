@@ -49,7 +49,8 @@ class FLAVAPreTrainingOutput(NamedTuple):
 class FLAVAForPreTraining(Spec):
     """FLAVA pretraining: ``__call__(params, image=None, text=None, image_for_codebook=None,
     image_patches_mask=None, text_masked=None, required_embedding=None, skip_unmasked_mm_encoder=True,
-    itm_labels=None, mlm_labels=None, *, key=None, backprop_type="global") -> FLAVAPreTrainingOutput``.
+    itm_labels=None, mlm_labels=None, *, text_attention_mask=None, key=None, backprop_type="global") ->
+    FLAVAPreTrainingOutput``. ``text_attention_mask (B, T)`` (1 = real; both texts') overrides the pad-id mask.
 
     ``image_for_codebook (B, 3, 112, 112)`` is tokenised by the dVAE (no gradient) into MIM targets at the
     masked patches (``image_patches_mask (B, N)``, as many patches as the image encoder's).
@@ -93,8 +94,8 @@ class FLAVAForPreTraining(Spec):
                  image_for_codebook: Tensor | None = None, image_patches_mask: Tensor | None = None,
                  text_masked: Tensor | None = None, required_embedding: str | None = None,
                  skip_unmasked_mm_encoder: bool = True, itm_labels: Tensor | None = None,
-                 mlm_labels: Tensor | None = None, *, key: Tensor | None = None,
-                 backprop_type: str = "global") -> FLAVAPreTrainingOutput:
+                 mlm_labels: Tensor | None = None, *, text_attention_mask: Tensor | None = None,
+                 key: Tensor | None = None, backprop_type: str = "global") -> FLAVAPreTrainingOutput:
         mim = None
         if image_for_codebook is not None:
             if image_patches_mask is None:
@@ -102,7 +103,7 @@ class FLAVAForPreTraining(Spec):
             mim = self.mim_labels(params, image_for_codebook, image_patches_mask)
             image_patches_mask = image_patches_mask.flatten(1).bool()
         out = self.model(params["model"], image, text, image_patches_mask, text_masked, required_embedding,
-                         skip_unmasked_mm_encoder, key=key)
+                         skip_unmasked_mm_encoder, text_attention_mask=text_attention_mask, key=key)
         seq = lambda t: None if t is None else t.last_hidden_state  # noqa: E731
         losses = self.loss(params["loss"], image_masked_sequence=seq(out.image_masked),
                            text_masked_sequence=seq(out.text_masked),
