@@ -7,8 +7,8 @@ queries), as TorchMultimodal's ``MDETRForPhraseGrounding`` / ``MDETRForVQA`` (sa
 >>> from polymodal.models.mdetr.builders import mdetr_tiny
 >>> g = mdetr_tiny()
 >>> out = g(g.init(key=pr.key(0)), torch.rand(1, 3, 64, 64), torch.tensor([[0, 5, 6, 2]]))
->>> out.query_embeddings.shape, out.token_embeddings.shape
-(torch.Size([1, 8, 16]), torch.Size([1, 4, 16]))
+>>> out.query_embeddings.shape, out.token_embeddings.shape, out.aux_query_embeddings.shape
+(torch.Size([1, 8, 16]), torch.Size([1, 4, 16]), torch.Size([2, 1, 8, 16]))
 """
 
 from __future__ import annotations
@@ -33,11 +33,15 @@ GQA_HEADS: tuple[tuple[str, int], ...] = (("answer_type", 5), ("answer_obj", 3),
 
 
 class GroundingOutput(NamedTuple):
-    """The model's output and the L2-normalised ``query_embeddings (B, Q, d)`` / ``token_embeddings (B, T, d)``."""
+    """The model's output and the L2-normalised ``query_embeddings (B, Q, d)`` (last decoder layer) /
+    ``token_embeddings (B, T, d)``; ``aux_query_embeddings (L, B, Q, d)``: every decoder layer's projected
+    queries (the last equals ``query_embeddings``; MDETR's ``proj_queries``, whose first ``L - 1`` feed the
+    auxiliary contrastive-alignment losses; TorchMultimodal returns only the last)."""
 
     model_output: MDETROutput
     query_embeddings: Tensor
     token_embeddings: Tensor
+    aux_query_embeddings: Tensor
 
 
 class VQAOutput(NamedTuple):
@@ -47,13 +51,15 @@ class VQAOutput(NamedTuple):
     query_embeddings: Tensor
     token_embeddings: Tensor
     vqa_preds: dict
+    aux_query_embeddings: Tensor
 
 
-def _contrastive(model: MDETR, dim: int, params: Params, out: MDETROutput) -> tuple[Tensor, Tensor]:
+def _contrastive(model: MDETR, dim: int, params: Params, out: MDETROutput) -> tuple[Tensor, Tensor, Tensor]:
+    """``(last layer's queries (B, Q, d), tokens (B, T, d), every layer's queries (L, B, Q, d))``, L2-normalised."""
     proj = Linear(model.hidden_dim, dim)
-    q = F.normalize(proj(params["contrastive_alignment_image_projection"], out.decoder_hidden_states[-1]), p=2, dim=-1)
+    q = F.normalize(proj(params["contrastive_alignment_image_projection"], out.decoder_hidden_states), p=2, dim=-1)
     t = F.normalize(proj(params["contrastive_alignment_text_projection"], out.text_memory), p=2, dim=-1)
-    return q, t
+    return q[-1], t, q
 
 
 def _init_contrastive(model: MDETR, dim: int, key: Tensor) -> Params:
@@ -78,7 +84,8 @@ class MDETRForPhraseGrounding(Spec):
     def __call__(self, params: Params, images: Tensor, input_ids: Tensor, image_mask: Tensor | None = None,
                  text_padding_mask: Tensor | None = None, *, key: Tensor | None = None) -> GroundingOutput:
         out = self.model(params["model"], images, input_ids, image_mask, text_padding_mask, key=key)
-        return GroundingOutput(out, *_contrastive(self.model, self.contrastive_dim, params, out))
+        q, t, aux = _contrastive(self.model, self.contrastive_dim, params, out)
+        return GroundingOutput(out, q, t, aux)
 
 
 @dataclass(frozen=True)
@@ -106,7 +113,7 @@ class MDETRForVQA(Spec):
     def __call__(self, params: Params, images: Tensor, input_ids: Tensor, image_mask: Tensor | None = None,
                  text_padding_mask: Tensor | None = None, *, key: Tensor | None = None) -> VQAOutput:
         out = self.model(params["model"], images, input_ids, image_mask, text_padding_mask, key=key)
-        q, t = _contrastive(self.model, self.contrastive_dim, params, out)
+        q, t, aux = _contrastive(self.model, self.contrastive_dim, params, out)
         preds = {n: Linear(self.model.hidden_dim, c)(params["vqa_heads"][n], out.extra_embeddings[:, i])
                  for i, (n, c) in enumerate(self.heads)}
-        return VQAOutput(out, q, t, preds)
+        return VQAOutput(out, q, t, preds, aux)

@@ -3,8 +3,9 @@ the built-in synthetic scenes (``polymodal.data.grounding``) or a grounding JSON
 
 The loss is MDETR's (Kamath et al. 2021, Section 2.2, its coefficients): every decoder layer's queries are
 matched to the target boxes (Hungarian, :mod:`.matcher`) and pay soft-token cross-entropy (x1, no-object
-weight 0.1), box L1 (x5) and GIoU (x2); the last layer also the contrastive alignment (x1, temperature
-0.07); VQA adds the question-type heads' cross-entropies (x1). For VQA the text is the question and
+weight 0.1), box L1 (x5), GIoU (x2) and the contrastive alignment of that layer's projected queries (x1,
+temperature 0.07), as the original MDETR's auxiliary losses (``--tmm-last-layer-loss``: TorchMultimodal's
+examples, which charge the last layer only); VQA adds the question-type heads' cross-entropies (x1). For VQA the text is the question and
 the scene has no box targets (every query is "no object"). Evaluation: recall@1/5 at IoU >= 0.5 of
 each caption phrase (boxes ranked by MDETR's soft-token probabilities; ``recall@1_alignment`` ranks
 by the contrastive-alignment similarity instead), with two baselines: a uniformly random box, and a random one of the scene's
@@ -104,15 +105,21 @@ class Collate:
 
 
 def mdetr_loss(model: Any, params: Params, batch: dict, key: Tensor | None, weights: dict = WEIGHTS,
-               no_object_weight: float = 0.1, temperature: float = 0.07) -> tuple[Tensor, dict]:
-    """MDETR's weighted loss over every decoder layer (see the module docstring); returns ``(loss, parts)``."""
+               no_object_weight: float = 0.1, temperature: float = 0.07, aux_loss: bool = True) -> tuple[Tensor, dict]:
+    """MDETR's weighted loss; returns ``(loss, parts)`` (each part summed over the layers it covers).
+
+    ``aux_loss=True`` (default, the original MDETR's ``SetCriterion`` with ``--aux_loss``): every decoder
+    layer is matched on its own and charged every loss (soft-token, L1, GIoU and contrastive alignment on
+    that layer's projected queries, ``aux_query_embeddings``). ``aux_loss=False`` reproduces
+    TorchMultimodal's ``examples/mdetr`` training loops (``phrase_grounding.py``, ``vqa_finetune.py``):
+    only the last layer is matched and charged."""
     out = model(params, batch["images"], batch["input_ids"], batch["image_mask"], batch["text_padding_mask"], key=key)
     mo = out.model_output
     n = [len(b) for b in batch["boxes"]]
     num = float(max(sum(n), 1))
-    parts = {"soft_token": 0.0, "l1": 0.0, "giou": 0.0}
-    last = None
-    for layer in range(mo.aux_logits.shape[0]):
+    parts = {"soft_token": 0.0, "l1": 0.0, "giou": 0.0, "contrastive": 0.0}
+    n_layers = mo.aux_logits.shape[0]
+    for layer in range(n_layers) if aux_loss else [n_layers - 1]:
         lg, bx = mo.aux_logits[layer], mo.aux_boxes[layer]
         idx = hungarian_match(lg.detach(), bx.detach(), batch["boxes"], batch["positive_map"])
         parts["soft_token"] = parts["soft_token"] + soft_token_loss(lg, batch["positive_map"], n, idx, num,
@@ -120,9 +127,8 @@ def mdetr_loss(model: Any, params: Params, batch: dict, key: Tensor | None, weig
         if sum(n):
             l1, giou = box_losses(bx, batch["boxes"], idx, num)
             parts["l1"], parts["giou"] = parts["l1"] + l1, parts["giou"] + giou
-        last = idx
-    parts["contrastive"] = contrastive_alignment_loss(out.query_embeddings, out.token_embeddings, batch["token_maps"],
-                                                      last, num, temperature)
+        parts["contrastive"] = parts["contrastive"] + contrastive_alignment_loss(
+            out.aux_query_embeddings[layer], out.token_embeddings, batch["token_maps"], idx, num, temperature)
     if isinstance(model, MDETRForVQA):
         ce = masked_cross_entropy(out.vqa_preds, batch["vqa"], gqa_masks(batch["answer_type"]))
         parts["vqa"] = sum(ce.values())
@@ -138,6 +144,8 @@ class MDETROptions:
     tokenizer: str | None = option(None, "a RoBERTa tokenizer folder (vocab.json + merges.txt) for --data JSONL")
     train_size: int = option(4000, "synthetic training scenes", positive=True)
     eval_size: int = option(256, "synthetic evaluation scenes", positive=True)
+    tmm_last_layer_loss: bool = option(False, "charge only the last decoder layer (TorchMultimodal's examples) "
+                                       "instead of every layer (the original MDETR's auxiliary losses)")
     image_size: int = option(96, "side of the synthetic scenes (96: a 3 x 3 feature map, one cell per grid cell)",
                              positive=True)
 
@@ -180,7 +188,7 @@ class MDETRTask:
         return self.model.init(key=key), None
 
     def loss(self, params: Params, state: None, batch: dict, key: Tensor) -> LossOutput:
-        loss, parts = mdetr_loss(self.model, params, batch, key)
+        loss, parts = mdetr_loss(self.model, params, batch, key, aux_loss=not self.options.tmm_last_layer_loss)
         return LossOutput(loss, parts, None)
 
     def train_batches(self, start_step: int, rank: int, world: int):

@@ -97,6 +97,13 @@ def test_outputs_match_torchmultimodal(extra):
                                mo.transformer_output.decoder_hidden_states, **TOL)
     torch.testing.assert_close(got.query_embeddings, want.contrastive_embeddings.query_embeddings, **TOL)
     torch.testing.assert_close(got.token_embeddings, want.contrastive_embeddings.token_embeddings, **TOL)
+    # every layer's projected queries (the original MDETR's proj_queries): the reference's projection of its
+    # decoder states; TorchMultimodal itself returns only the last layer's
+    with torch.no_grad():
+        aux = torch.nn.functional.normalize(
+            ref.contrastive_alignment_image_projection(mo.transformer_output.decoder_hidden_states), p=2, dim=-1)
+    torch.testing.assert_close(got.aux_query_embeddings, aux, **TOL)
+    torch.testing.assert_close(got.aux_query_embeddings[-1], got.query_embeddings, **TOL)
     if extra:
         assert list(got.vqa_preds) == list(want.vqa_preds)
         for k in want.vqa_preds:
@@ -219,6 +226,53 @@ def test_matching_and_losses_match_the_reference(seed):
     t = torch.nn.functional.normalize(pr.normal(pr.key(seed + 11), (3, 12, 8)), dim=-1)
     torch.testing.assert_close(contrastive_alignment_loss(q, t, token_maps, ours, num),
                                ref_contrastive(q, t, spans, ours, num, _Tokenized(12)), **TOL)
+
+
+def _reference_loss(ref, images, texts, boxes, spans, pm, n, layers):
+    """MDETR's weighted loss composed from the reference pieces over the given decoder layers: the original
+    MDETR's SetCriterion charges every layer (own matching, own projected queries) with every loss;
+    TorchMultimodal's examples/mdetr training loops charge only the last."""
+    out = ref(images, texts)
+    hs = out.model_output.transformer_output.decoder_hidden_states
+    logits, bx = ref.model.class_embed(hs), ref.model.bbox_embed(hs).sigmoid()
+    proj = torch.nn.functional.normalize(ref.contrastive_alignment_image_projection(hs), p=2, dim=-1)
+    tokens = out.contrastive_embeddings.token_embeddings
+    num, total = float(max(sum(n), 1)), 0.0
+    for layer in layers:
+        idx = ref_match(logits[layer].detach(), bx[layer].detach(), boxes, pm)
+        bl = tmm_box_losses(bx[layer], boxes, idx, num)
+        total = total + soft_token_prediction_loss(logits[layer], n, pm, idx, num) + 5 * bl.l1_loss + 2 * bl.giou_loss
+        total = total + ref_contrastive(proj[layer], tokens, spans, idx, num, _Tokenized(tokens.shape[1]))
+    return total
+
+
+@pytest.mark.parametrize("aux_loss", [True, False])
+def test_training_loss_matches_the_reference_composition(aux_loss):
+    from polymodal.models.mdetr.task import mdetr_loss
+
+    ref, spec = _reference(0), _ours(0)
+    params = from_torchmultimodal(ref.state_dict(), spec)
+    images, texts = _inputs()
+    n = [2, 1]
+    g = torch.Generator().manual_seed(2)
+    boxes = [torch.cat([torch.rand(m, 2, generator=g) * 0.6 + 0.2, torch.rand(m, 2, generator=g) * 0.3 + 0.05], -1)
+             for m in n]
+    spans = [[[(1, 3)], [(3, 4)]], [[(1, 2)]]]  # token spans [beg, end) per box (texts of 5 and 3 tokens)
+    token_maps = [torch.zeros(m, 5, dtype=torch.bool) for m in n]
+    for tm, sp in zip(token_maps, spans):
+        for j, ((beg, end),) in enumerate(sp):
+            tm[j, beg:end] = True
+    pm = torch.nn.functional.pad(torch.cat(token_maps).float(), (0, 256 - 5))
+    pm = pm / pm.sum(-1, keepdim=True)
+    layers = [0, 1] if aux_loss else [1]
+    want = _reference_loss(ref, images, texts, boxes, spans, pm, n, layers)
+    x, mask = pad_images(images)
+    ids, pad = pad_text(texts)
+    batch = {"images": x, "image_mask": mask, "input_ids": ids, "text_padding_mask": pad, "boxes": boxes,
+             "positive_map": pm, "token_maps": token_maps}
+    got, parts = mdetr_loss(spec, params, batch, None, aux_loss=aux_loss)
+    torch.testing.assert_close(got, want.detach(), **TOL)
+    assert parts["contrastive"] > 0
 
 
 @pytest.mark.slow
