@@ -149,10 +149,14 @@ class ALBEFForRetrieval(Spec):
         return (F.normalize(self.vision_proj(params["vision_proj"], img[:, 0]), dim=-1),
                 F.normalize(self.text_proj(params["text_proj"], txt[:, 0]), dim=-1))
 
-    def _mlm_logits(self, params: Params, ids: Tensor, mask: Tensor, img: Tensor, key: Tensor | None) -> Tensor:
+    def _mlm_logits(self, params: Params, ids: Tensor, mask: Tensor, img: Tensor, key: Tensor | None,
+                    rows: Tensor | None = None) -> Tensor:
+        """``(B, T, V)`` vocabulary logits, or ``(N, V)`` at the flat positions ``rows`` only."""
         m = self.model
         k1, k2 = pr.maybe_split(key, 2)
         h = m.fuse(params["model"], m.encode_text(params["model"], ids, mask, key=k1), mask, img, key=k2)
+        if rows is not None:
+            h = h.reshape(-1, h.shape[-1])[rows]
         word = params["model"]["text"]["embeddings"]["word_embeddings"]["weight"]
         return self.mlm_head(params["mlm_head"], h, word)
 
@@ -235,10 +239,17 @@ class ALBEFForRetrieval(Spec):
                 raise ValueError(f"ALBEFForRetrieval: mlm_input_ids and mlm_labels: expected shape "
                                  f"{tuple(input_ids.shape)}, got {tuple(mlm_input_ids.shape)} and "
                                  f"{tuple(mlm_labels.shape)}")
-            logits = self._mlm_logits(params, mlm_input_ids, attention_mask, img, km)
+            # The loss reads the masked positions only, so eager mode runs the MLM head (its 768 x vocab
+            # projection, softmaxes and their backward) on those rows alone: the same loss and gradients.
+            # Compiled steps keep the full (B, T, V) head (static shapes, one graph).
+            rows, labels = None, mlm_labels
+            if not torch.compiler.is_compiling():
+                rows = (mlm_labels.reshape(-1) != -100).nonzero().squeeze(1)
+                labels = mlm_labels.reshape(-1)[rows]
+            logits = self._mlm_logits(params, mlm_input_ids, attention_mask, img, km, rows)
             with torch.no_grad():
-                logits_m = self._mlm_logits(mp, mlm_input_ids, attention_mask, img_m, None) if alpha else None
-            mlm = mlm_distill_loss(logits, mlm_labels, logits_m, alpha)
+                logits_m = self._mlm_logits(mp, mlm_input_ids, attention_mask, img_m, None, rows) if alpha else None
+            mlm = mlm_distill_loss(logits, labels, logits_m, alpha)
             loss = loss + mlm
 
         gi, gt, gx = gather_features(img_feat_m, txt_feat_m, idx)
