@@ -169,10 +169,21 @@ def _sync_state(state, world: int):
     the batch), so every rank evaluates and saves the same statistics."""
     state = pytree.tree_map(lambda t: t.detach(), state)
     if world > 1:
+        from torch.distributed.tensor import DTensor
+
         for t in pytree.leaves(state):
-            if t.is_floating_point():
+            if t.is_floating_point() and not isinstance(t, DTensor):  # a sharded leaf: each rank's own slice
                 dist.all_reduce(t, op=dist.ReduceOp.AVG)
     return state
+
+
+def _full_state(state, mesh):
+    """The model state with sharded (DTensor) leaves gathered (collective: every rank calls it)."""
+    if mesh is None or state is None:
+        return state
+    from .distributed.sharding import full_params
+
+    return full_params(state)
 
 
 def _check(cfg: LoopConfig, world: int, custom_step: bool) -> None:
@@ -356,7 +367,7 @@ def _resume(runs, leaves, state, opt, mesh):
 
 
 def _eval(task, leaves, state, mesh, device) -> dict:
-    params = pytree.unflatten(_full(leaves, mesh))
+    params, state = pytree.unflatten(_full(leaves, mesh)), _full_state(state, mesh)
     if _rank_world()[0] != 0:
         return {}
     with use_policy(default_policy), torch.no_grad():
@@ -369,7 +380,7 @@ def _save(runs, step, leaves, state, opt, mesh, extra: dict) -> None:
         from .checkpoint import save_sharded
 
         save_sharded(runs.path / "sharded", pytree.unflatten(leaves), opt, step=step, extra=extra)  # atomic swap
-        full = _full(leaves, mesh)
+        full, state = _full(leaves, mesh), _full_state(state, mesh)
         if rank == 0:  # also a consolidated params + state file that eval / zero-shot read
             runs.save(step, pytree.unflatten(full), None, extra=extra, state=state)
         return

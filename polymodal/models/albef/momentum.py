@@ -20,15 +20,49 @@ here they are a pytree passed in and returned (DESIGN.md, convention 4)::
 
 from __future__ import annotations
 
+import sys
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from ...core import random as pr
 from ...core.losses.contrastive import gather_embeddings
-from ...core.pytree import Params, tree_map
+from ...core.pytree import Params, leaves, tree_map
 
-__all__ = ["momentum_update", "copy_momentum", "init_queues", "enqueue", "gather_features", "check_queue"]
+__all__ = ["momentum_update", "copy_momentum", "init_queues", "enqueue", "gather_features", "check_queue",
+           "momentum_like", "shard_momentum", "mesh_of"]
+
+
+def _dtensor() -> Any:
+    """The DTensor class, or ``()`` while ``torch.distributed.tensor`` is not imported (then no leaf is a
+    DTensor, and this module does not pay for importing it)."""
+    mod = sys.modules.get("torch.distributed.tensor")
+    return mod.DTensor if mod is not None else ()
+
+
+def _local_shard(t: Tensor, like: Any) -> Any:
+    """``t`` (this rank's full value, the same on every rank) as a DTensor placed like the DTensor ``like``:
+    each rank keeps its own slice, without communication."""
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(t.detach(), like.device_mesh, like.placements, src_data_rank=None)
+
+
+def _ema(a: Tensor, b: Tensor, m: float) -> Tensor:
+    # Sharded params (DTensors): the copy takes their placement (a plain copy is sliced locally, as it holds
+    # the full value on every rank); a sharded copy of a plain (gathered) param slices the param instead.
+    dt = _dtensor()
+    if isinstance(b, dt) and not isinstance(a, dt):
+        a = _local_shard(a, b)
+    elif isinstance(a, dt) and not isinstance(b, dt):
+        b = _local_shard(b, a)
+    elif isinstance(a, dt) and a.placements != b.placements:
+        a = a.redistribute(b.device_mesh, b.placements)
+    # One fresh tensor, then accumulated into in place (the inputs are untouched): the three full-size
+    # temporaries of ``m * a + (1 - m) * b`` cost more than the arithmetic on 200M-parameter trees.
+    return (b.detach() * (1 - m)).add_(a.detach(), alpha=m)
 
 
 def momentum_update(momentum: Params, params: Params, m: float) -> Params:
@@ -38,9 +72,51 @@ def momentum_update(momentum: Params, params: Params, m: float) -> Params:
         momentum: the EMA copies (any tree). params: the live tree of the same structure.
         m: the momentum (0.995 for ALBEF).
     Returns:
-        the new EMA tree (detached: momentum copies never receive gradients).
+        the new EMA tree (detached: momentum copies never receive gradients). Under sharded training
+        a leaf is a DTensor when either input is: a DTensor param makes its copy a DTensor of the same
+        placement (a plain copy, the same full value on every rank, is sliced locally: no
+        communication); a DTensor copy of a plain param keeps its placement.
     """
-    return tree_map(lambda a, b: a.detach() * m + b.detach() * (1 - m), momentum, params)
+    return tree_map(lambda a, b: _ema(a, b, m), momentum, params)
+
+
+def mesh_of(tree: Params) -> Any:
+    """The device mesh of the first DTensor leaf of ``tree`` (None when no leaf is sharded)."""
+    dt = _dtensor()
+    for t in leaves(tree):
+        if isinstance(t, dt):
+            return t.device_mesh
+    return None
+
+
+def momentum_like(momentum: Params, params: Params) -> Params:
+    """Each momentum copy in the form its param has: the param's placement where it is a DTensor (a plain
+    copy is sliced locally), a full plain tensor where it is not (a sharded copy is all-gathered:
+    collective, every rank calls it). Sharded training's loss sees the block stacks sharded (gathered
+    block by block at the seam) and the rest gathered; the momentum forward then sees the same."""
+    dt = _dtensor()
+
+    def like(a: Tensor, b: Tensor) -> Tensor:
+        if isinstance(b, dt):
+            return _local_shard(a, b) if not isinstance(a, dt) else a.redistribute(b.device_mesh, b.placements)
+        return a.full_tensor() if isinstance(a, dt) else a
+
+    return tree_map(like, momentum, params)
+
+
+def shard_momentum(momentum: Params, mesh: Any) -> Params:
+    """Every copy as a DTensor placed as the loop's :func:`~polymodal.train.distributed.sharding.shard_params`
+    places params (``Shard(0)``; 0-d leaves ``Replicate``), so the momentum state's memory scales with the
+    ranks like the params'. Plain leaves must hold the same full value on every rank (they do: copies
+    made from gathered params, or loaded from one checkpoint): each rank keeps its slice, no communication."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+
+    def shard(t: Tensor) -> Tensor:
+        if isinstance(t, DTensor):
+            return t.detach()
+        placement = Shard(0) if t.dim() > 0 else Replicate()
+        return distribute_tensor(t.detach(), mesh, [placement], src_data_rank=None)
+    return tree_map(shard, momentum)
 
 
 def copy_momentum(params: Params) -> Params:

@@ -3,6 +3,10 @@ built-in synthetic shapes and captions, through the one training loop.
 
 The model state (momentum copies, queues and pointer) is the loop's ``state``: returned by every
 step, saved in checkpoints and restored on ``--resume``, so a resumed run equals an uninterrupted one.
+Under ``--shard`` the momentum copies are stored sharded as the loop shards the params (DTensors,
+``Shard(0)``); within a step they take the form of the params the model sees (block stacks sharded,
+gathered block by block at the seam; the rest gathered once), and the queues, identical on every
+rank, receive the momentum features of all ranks (:func:`~.momentum.gather_features`).
 Batches are a pure function of ``(seed, step)``; the step key draws dropout, hard negatives and the
 MLM corruption. Evaluation: image<->text recall@1/5/10 on the eval split (attribute pairs seen in
 training) and the held-out split (unseen shape-colour pairs), one image per distinct caption, from
@@ -31,7 +35,7 @@ from ...core.pytree import Params
 from ...data.synthetic import COLORS, POSITIONS, SHAPES, SIZES, TEMPLATES, SyntheticCaptions
 from ...train.task import LossOutput, eval_progress, option
 from .builders import BUILDERS
-from .momentum import check_queue
+from .momentum import check_queue, mesh_of, momentum_like, shard_momentum
 from .rerank import recall_from_scores, retrieval_scores
 from .text import mask_tokens, synthetic_tokenizer, synthetic_vocab
 
@@ -128,8 +132,13 @@ class ALBEFRetrievalTask:
             ids, labels = mask_tokens(k_mask, batch["input_ids"].cpu(), self.tokenizer)
             dev = batch["input_ids"].device
             mlm = {"mlm_input_ids": ids.to(dev), "mlm_labels": labels.to(dev)}
+        mesh = mesh_of(params)
+        if mesh is not None:  # sharded (--shard): the copies in the form of the params the model sees
+            state = {**state, "momentum": momentum_like(state["momentum"], self.model.momentum_params(params))}
         out, new_state = self.model(params, batch["images"], batch["input_ids"], batch["attention_mask"], batch["idx"],
                                     state, key=k_model.to(batch["images"].device), alpha=self.options.alpha, **mlm)
+        if mesh is not None:  # ... and stored sharded like the loop's params (Shard(0) on every leaf)
+            new_state = {**new_state, "momentum": shard_momentum(new_state["momentum"], mesh)}
         metrics = {"itc": out.itc_loss.detach(), "itm": out.itm_loss.detach()}
         if out.mlm_loss is not None:
             metrics["mlm"] = out.mlm_loss.detach()
