@@ -1,5 +1,6 @@
 """``polymodal train flava``: FLAVA's multi-source pretraining on the built-in synthetic shapes through the
-one training loop, evaluated by zero-shot classification with the contrastive projections.
+one training loop, evaluated by zero-shot classification and image <-> text retrieval with the contrastive
+projections.
 
 Every step sees three sources, as FLAVA's pretraining mixes datasets: paired images and captions (ITM with
 in-batch negatives of another class, MMM-text, MMM-image, the global contrastive loss), unpaired images
@@ -30,6 +31,7 @@ from ...core.pytree import Params
 from ...data.bert_tokenizer import BertTokenizer
 from ...data.synthetic import COLORS, POSITIONS, SHAPES, SIZES, TEMPLATES, SyntheticCaptions
 from ...train.task import LossOutput, eval_progress, option
+from .retrieval import retrieval_pairs, retrieval_recall
 from .transforms import IMAGE_MEAN, IMAGE_STD, block_mask, itm_negatives, map_pixels, mlm_mask
 
 __all__ = ["FLAVATask", "FLAVAOptions", "caption_vocab"]
@@ -81,6 +83,7 @@ class FLAVATask:
         self.train_set = mk("train", options.train_size)
         self.eval_sets = {"seen": mk("eval", options.eval_size), "heldout": mk("heldout", options.eval_size)}
         self.prompts = self.train_set.prompts()
+        self.retrieval = retrieval_pairs(self.eval_sets["seen"].pairs, self.image_size, seed=loop.seed)
         self.steps = loop.steps
         self.root = pr.fold_in(pr.key(loop.seed), 7)
         self.name, self.title = f"flava-{preset}", f"FLAVA {preset} on synthetic shapes"
@@ -168,19 +171,20 @@ class FLAVATask:
     @torch.no_grad()
     def evaluate(self, params: Params, state: None, *, device: Any = "cpu") -> dict:
         """Zero-shot accuracy (image vs every class prompt, contrastive projections) on seen and held-out
-        (shape, colour) pairs."""
+        (shape, colour) pairs; image <-> text recall@1/5/10 on the 250 seen (shape, colour, size, position)
+        combinations, one image and its unique caption each (``retrieval.py``)."""
         m = self.model.model
-        prompts = self.tokenizer(self.prompts)["input_ids"].to(device)
-        classes = m.text_embeddings(params["model"], prompts)
         mean, std = torch.tensor(IMAGE_MEAN)[:, None, None], torch.tensor(IMAGE_STD)[:, None, None]
+        encode_image = lambda x: m.image_embeddings(params["model"], ((x - mean) / std).to(device))  # noqa: E731
+        encode_text = lambda c: m.text_embeddings(params["model"], self.tokenizer(c)["input_ids"].to(device))  # noqa: E731
+        classes = encode_text(self.prompts)
         metrics = {}
         for name, ds in self.eval_sets.items():
             correct = 0
             for lo in eval_progress(range(0, len(ds), 256), f"eval {name}"):
                 items = ds.__getitems__(list(range(lo, min(lo + 256, len(ds)))))
-                images = ((torch.stack([it["image"] for it in items]) - mean) / std).to(device)
-                pred = (m.image_embeddings(params["model"], images) @ classes.T).argmax(-1).cpu()
+                pred = (encode_image(torch.stack([it["image"] for it in items])) @ classes.T).argmax(-1).cpu()
                 correct += int((pred == torch.tensor([it["label"] for it in items])).sum())
             metrics[f"eval/zero_shot_{name}"] = correct / len(ds)
+        metrics |= {f"eval/{k}": v for k, v in retrieval_recall(encode_image, encode_text, self.retrieval).items()}
         return metrics
-

@@ -1,5 +1,5 @@
 """``polymodal train flava --preset tiny`` through the one loop: every loss term in metrics.jsonl, the
-zero-shot evaluation, deterministic batches; the caption vocabulary covers the synthetic captions."""
+zero-shot classification and retrieval evaluation, deterministic batches; the caption vocabulary covers the synthetic captions."""
 
 import torch
 
@@ -21,6 +21,8 @@ def test_train_logs_every_loss_term(tmp_path):
         assert all(t in r for t in TERMS), r
         assert abs(sum(r[t] for t in TERMS) - r["loss"]) < 1e-4 * max(1.0, r["loss"])
     assert "eval/zero_shot_seen" in recs[-1] and 0 <= recs[-1]["eval/zero_shot_seen"] <= 1
+    recalls = [recs[-1][f"eval/{d}_R@{k}"] for k in (1, 5, 10) for d in ("image_to_text", "text_to_image")]
+    assert all(0 <= r <= 1 for r in recalls) and recalls[0] <= recalls[2] <= recalls[4]  # R@1 <= R@5 <= R@10
 
 
 def test_batches_are_a_function_of_the_step():
