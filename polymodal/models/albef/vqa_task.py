@@ -23,6 +23,7 @@ from ...core import random as pr
 from ...core.pytree import Params
 from ...train.task import LossOutput, eval_progress, option
 from .builders import BUILDERS
+from .momentum import mesh_of, momentum_like, shard_momentum
 from .scenes import ANSWERS, KINDS, SyntheticVQA
 from .task import step_indices
 from .text import synthetic_tokenizer, synthetic_vocab
@@ -84,9 +85,14 @@ class ALBEFVQATask:
     def loss(self, params: Params, state: Params, batch: dict, key: Tensor) -> LossOutput:
         b = batch["images"].shape[0]
         ones = torch.ones(b, device=batch["images"].device)
+        mesh = mesh_of(params)
+        if mesh is not None:  # --shard: as ALBEFRetrievalTask.loss (copies stored sharded like the params)
+            state = {**state, "momentum": momentum_like(state["momentum"], params)}
         loss, new_state = self.model(params, batch["images"], batch["question_ids"], batch["question_mask"],
                                      batch["answer_ids"], batch["answer_mask"], ones, ones.long(), state,
                                      alpha=self.options.alpha, key=key)
+        if mesh is not None:
+            new_state = {**new_state, "momentum": shard_momentum(new_state["momentum"], mesh)}
         return LossOutput(loss, {}, new_state)
 
     @torch.no_grad()

@@ -1,8 +1,9 @@
 """ALBEF under sharded training (one gloo rank in this process): params as DTensors, gathered block by
 block at the seam (``gather_rest`` for the rest, as the loop's ``--shard``), momentum copies stored sharded
 like the params. Two training steps equal the plain single-process ones: loss, gradients, updated params,
-momentum copies, queues. Activation checkpointing (``--checkpointing``) changes nothing either. The
-two-rank numerics through the command line are in ``test_albef_distributed.py`` (slow)."""
+momentum copies, queues (the VQA task: loss, gradients, params, momentum copies). Activation checkpointing
+(``--checkpointing``) changes nothing either. The two-rank numerics through the command line are in
+``test_albef_distributed.py`` (slow)."""
 
 from __future__ import annotations
 
@@ -55,9 +56,9 @@ def test_momentum_update_takes_the_sharded_params_placement(mesh):
     assert torch.equal(mixed["b"], mom["b"]) and torch.equal(mixed["w"].full_tensor(), mom["w"])
 
 
-def _task(batch_size=8):
+def _task(family="albef", batch_size=8):
     loop = LoopConfig(steps=2, batch_size=batch_size, progress=False)
-    return make_task("albef", "tiny", {"train_size": 16, "eval_size": 8}, loop)
+    return make_task(family, "tiny", {"train_size": 16, "eval_size": 8}, loop)
 
 
 def _steps(task, params, state, sharded, checkpoint_every, mesh):
@@ -74,6 +75,7 @@ def _steps(task, params, state, sharded, checkpoint_every, mesh):
         p = pytree.unflatten(leaves)
         if sharded:
             p = gather_rest(p, stacks=task.model)
+            # the loop's form: block stacks sharded (gathered at the seam), the rest gathered
             assert type(p["model"]["text"]["encoder"]["layers"][0]["self_attn"]["in_proj_weight"]).__name__ == "DTensor"
             assert type(p["model"]["text"]["embeddings"]["word_embeddings"]["weight"]) is torch.Tensor
         with use_policy(policy):
@@ -113,3 +115,18 @@ def test_sharded_and_checkpointed_steps_equal_plain(mesh, plain, sharded, every)
     assert new_state["queue_ptr"].tolist() == [16]  # two global batches of 8 enqueued
     # the step moved the copies off the params (0.995 EMA of params that changed)
     assert not torch.equal(new_state["momentum.text_proj.weight"], new_params["text_proj.weight"])
+
+
+@pytest.mark.distributed
+def test_vqa_sharded_checkpointed_steps_equal_plain(mesh):
+    task = _task("albef-vqa")
+    params, state = task.init(pr.key(0))
+    ref = _steps(task, params, state, False, 0, mesh)
+    got = _steps(task, params, state, True, 1, mesh)
+    assert got[0] == pytest.approx(ref[0], abs=1e-5, rel=0)
+    for a, b, what in zip(got[1:], ref[1:], ("grad", "param", "state")):
+        assert a.keys() == b.keys()
+        for k in b:
+            torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-5, msg=lambda m: f"{what} {k}: {m}")
+    k = "momentum.model.text.encoder.layers.0.self_attn.in_proj_weight"
+    assert not torch.equal(got[3][k], got[2][k.removeprefix("momentum.")])
