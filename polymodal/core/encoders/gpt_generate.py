@@ -11,6 +11,7 @@ from torch import Tensor
 
 from .. import random as pr
 from ..pytree import Params
+from . import gpt_decode
 from .gpt import MultimodalGPT
 
 __all__ = ["sample_logits", "filter_logits", "generate"]
@@ -49,10 +50,16 @@ def sample_logits(logits: Tensor, *, key: Tensor | None, temperature: float = 1.
 
 def generate(model: MultimodalGPT, params: Params, in_ids: Tensor, *, key: Tensor | None = None,
              max_new_tokens: int | None = None, temperature: float = 1.0, top_k: int | None = None,
-             top_p: float | None = None, use_cache: bool = True) -> Tensor:
+             top_p: float | None = None, use_cache: bool = True, compile: bool = False) -> Tensor:
     """Sample output-modality ids ``(B, max_new_tokens)`` conditioned on ``in_ids (B, L_in)``.
 
-    ``use_cache=False`` recomputes the full pass at every step (slower; equal results).
+    With the KV cache (default) the keys and values go into one preallocated buffer, written in place
+    (:mod:`.gpt_decode`), and each step computes the logits of the newest position over the output
+    vocabulary only (the full pass masks the other modality's logits to the dtype's minimum: they are
+    never sampled, so the distribution is the same). ``compile=True`` runs each step through one
+    ``torch.compile``d graph (the first call compiles; same tokens up to float rounding in the
+    attention). ``use_cache=False`` recomputes the full pass at every step (slower; equal results).
+    Runs without autograd.
 
     >>> from polymodal.core import random as pr
     >>> from polymodal.core.encoders.gpt import multimodal_gpt
@@ -64,21 +71,54 @@ def generate(model: MultimodalGPT, params: Params, in_ids: Tensor, *, key: Tenso
     n = model.out_len if max_new_tokens is None else max_new_tokens
     if n > model.out_len:
         raise ValueError(f"max_new_tokens ({n}) exceeds the output modality's length {model.out_len}")
-    out = in_ids.new_zeros((in_ids.shape[0], 0))
-    # all the sampling noise in one draw (one key per call, not per step: cheaper; equal with and without cache)
-    noise = None if key is None else pr.uniform(key, (n, in_ids.shape[0], model.vocab))
-    draw = lambda logits, t: sample_logits(  # noqa: E731
-        logits, key=key, temperature=temperature, top_k=top_k, top_p=top_p,
-        uniform=None if noise is None else noise[t])
-    if use_cache:
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    with torch.no_grad():
+        return _generate(model, params, in_ids, key, n, temperature, top_k, top_p, use_cache, compile)
+
+
+def _generate(model: MultimodalGPT, params: Params, in_ids: Tensor, key: Tensor | None, n: int, temperature: float,
+              top_k: int | None, top_p: float | None, use_cache: bool, compile: bool) -> Tensor:
+    b, lo = in_ids.shape[0], model.num_in_tokens
+    out = torch.zeros((b, n), dtype=torch.long, device=in_ids.device)
+    greedy = key is None or temperature == 0.0
+    gumbel = None
+    if not greedy:  # all the noise in one draw over the joint vocabulary (as sample_logits), the output part kept
+        u = pr.uniform(key, (n, b, model.vocab))[..., lo:]
+        gumbel = -torch.log(-torch.log(u.clamp(1e-20, 1.0 - 1e-7)))
+    filtered = top_k is not None or top_p is not None
+
+    def draw(logits: Tensor, t: int) -> Tensor:  # logits (B, num_out_tokens) -> output ids (B,)
+        if greedy:
+            return logits.argmax(-1)
+        logits = logits.float() if temperature == 1.0 else logits.float() / temperature
+        if filtered:
+            logits = filter_logits(logits, top_k, top_p)
+        return (logits + gumbel[t]).argmax(-1)
+
+    if not use_cache:
+        for t in range(n):
+            out[:, t] = draw(model(params, in_ids, out[:, :t + 1]).logits[:, -1, lo:], t)
+        return out
+    if not gpt_decode.supports(model):  # the generic layer stack with a growing cache
         logits, cache = model.prefill(params, in_ids)
-        pos_table = model.out_pos(params["out_pos"])  # once, not at every step
+        pos_table = model.out_pos(params["out_pos"])
+        for t in range(n):
+            out[:, t] = tok = draw(logits[:, lo:], t)
+            if t + 1 < n:
+                logits, cache = model.step(params, tok, t, cache, pos_table=pos_table)
+        return out
+    pl = gpt_decode.plan(model, params)
+    logits, kv = gpt_decode.prefill(model, params, pl, in_ids, n)
+    start = 1 + in_ids.shape[-1]
+    step = gpt_decode.compiled_decode_step() if compile else None
     for t in range(n):
-        if not use_cache:
-            full = model(params, in_ids, torch.cat([out, out.new_zeros((out.shape[0], 1))], 1)).logits
-            logits = full[:, -1]
-        tok = draw(logits, t) - model.num_in_tokens
-        out = torch.cat([out, tok[:, None]], dim=1)
-        if use_cache and t + 1 < n:
-            logits, cache = model.step(params, tok, t, cache, pos_table=pos_table)
+        out[:, t] = tok = draw(logits, t)
+        if t + 1 < n:
+            if step is None:
+                logits = gpt_decode.decode_step(pl, tok, t, kv, start)
+            else:
+                logits = step(pl, tok, torch.tensor(t, device=tok.device), kv, start)
     return out

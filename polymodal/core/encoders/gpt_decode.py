@@ -1,0 +1,174 @@
+"""Fast single-token decoding for :class:`~.gpt.MultimodalGPT`: a preallocated KV cache written in place.
+
+:meth:`MultimodalGPT.step` grows its cache with ``torch.cat`` at every step (a copy of every layer's
+keys and values per token: quadratic in the output length) and runs the generic layer stack (checks,
+masks and per-layer spec objects rebuilt per call). Generation instead
+
+* allocates one buffer per layer ``kv[i] (2, B, H, S, Dh)`` for the whole sequence
+  (``S = 1 + in_len + out_len - 1``: start token, prompt, every output token but the last), fills it
+  from the prompt's pass (:func:`prefill`), and writes each new token's keys and values into it by
+  index (:func:`decode_step`): no copy of the earlier positions;
+* computes logits only for the newest position and only over the output modality's rows of
+  ``to_logit`` (the joint vocabulary's other rows are masked to the dtype's minimum in the full pass
+  and can never be sampled, so the sampled distribution is the same);
+* reads the weights once into a flat :class:`DecodePlan` (no pytree walks or spec checks per step).
+
+:func:`decode_step` attends over the filled prefix (a view, eager); :func:`decode_step_masked` attends
+over the whole buffer with a position mask, so every step has the same shapes and ``torch.compile``
+makes one graph for all of them (:func:`compiled_decode_step`).
+
+Supported stacks: pre-norm decoder layers without cross-attention and with fused q/k/v (every
+:func:`~.gpt.multimodal_gpt`); :func:`supports` says whether a model qualifies (else generation falls
+back to :meth:`MultimodalGPT.step`).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..layers import LayerNorm
+from ..layers.activation import activation as get_activation
+from ..pytree import Params
+from .gpt import MultimodalGPT
+
+__all__ = ["DecodePlan", "supports", "plan", "prefill", "decode_step", "decode_step_masked", "compiled_decode_step"]
+
+
+class DecodePlan(NamedTuple):
+    """Everything a decoding step reads, flat. ``layers``: per layer ``(norm1 w, b, in_proj w, b,
+    out_proj w, b, norm2 w, b, linear1 w, b, linear2 w, b)`` (None where a bias is absent)."""
+
+    layers: tuple
+    norm: tuple  # final LayerNorm (w, b)
+    logit_weight: Tensor  # (num_out_tokens, d_model): the output modality's rows of to_logit
+    out_table: Tensor  # (num_out_tokens, out_dim) token embeddings of the output modality
+    out_proj: tuple | None  # (w, b) of the output token projection, or None
+    pos_table: Tensor  # (out_len, d_model) output position embeddings
+    num_heads: int
+    eps: float  # the blocks' LayerNorm eps
+    activation: str
+    final_eps: float  # the final LayerNorm's eps
+
+
+def supports(model: MultimodalGPT) -> bool:
+    """Whether :func:`plan` handles this model's decoder (else use :meth:`MultimodalGPT.step`)."""
+    dec = model.decoder
+    layer = dec.layer
+    attn = layer.self_attn()
+    return (layer.norm_first and dec.cross_attention_every == 0 and not dec.final_norm and attn.fused
+            and not layer.fp32_norm and layer.activation != "geglu")
+
+
+def _ln(p: Params) -> tuple:
+    return p.get("weight"), p.get("bias")
+
+
+def plan(model: MultimodalGPT, params: Params) -> DecodePlan:
+    """Read the weights a decoding step needs once (views, no copies)."""
+    if not supports(model):
+        raise ValueError("gpt_decode.plan: expected pre-norm decoder layers without cross-attention, with fused q/k/v "
+                         "and plain LayerNorms (see gpt_decode.supports)")
+    layers = []
+    for p in params["decoder"]["layers"]:
+        a = p["self_attn"]
+        layers.append((*_ln(p["norm1"]), a["in_proj_weight"], a.get("in_proj_bias"), a["out_proj"]["weight"],
+                       a["out_proj"].get("bias"), *_ln(p["norm2"]), p["linear1"]["weight"], p["linear1"].get("bias"),
+                       p["linear2"]["weight"], p["linear2"].get("bias")))
+    proj = None if model.out_proj is None else (params["out_proj"]["weight"], params["out_proj"].get("bias"))
+    layer = model.decoder.layer
+    return DecodePlan(tuple(layers), _ln(params["norm"]), params["to_logit"]["weight"][model.num_in_tokens:],
+                      params["out_embed"]["weight"], proj, model.out_pos(params["out_pos"]), layer.num_heads,
+                      layer.layer_norm_eps, layer.activation, LayerNorm(model.d_model).eps)
+
+
+def _logits(pl: DecodePlan, h: Tensor) -> Tensor:
+    """``(B, D) -> (B, num_out_tokens)``: final norm and the output modality's logits."""
+    return F.linear(F.layer_norm(h, h.shape[-1:], *pl.norm, pl.final_eps), pl.logit_weight)
+
+
+def prefill(model: MultimodalGPT, params: Params, pl: DecodePlan, in_ids: Tensor,
+            out_len: int) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """Run ``[sos, in tokens]`` once: the output-vocabulary logits of the first output token
+    ``(B, num_out_tokens)`` and the per-layer KV buffers ``(2, B, H, 1 + L_in + out_len - 1, Dh)``
+    with the prompt's keys and values in their first ``1 + L_in`` positions."""
+    x = torch.cat([params["sos"].expand(in_ids.shape[0], 1, model.d_model), model.embed(params, in_ids, "in")], 1)
+    dec = model.decoder(params["decoder"], x, use_cache=True)
+    k0 = dec.cache[0]["self"]["k"]
+    b, h, s0, dh = k0.shape
+    kv = []
+    for c in dec.cache:
+        buf = k0.new_zeros((2, b, h, s0 + max(out_len - 1, 0), dh))
+        buf[0, :, :, :s0] = c["self"]["k"]
+        buf[1, :, :, :s0] = c["self"]["v"]
+        kv.append(buf)
+    return _logits(pl, dec.last_hidden_state[:, -1]), tuple(kv)
+
+
+def _embed(pl: DecodePlan, tok: Tensor, pos: Tensor | int) -> Tensor:
+    x = F.embedding(tok, pl.out_table)
+    if pl.out_proj is not None:
+        x = F.linear(x, *pl.out_proj)
+    return x + pl.pos_table[pos]
+
+
+def _layer(pl: DecodePlan, w: tuple, x: Tensor, kv: Tensor, write: int | Tensor, attend) -> Tensor:
+    """One pre-norm block on ``x (B, D)``; writes this token's keys/values into ``kv (2, B, H, S, Dh)``."""
+    n1w, n1b, wqkv, bqkv, wo, bo, n2w, n2b, w1, b1, w2, b2 = w
+    b, d = x.shape
+    hd = pl.num_heads
+    qkv = F.linear(F.layer_norm(x, (d,), n1w, n1b, pl.eps), wqkv, bqkv).view(b, 3, hd, 1, d // hd)
+    if isinstance(write, int):
+        kv[:, :, :, write:write + 1].copy_(qkv[:, 1:].transpose(0, 1))
+    else:  # index_put_ on the graph's input buffer: torch.compile keeps it in place
+        kv[:, :, :, write.reshape(1)] = qkv[:, 1:].transpose(0, 1)
+    y = attend(qkv[:, 0], kv[0], kv[1]).reshape(b, d)
+    x = x + F.linear(y, wo, bo)
+    hdn = get_activation(pl.activation)(F.linear(F.layer_norm(x, (d,), n2w, n2b, pl.eps), w1, b1))
+    return x + F.linear(hdn, w2, b2)
+
+
+def decode_step(pl: DecodePlan, tok: Tensor, t: int, kv: tuple[Tensor, ...], start: int) -> Tensor:
+    """Feed output token ``tok (B,)`` at output position ``t``; its keys/values go to buffer position
+    ``start + t`` (``start = 1 + L_in``) of each layer's ``kv`` (written in place; the buffers are the decoding
+    loop's own). Returns the next output token's logits ``(B, num_out_tokens)``. Attends over the
+    filled prefix ``kv[..., :start + t + 1, :]`` (a view)."""
+    n = start + t + 1
+    x = _embed(pl, tok, t)
+
+    def attend(q, k, v):
+        return F.scaled_dot_product_attention(q, k[:, :, :n], v[:, :, :n])
+
+    for i, w in enumerate(pl.layers):
+        x = _layer(pl, w, x, kv[i], n - 1, attend)
+    return _logits(pl, x)
+
+
+def decode_step_masked(pl: DecodePlan, tok: Tensor, t: Tensor, kv: tuple[Tensor, ...], start: int) -> Tensor:
+    """:func:`decode_step` with the position a 0-d integer tensor and attention over the whole buffer
+    under the mask ``position <= start + t``: the same shapes at every step (one compiled graph)."""
+    write = t + start
+    x = _embed(pl, tok, t)
+    allowed = (torch.arange(kv[0].shape[-2], device=tok.device) <= write)[None]  # (1, S): broadcasts to (B, H, 1, S)
+
+    def attend(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+
+    for i, w in enumerate(pl.layers):
+        x = _layer(pl, w, x, kv[i], write, attend)
+    return _logits(pl, x)
+
+
+_COMPILED = None
+
+
+def compiled_decode_step():
+    """``torch.compile(decode_step_masked, fullgraph=True, dynamic=False)``, made once per process
+    (one graph per model shape and batch size; the step position is a tensor, so no recompiles)."""
+    global _COMPILED
+    if _COMPILED is None:
+        _COMPILED = torch.compile(decode_step_masked, fullgraph=True, dynamic=False)
+    return _COMPILED

@@ -1,0 +1,108 @@
+"""Generation on the preallocated KV cache (``core/encoders/gpt_decode.py``): step logits equal the full
+pass, sampled tokens equal the joint-vocabulary sampler of the growing-cache path and the no-cache
+path for the same key, and the compiled step gives the same tokens.
+
+The reference sampler below is the generation loop before the static cache (``MultimodalGPT.prefill``
+/ ``step`` with ``torch.cat`` caches, ``sample_logits`` over the joint vocabulary with that step's
+Gumbel noise): the output-vocabulary-only logits must sample the same tokens.
+"""
+
+import pytest
+import torch
+
+from polymodal.core import random as pr
+from polymodal.core.encoders import gpt_decode
+from polymodal.core.encoders.gpt_generate import generate, sample_logits
+from polymodal.models.mugen import text_video_gpt
+
+TEXT_TOKENS, TEXT_LEN, LATENT, CODES = 11, 4, (2, 2, 3), 9
+
+
+def model(seed=0, layers=2):
+    spec = text_video_gpt(TEXT_TOKENS, TEXT_LEN, LATENT, CODES, 8, d_model=24, num_heads=2, num_layers=layers)
+    p = spec.init(key=pr.key(seed))
+    p["to_logit"]["weight"] = pr.normal(pr.key(seed + 1), p["to_logit"]["weight"].shape)  # non-zero head
+    return spec, p
+
+
+def ids(seed, b, n, vocab):
+    return pr.randint(pr.key(seed), (b, n), 0, vocab)
+
+
+def joint_vocabulary_sampler(spec, p, x_in, key, temperature=1.0, top_k=None, top_p=None):
+    n, b = spec.out_len, x_in.shape[0]
+    noise = None if key is None else pr.uniform(key, (n, b, spec.vocab))
+    out = []
+    with torch.no_grad():
+        logits, cache = spec.prefill(p, x_in)
+        for t in range(n):
+            tok = sample_logits(logits, key=key, temperature=temperature, top_k=top_k, top_p=top_p,
+                                uniform=None if noise is None else noise[t]) - spec.num_in_tokens
+            out.append(tok)
+            if t + 1 < n:
+                logits, cache = spec.step(p, tok, t, cache)
+    return torch.stack(out, 1)
+
+
+def test_static_cache_step_logits_equal_the_full_pass():
+    spec, p = model(0)
+    assert gpt_decode.supports(spec)
+    x_in, x_out = ids(1, 3, TEXT_LEN, TEXT_TOKENS), ids(2, 3, spec.out_len, CODES)
+    full = spec(p, x_in, x_out).logits[:, TEXT_LEN:, spec.num_in_tokens:]  # position L_in + t predicts out token t
+    pl = gpt_decode.plan(spec, p)
+    with torch.no_grad():
+        logits, kv = gpt_decode.prefill(spec, p, pl, x_in, spec.out_len)
+        steps = [logits]
+        for t in range(spec.out_len - 1):
+            steps.append(gpt_decode.decode_step(pl, x_out[:, t], t, kv, 1 + TEXT_LEN))
+    assert len(kv) == 2 and kv[0].shape == (2, 3, 2, 1 + TEXT_LEN + spec.out_len - 1, 12)
+    torch.testing.assert_close(torch.stack(steps, 1), full, rtol=1e-5, atol=1e-5)
+    # the masked variant (the compiled graph's) attends over the whole buffer: same logits
+    with torch.no_grad():
+        logits, kv = gpt_decode.prefill(spec, p, pl, x_in, spec.out_len)
+        masked = [logits] + [gpt_decode.decode_step_masked(pl, x_out[:, t], torch.tensor(t), kv, 1 + TEXT_LEN)
+                             for t in range(spec.out_len - 1)]
+    torch.testing.assert_close(torch.stack(masked, 1), full, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, None, None), (0.7, 4, None), (1.3, None, 0.8),
+                                                     (1.0, 3, 0.9), (0.0, None, None)])
+def test_static_cache_samples_equal_the_joint_vocabulary_sampler_and_the_full_pass(temperature, top_k, top_p):
+    spec, p = model(3)
+    x_in = ids(4, 3, TEXT_LEN, TEXT_TOKENS)
+    for seed in range(3):
+        key = pr.key(10 + seed)
+        got = generate(spec, p, x_in, key=key, temperature=temperature, top_k=top_k, top_p=top_p)
+        want = joint_vocabulary_sampler(spec, p, x_in, key, temperature, top_k, top_p)
+        assert torch.equal(got, want)
+        assert torch.equal(got, generate(spec, p, x_in, key=key, temperature=temperature, top_k=top_k, top_p=top_p,
+                                         use_cache=False))
+
+
+def test_unsupported_stacks_fall_back_to_the_growing_cache(monkeypatch):
+    spec, p = model(5)
+    x_in = ids(6, 2, TEXT_LEN, TEXT_TOKENS)
+    fast = generate(spec, p, x_in, key=pr.key(7), top_k=5)
+    monkeypatch.setattr(gpt_decode, "supports", lambda m: False)
+    assert torch.equal(fast, generate(spec, p, x_in, key=pr.key(7), top_k=5))
+    with pytest.raises(ValueError, match="pre-norm"):
+        gpt_decode.plan(spec, p)
+
+
+def test_generation_checks_its_sampling_arguments():
+    spec, p = model(0, layers=1)
+    x_in = ids(1, 1, TEXT_LEN, TEXT_TOKENS)
+    with pytest.raises(ValueError, match="top_k must be >= 1"):
+        generate(spec, p, x_in, key=pr.key(0), top_k=0)
+    with pytest.raises(ValueError, match=r"top_p must be in \(0, 1\]"):
+        generate(spec, p, x_in, key=pr.key(0), top_p=1.5)
+
+
+@pytest.mark.slow  # torch.compile of the decoding step: ~10 s of CPU
+def test_compiled_step_gives_the_eager_tokens():
+    spec, p = model(8, layers=1)
+    x_in = ids(9, 2, TEXT_LEN, TEXT_TOKENS)
+    eager = generate(spec, p, x_in, key=pr.key(1), top_p=0.9)
+    assert torch.equal(generate(spec, p, x_in, key=pr.key(1), top_p=0.9, compile=True), eager)
+    assert torch.equal(generate(spec, p, x_in, key=pr.key(2), compile=True),
+                       generate(spec, p, x_in, key=pr.key(2)))
