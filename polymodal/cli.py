@@ -287,7 +287,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     overrides = {}
     if args.eval_size is not None:
         overrides["eval_size"] = args.eval_size
-    if cfg.get("data", "synthetic") != "synthetic":
+    from .registry import family as _family
+
+    if cfg.get("data", "synthetic") != "synthetic" and not getattr(_family(cfg["family"]).load_task(),
+                                                                 "evaluates_data_files", False):
         raise CLIError("eval: only runs on the built-in synthetic data have an eval split")
     try:
         small = {"train_size": int(cfg.get("batch_size", 1))} if cfg["family"] == "clip" else {}  # eval only

@@ -14,8 +14,8 @@ the red object?"). Everything is a pure function of ``(seed, split, index)``.
 
     {"image": "images/0001.jpg",                      # relative to the JSONL file (or absolute)
      "caption": "a man in a red shirt holds a dog",
-     "phrases": [{"start": 0, "end": 18, "boxes": [[12, 30, 140, 260]]},    # caption[start:end]
-                 {"start": 30, "end": 35, "boxes": [[150, 120, 230, 250]]}]}
+     "phrases": [{"start": 0, "end": 20, "boxes": [[12, 30, 140, 260]]},    # caption[start:end]
+                 {"start": 27, "end": 32, "boxes": [[150, 120, 230, 250]]}]}
 
 Boxes are pixel ``[x1, y1, x2, y2]`` with ``0 <= x1 < x2 <= width`` and ``0 <= y1 < y2 <= height``;
 spans must lie inside the caption. A phrase with no box is allowed (it is grounded to nothing and left

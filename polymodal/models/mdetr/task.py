@@ -56,15 +56,20 @@ class Collate:
     "phrase_maps" (B, P, C), "image_sizes" (B, 2), "gt": [(N_i, 4) pixel xyxy], "box_phrase": [(N_i,)]}``
     (+ ``"vqa"``: ``{head: labels}`` and ``"answer_type"`` when ``vqa``)."""
 
-    def __init__(self, tokenizer: Any, num_slots: int, vqa: bool = False) -> None:
-        self.tok, self.c, self.vqa = tokenizer, num_slots, vqa
+    def __init__(self, tokenizer: Any, num_slots: int, vqa: bool = False, max_tokens: int | None = None) -> None:
+        self.tok, self.c, self.vqa, self.max_tokens = tokenizer, num_slots, vqa, max_tokens
 
     def _encode(self, texts: list[str]) -> tuple[list[Tensor], list]:
         if isinstance(self.tok, WordTokenizer):
             enc = [self.tok.encode(t) for t in texts]
             return [torch.tensor(i) for i, _ in enc], [o for _, o in enc]
-        out = self.tok.tokenizer.encode_batch(texts)  # a RobertaTokenizer: offsets from the Rust tokenizer
-        return [torch.tensor(e.ids) for e in out], [e.offsets for e in out]
+        out = self.tok.tokenizer.encode_batch(texts)  # a RoBERTa tokenizer: offsets from the Rust tokenizer
+        ids, offsets = [e.ids for e in out], [e.offsets for e in out]
+        m = self.max_tokens
+        if m is not None:  # longer captions: cut to the text encoder's positions, keeping the closing </s>
+            ids = [i if len(i) <= m else i[: m - 1] + i[-1:] for i in ids]
+            offsets = [o if len(o) <= m else o[: m - 1] + o[-1:] for o in offsets]
+        return [torch.tensor(i) for i in ids], offsets
 
     def __call__(self, items: list[dict]) -> dict:
         images, mask = pad_images([it["image"] for it in items])
@@ -136,12 +141,35 @@ def mdetr_loss(model: Any, params: Params, batch: dict, key: Tensor | None, weig
     return loss, {k: float(v.detach()) if isinstance(v, Tensor) else float(v) for k, v in parts.items()}
 
 
+def _roberta_tokenizer(path: str) -> Any:
+    """``--tokenizer``: a folder with RoBERTa's ``vocab.json`` + ``merges.txt`` (or a ``tokenizer.json``), or a
+    ``tokenizer.json`` file; its ``<pad>`` must be id 1, the padding id of MDETR's RoBERTa encoder."""
+    from ...data.bert_tokenizer import RobertaTokenizer, _FromJSON
+
+    p = Path(path)
+    if p.is_file() and p.name.endswith(".json"):
+        tok = _FromJSON(p, pad_token="<pad>")
+    elif (p / "vocab.json").is_file() and (p / "merges.txt").is_file():
+        tok = RobertaTokenizer.from_directory(p)
+    elif (p / "tokenizer.json").is_file():
+        tok = _FromJSON(p / "tokenizer.json", pad_token="<pad>")
+    else:
+        raise ValueError(f"mdetr: --tokenizer {path!r}: expected a folder with vocab.json + merges.txt (RoBERTa's "
+                         "byte-level BPE) or a tokenizer.json, found neither")
+    pad = tok.tokenizer.token_to_id("<pad>")
+    if pad != 1:
+        raise ValueError(f"mdetr: --tokenizer {path!r}: expected '<pad>' at id 1 (RoBERTa's layout: <s> 0, <pad> 1, "
+                         f"</s> 2), got {pad}")
+    return tok
+
+
 @dataclass
 class MDETROptions:
     """The task's options (the loop's are :class:`polymodal.train.LoopConfig`)."""
 
     data: str = option("synthetic", "'synthetic' or a grounding JSONL file (docs/models/mdetr.md)")
-    tokenizer: str | None = option(None, "a RoBERTa tokenizer folder (vocab.json + merges.txt) for --data JSONL")
+    tokenizer: str | None = option(None, "a RoBERTa tokenizer for --data JSONL: a folder with vocab.json + merges.txt "
+                                         "(or tokenizer.json), or a tokenizer.json")
     train_size: int = option(4000, "synthetic training scenes", positive=True)
     eval_size: int = option(256, "synthetic evaluation scenes", positive=True)
     tmm_last_layer_loss: bool = option(False, "charge only the last decoder layer (TorchMultimodal's examples) "
@@ -154,6 +182,7 @@ class MDETRTask:
     """Phrase grounding / VQA with a tiny MDETR (see the module docstring)."""
 
     Options = MDETROptions
+    evaluates_data_files = True  # --data JSONL holds out its first tenth: `polymodal eval --run` evaluates it
     loop_defaults = {"steps": 2500, "batch_size": 32, "lr": 1e-3, "eval_every": 0, "save_every": 0, "out": "runs/mdetr"}
 
     def __init__(self, preset: str, options: MDETROptions, loop: Any) -> None:
@@ -171,15 +200,15 @@ class MDETRTask:
                 raise ValueError("mdetr: --data JSONL holds grounding data; the VQA preset trains on synthetic data only")
             if options.tokenizer is None:
                 raise ValueError(f"mdetr: --data {options.data!r} needs --tokenizer DIR (a RoBERTa vocab.json + merges.txt)")
-            from ...data.bert_tokenizer import RobertaTokenizer
-
-            self.tokenizer = RobertaTokenizer.from_directory(options.tokenizer)
+            self.tokenizer = _roberta_tokenizer(options.tokenizer)
             full = GroundingJSONL(options.data)
             cut = max(1, len(full) // 10)
             self.train_set = torch.utils.data.Subset(full, range(cut, len(full)))
             self.eval_set = torch.utils.data.Subset(full, range(cut))
         self.model = BUILDERS[builder](vocab_size=self.tokenizer.vocab_size)
-        self.collate = Collate(self.tokenizer, self.model.model.num_classes + 1, self.vqa)
+        emb = self.model.model.text_encoder.embeddings  # RoBERTa's positions start after the padding id
+        max_tokens = emb.max_position_embeddings - (emb.pad_token_id + 1 if emb.position_offset else 0)
+        self.collate = Collate(self.tokenizer, self.model.model.num_classes + 1, self.vqa, max_tokens)
         self.steps = loop.steps
         self.name = f"mdetr-{preset}"
         self.title = f"MDETR {preset} ({'VQA' if self.vqa else 'phrase grounding'})"
@@ -216,7 +245,7 @@ class MDETRTask:
                 out = self.model(params, dev["images"], dev["input_ids"], dev["image_mask"], dev["text_padding_mask"])
                 vqa_right += float(vqa_accuracy({k: v.cpu() for k, v in out.vqa_preds.items()}, b["vqa"])) * len(items)
                 n_q += len(items)
-                cap = Collate(self.tokenizer, self.collate.c, False)(items)
+                cap = Collate(self.tokenizer, self.collate.c, False, self.collate.max_tokens)(items)
                 dev = {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in cap.items()}
                 b = cap
             out = self.model(params, dev["images"], dev["input_ids"], dev["image_mask"], dev["text_padding_mask"])
@@ -252,7 +281,7 @@ class MDETRTask:
         from torchvision.utils import draw_bounding_boxes, make_grid, save_image
 
         items = [self.eval_set[j] for j in range(min(4, len(self.eval_set)))]
-        b = Collate(self.tokenizer, self.collate.c, False)(items)
+        b = Collate(self.tokenizer, self.collate.c, False, self.collate.max_tokens)(items)
         out = self.model(params, b["images"].to(device), b["input_ids"].to(device), b["image_mask"].to(device),
                          b["text_padding_mask"].to(device))
         boxes, _ = rank_phrase_boxes(out.model_output.pred_logits.cpu(), out.model_output.pred_boxes.cpu(),
