@@ -8,6 +8,10 @@ here they are a pytree passed in and returned (DESIGN.md, convention 4)::
              "idx_queue": (1, Q) int64,                       # sample ids (-100: empty slot)
              "queue_ptr": (1,) int64}                         # next slot to write
 
+Under sharded training (the loop's ``--shard``) the copies are DTensors placed like the params
+(:func:`shard_momentum`, :func:`momentum_like`; :func:`momentum_update` takes a DTensor param's placement);
+the queues stay replicated: every rank enqueues all ranks' features (:func:`gather_features`).
+
 >>> import torch
 >>> p, m = {"w": torch.ones(2)}, {"w": torch.zeros(2)}
 >>> momentum_update(m, p, 0.9)["w"].tolist()
