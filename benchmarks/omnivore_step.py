@@ -5,8 +5,9 @@ image batch and a video batch, eager and ``torch.compile``d (CPU; one process).
 
 ``swin_t`` is ``omnivore_swin_t`` (28.9 M params) at a CPU-sized input (``--size``, default 112 px,
 4-frame videos); ``tiny`` is ``omnivore_tiny`` on 32 px, 4-frame inputs. A train step is forward,
-cross-entropy, backward and an SGD update of every parameter. Times are medians of ``--iters``
-runs (ten times as many for ``tiny``) after ``--warmup`` runs (and the compilation); ratio = TorchMultimodal time / polymodal time.
+cross-entropy, backward and an SGD update of every parameter. Times are CPU time of this process (the
+machine may be shared), best and median of ``--iters`` interleaved rounds (ten times as many for ``tiny``)
+after ``--warmup`` runs (and the compilation); ratio = TorchMultimodal time / polymodal time.
 """
 
 from __future__ import annotations
@@ -52,15 +53,19 @@ def inputs(config: str, kind: str, batch: int, size: int):
     return torch.randn(shape, generator=g), torch.randint(0, classes, (batch,), generator=g)
 
 
-def timed(fn, warmup: int, iters: int) -> float:
+def timed_pair(ours, theirs, warmup: int, iters: int) -> tuple[float, float, float, float]:
+    """Best and median CPU seconds of ``ours`` and ``theirs``: ``warmup`` untimed calls each, then ``iters``
+    rounds timing each once in turn (interleaved, so drifting load on a shared machine hits both alike)."""
     for _ in range(warmup):
-        fn()
-    times = []
+        ours()
+        theirs()
+    a, b = [], []
     for _ in range(iters):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+        for fn, out in ((ours, a), (theirs, b)):
+            t = time.process_time()
+            fn()
+            out.append(time.process_time() - t)
+    return min(a), statistics.median(a), min(b), statistics.median(b)
 
 
 def make_steps(config: str, kind: str, compiled: bool):
@@ -108,8 +113,9 @@ def main() -> None:
     args = ap.parse_args()
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
           f"{torch.get_num_threads()} thread(s), load average {os.getloadavg()[0]:.1f}", flush=True)
-    print("| config | input | mode | what | polymodal ms | TorchMultimodal ms | ratio |")
-    print("|---|---|---|---|---:|---:|---:|")
+    print("| config | input | mode | what | polymodal best ms | median | TorchMultimodal best ms | median "
+          "| ratio (best) | ratio (median) |")
+    print("|---|---|---|---|---:|---:|---:|---:|---:|---:|")
     for config in args.configs:
         for kind in ("image", "video"):
             x, y = inputs(config, kind, args.batch, args.size)
@@ -119,10 +125,9 @@ def main() -> None:
                 for what, (ours, theirs) in steps.items():
                     torch.testing.assert_close(ours(x, y), theirs(x, y), rtol=1e-3, atol=1e-3) if what == "forward" else None
                     iters = args.iters * (10 if config == "tiny" else 1)  # milliseconds: more runs against noise
-                    a = timed(lambda: ours(x, y), args.warmup, iters)
-                    b = timed(lambda: theirs(x, y), args.warmup, iters)
-                    print(f"| {config} | {kind} {tuple(x.shape)} | {mode} | {what} | {a * 1e3:.1f} | {b * 1e3:.1f} | "
-                          f"{b / a:.2f}x |", flush=True)
+                    a, am, b, bm = timed_pair(lambda: ours(x, y), lambda: theirs(x, y), args.warmup, iters)
+                    print(f"| {config} | {kind} {tuple(x.shape)} | {mode} | {what} | {a * 1e3:.1f} | {am * 1e3:.1f} | "
+                          f"{b * 1e3:.1f} | {bm * 1e3:.1f} | {b / a:.2f}x | {bm / am:.2f}x |", flush=True)
 
 
 if __name__ == "__main__":
