@@ -96,6 +96,24 @@ def test_same_pad_conv_transpose3d_matches_tmm(cin, cout, k, s, size, bias, seed
     assert y.shape[2:] == tuple(d * s for d in size)
 
 
+@pytest.mark.parametrize("b,c,k,s,size", [(1, 24, 3, 1, (2, 6, 6)), (1, 8, 3, (1, 2, 2), (3, 5, 6)), (1, 6, (3, 1, 3), 2, (4, 4, 5)),
+                                         (2, 4, 3, 1, (3, 4, 4)), (2, 4, (2, 3, 3), 1, (3, 4, 4)), (1, 4, 1, 1, (2, 3, 3))])
+def test_same_pad_conv3d_fast_paths_equal_pad_then_conv(b, c, k, s, size):
+    # batch 1, small inputs: conv3d as one conv2d over the output depths (torch's native slow_conv3d
+    # would run); oneDNN inputs with symmetric padding: the conv pads. Reference: F.pad + F.conv3d.
+    spec = SamePadConv3d(c, 5, k, s)
+    p = spec.init(key=pr.key(0))
+    x = x_of(1, b, c, *size).requires_grad_()
+    pad = same_padding(spec.kernel_size, spec.stride, size)
+    nnf = torch.nn.functional
+    want = nnf.conv3d(nnf.pad(x, pad), p["conv"]["weight"], p["conv"]["bias"], spec.stride)
+    got = spec(p, x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(want)
+    torch.testing.assert_close(torch.autograd.grad(got, x, g)[0], torch.autograd.grad(want, x, g)[0],
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_same_pad_follows_each_input_shape():
     # TorchMultimodal caches the first input's padding; ours is recomputed per shape.
     spec = SamePadConv3d(1, 1, 3, 2)

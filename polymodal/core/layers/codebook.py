@@ -54,6 +54,17 @@ def _random_vectors(x: Tensor, n: int, key: Tensor) -> Tensor:
     return x[pr.permutation(k_perm, x.shape[0])[:n]]
 
 
+def _known_true(flag: Tensor) -> bool:
+    """``flag`` is a plain eager CPU tensor holding True: the lazy init is skipped outright. Under
+    ``torch.compile``, ``vmap`` / ``grad`` transforms or on an accelerator (no host sync) the
+    branch-free ``torch.where`` runs instead."""
+    if torch.compiler.is_compiling() or flag.device.type != "cpu" or type(flag) is not torch.Tensor:
+        return False
+    if torch._C._functorch.is_functorch_wrapped_tensor(flag):
+        return False
+    return bool(flag)
+
+
 @dataclass(frozen=True)
 class Codebook(Spec):
     """Nearest-neighbour quantisation ``z (B, D, *spatial) -> CodebookOutput`` with EMA codes.
@@ -154,12 +165,13 @@ class Codebook(Spec):
         embedding = state["embedding"].detach()
         if training:
             k_init, k_restart = pr.split(key)
-            init_vectors = _random_vectors(enc, self.num_embeddings, k_init).to(embedding.dtype)
             done = state["initialized"]
-            embedding = torch.where(done, embedding, init_vectors)
-            code_avg = torch.where(done, state["code_avg"].detach(), init_vectors)
-            usage = state["code_usage"].detach()
-            usage = torch.where(done, usage, torch.ones_like(usage))
+            code_avg, usage = state["code_avg"].detach(), state["code_usage"].detach()
+            if not _known_true(done):  # the lazy init's draw only where it may apply (equal results)
+                init_vectors = _random_vectors(enc, self.num_embeddings, k_init).to(embedding.dtype)
+                embedding = torch.where(done, embedding, init_vectors)
+                code_avg = torch.where(done, code_avg, init_vectors)
+                usage = torch.where(done, usage, torch.ones_like(usage))
 
         indices = torch.argmin(torch.cdist(enc.to(embedding.dtype), embedding, p=2.0) ** 2, dim=1)
         codes = F.embedding(indices, embedding).to(z.dtype)

@@ -11,6 +11,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -271,8 +272,50 @@ class SamePadConv3d(_SamePad3d):
 
     def __call__(self, params: Params, x: Tensor) -> Tensor:
         _check_input(self, x, self.in_channels, 3)
-        x = F.pad(x, same_padding(self.kernel_size, self.stride, x.shape[-3:]))
-        return self.conv()(params["conv"], x)
+        pad = same_padding(self.kernel_size, self.stride, x.shape[-3:])
+        conv = self.conv()
+        if (x.dim() == 5 and x.device.type == "cpu" and x.dtype == torch.float32 and self.groups == 1
+                and not torch.compiler.is_compiling()):  # eager CPU: pick the faster formulation
+            w, b = take_params(params["conv"], conv, weight=True, bias=self.bias)
+            check_param_dtype(x, "x", w, conv)
+            if _cpu_uses_mkldnn(x.shape, w.shape, self.stride):
+                if pad[::2] == pad[1::2]:  # symmetric: the conv pads (no padded copy, no pad backward)
+                    return F.conv3d(x, w, b, self.stride, pad[::2][::-1])
+            elif math.prod(self.kernel_size) > 1 and not _cpu_uses_mkldnn(_padded(x.shape, pad), w.shape, self.stride):
+                return _conv3d_as_conv2d(F.pad(x, pad), w, b, self.stride)
+        return conv(params["conv"], F.pad(x, pad))
+
+
+def _padded(shape: Sequence[int], pad: Sequence[int]) -> tuple[int, ...]:
+    n = len(pad) // 2
+    return tuple(shape[:-n]) + tuple(d + pad[2 * (n - 1 - i)] + pad[2 * (n - 1 - i) + 1] for i, d in enumerate(shape[-n:]))
+
+
+def _cpu_uses_mkldnn(x_shape: Sequence[int], w_shape: Sequence[int], stride: Sequence[int]) -> bool:
+    """Whether torch's CPU ``conv3d`` of a float32 ``x`` (ungrouped, undilated, unpadded) runs oneDNN
+    rather than its native ``slow_conv3d`` (``ConvParams::use_mkldnn`` in ATen's Convolution.cpp)."""
+    if not torch.backends.mkldnn.is_available() or not torch.backends.mkldnn.enabled:
+        return False
+    n, c, d = x_shape[0], x_shape[1], x_shape[2]
+    kh, kw = w_shape[-2], w_shape[-1]
+    first = any(s != 1 for s in stride) or n >= 16 or kw != 1 or kh != 1 or torch.get_num_threads() > 1
+    return first and ((kw > 3 and kh > 3) or n > 1 or n * c * d * x_shape[3] > 20480)
+
+
+def _conv3d_as_conv2d(x: Tensor, w: Tensor, b: Tensor | None, stride: Sequence[int]) -> Tensor:
+    """An unpadded ``conv3d(x (B, C, D, H, W), w (O, C, kd, kh, kw))`` as one ``conv2d`` over the
+    output depths: the ``kd`` input slices each output depth reads are stacked into the channels
+    (``(B * D_out, C * kd, H, W)``, weight ``(O, C * kd, kh, kw)``). The same sums in another order;
+    used where torch would run its native ``slow_conv3d`` (batch 1, small inputs), which is slower
+    than oneDNN's ``conv2d`` on the batch of depths."""
+    bsz, c, d, h, wd = x.shape
+    o, _, kd, kh, kw = w.shape
+    sd = stride[0]
+    dout = (d - kd) // sd + 1
+    cols = torch.stack([x[:, :, i:i + sd * (dout - 1) + 1:sd] for i in range(kd)], 2)  # (B, C, kd, D_out, H, W)
+    cols = cols.permute(0, 3, 1, 2, 4, 5).reshape(bsz * dout, c * kd, h, wd)
+    y = F.conv2d(cols, w.reshape(o, c * kd, kh, kw), b, tuple(stride[1:]))
+    return y.reshape(bsz, dout, o, *y.shape[-2:]).transpose(1, 2)
 
 
 @dataclass(frozen=True)
@@ -300,4 +343,7 @@ class SamePadConvTranspose3d(_SamePad3d):
         pad = same_padding(self.kernel_size, self.stride, spatial)
         tpad, opad = same_transpose_padding(self.kernel_size, self.stride, spatial, pad)
         p = params["convt"]
+        inner = tuple(t - q * s for t, q, s in zip(tpad, pad[::2][::-1], self.stride))
+        if pad[::2] == pad[1::2] and min(inner) >= 0:  # symmetric: crop less instead of padding the input
+            return F.conv_transpose3d(x, p["weight"], p.get("bias"), self.stride, inner, opad, self.groups)
         return F.conv_transpose3d(F.pad(x, pad), p["weight"], p.get("bias"), self.stride, tpad, opad, self.groups)

@@ -40,9 +40,10 @@ def reference_pair(seed=0):
     return ref, spec, params, state, sd
 
 
-def test_encode_decode_codes_match_torchmultimodal():
+@pytest.mark.parametrize("b", [2, 1])  # batch 1: the same-padded convs run as conv2d over depths (core/layers/conv.py)
+def test_encode_decode_codes_match_torchmultimodal(b):
     ref, spec, params, state, sd = reference_pair()
-    x = pr.uniform(pr.key(3), (2, 3, 4, 8, 8))
+    x = pr.uniform(pr.key(3), (b, 3, 4, 8, 8))
     with torch.no_grad():
         ref_out = ref(x)
         ref_codes = ref.encode(x)
@@ -54,7 +55,7 @@ def test_encode_decode_codes_match_torchmultimodal():
     assert torch.equal(out.codebook_output.codebook_indices, ref_out.codebook_output.codebook_indices)
     torch.testing.assert_close(out.decoded, ref_out.decoded, rtol=1e-5, atol=1e-5)
     codes = spec.encode(params, x, state)
-    assert torch.equal(codes, ref_codes) and codes.shape == (2, 2, 2, 2)
+    assert torch.equal(codes, ref_codes) and codes.shape == (b, 2, 2, 2)
     torch.testing.assert_close(spec.decode(params, codes, state), ref_dec, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(spec.lookup(state, codes), ref.lookup(codes), rtol=0, atol=0)
 
