@@ -4,14 +4,18 @@ polymodal against TorchMultimodal from the same weights, eager, interleaved roun
 Reproduce (writes ``benchmarks/results/mdetr_step.md``)::
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/mdetr_step.py            # small + full configuration
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/mdetr_step.py --only small --rounds 3
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/mdetr_step.py --only small --small-rounds 10
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/mdetr_step.py --only full --profile   # ops by self CPU time
 
 Both sides run the same step on the same batch: the phrase-grounding model's forward on padded images
 and captions, ``class_embed`` / ``bbox_embed`` on every decoder layer, Hungarian matching per layer
 (``scipy.optimize.linear_sum_assignment``; TorchMultimodal's is ``examples/mdetr/matcher.py``, copied
 below as it is not installed), soft-token + L1 + GIoU on every layer (the installed
-``torchmultimodal.modules.losses.mdetr``), contrastive alignment on the last (``examples/mdetr/loss.py``,
-copied), MDETR's weights, then ``backward``. TorchMultimodal's examples do not ``torch.compile``, so
+``torchmultimodal.modules.losses.mdetr``) and contrastive alignment on every layer's projected queries
+(``examples/mdetr/loss.py``, copied; every layer as the original MDETR's auxiliary losses and polymodal's
+default), MDETR's weights, then ``backward``. Both sides keep their parameters as persistent leaf tensors
+whose gradients are dropped at the start of the next step (TorchMultimodal: ``zero_grad(set_to_none=True)``;
+polymodal: as ``polymodal.train.loop``). TorchMultimodal's examples do not ``torch.compile``, so
 only eager is compared. Dropout is 0 on both sides so the losses agree (checked each round).
 
 * ``small``: TorchMultimodal's classes at a CPU size (torchvision ResNet with one basic block per stage,
@@ -20,7 +24,7 @@ only eager is compared. Dropout is 0 on both sides so the losses agree (checked 
   100 queries), batch 2, 256 x 256 images, 12-token captions.
 
 Timing: CPU time of this process (``time.process_time``; the machine is shared) after one warm-up step,
-``--rounds`` rounds timing each side once in turn. The matcher's share is the CPU time inside
+``--small-rounds`` / ``--rounds`` rounds timing each side once in turn. The matcher's share is the CPU time inside
 ``hungarian_match`` over the polymodal step's.
 """
 
@@ -101,6 +105,9 @@ def build(config: str):
     if config == "small":
         body = torchvision.models.resnet.ResNet(torchvision.models.resnet.BasicBlock, [1, 1, 1, 1],
                                                 norm_layer=FrozenBatchNorm2d)
+        for name, p in body.named_parameters():  # the stem and layer1 frozen, as mdetr_resnet101_backbone (and ours)
+            if not name.startswith(("layer2", "layer3", "layer4")):
+                p.requires_grad_(False)
         text = mdetr_roberta_text_encoder(embedding_dim=32, vocab_size=64, max_position_embeddings=40, ffn_dimension=64,
                                           num_attention_heads=2, num_encoder_layers=1, embedding_dropout_prob=0.0,
                                           encoder_dropout_prob=0.0)
@@ -160,39 +167,45 @@ def step_tmm(ref, data):
     out = ref(images, texts)
     hs = out.model_output.transformer_output.decoder_hidden_states
     logits, bx = ref.model.class_embed(hs), ref.model.bbox_embed(hs).sigmoid()
+    # every layer's projected queries, as the original MDETR (TorchMultimodal's model projects the last only)
+    queries = nn.functional.normalize(ref.contrastive_alignment_image_projection(hs), p=2, dim=-1)
+    tokens = out.contrastive_embeddings.token_embeddings
     from torchmultimodal.modules.losses.mdetr import box_losses as tb, soft_token_prediction_loss as ts
-    num, loss, idx = float(sum(n)), 0.0, None
+    num, loss = float(sum(n)), 0.0
     for layer in range(hs.shape[0]):
         idx = tmm_match(logits[layer], bx[layer], boxes, pm)
         bl = tb(bx[layer], boxes, idx, num)
         loss = loss + W["soft_token"] * ts(logits[layer], n, pm, idx, num) + W["l1"] * bl.l1_loss + W["giou"] * bl.giou_loss
-    ce = out.contrastive_embeddings
-    loss = loss + W["contrastive"] * tmm_contrastive(ce.query_embeddings, ce.token_embeddings, token_maps, idx, num)
+        loss = loss + W["contrastive"] * tmm_contrastive(queries[layer], tokens, token_maps, idx, num)
     loss.backward()
     return float(loss.detach())
 
 
-def step_ours(spec, params, data, timer):
+def step_ours(spec, leaves, data, timer):
+    """``leaves``: the params as persistent leaf tensors, their ``.grad`` reset at the start of the step, as
+    ``polymodal.train.loop`` (and as the reference's module keeps ``.grad`` until ``zero_grad``)."""
     images, texts, boxes, token_maps, pm, n = data
-    leaves = {k: v.detach().requires_grad_() for k, v in flatten(params).items()}
+    for v in leaves.values():
+        v.grad = None
     x, mask = pad_images(images)
     ids, pad = pad_text(texts)
     out = spec(unflatten(leaves), x, ids, mask, pad)
-    mo, num, loss, idx = out.model_output, float(sum(n)), 0.0, None
+    mo, num, loss = out.model_output, float(sum(n)), 0.0
     for layer in range(mo.aux_logits.shape[0]):
         t0 = time.process_time()
         idx = hungarian_match(mo.aux_logits[layer].detach(), mo.aux_boxes[layer].detach(), boxes, pm)
         timer[0] += time.process_time() - t0
         l1, giou = box_losses(mo.aux_boxes[layer], boxes, idx, num)
         loss = loss + W["soft_token"] * soft_token_loss(mo.aux_logits[layer], pm, n, idx, num) + W["l1"] * l1 + W["giou"] * giou
-    loss = loss + W["contrastive"] * contrastive_alignment_loss(out.query_embeddings, out.token_embeddings, token_maps,
-                                                                idx, num)
+        loss = loss + W["contrastive"] * contrastive_alignment_loss(out.aux_query_embeddings[layer],
+                                                                    out.token_embeddings, token_maps, idx, num)
     loss.backward()
     return float(loss.detach())
 
 
 def run(config: str, rounds: int) -> dict:
     ref, spec, params, data = build(config)
+    params = {k: v.detach().requires_grad_() for k, v in flatten(params).items()}  # as the training loop's leaves
     timer = [0.0]
     a, b = step_tmm(ref, data), step_ours(spec, params, data, timer)  # warm-up, and the losses agree
     assert abs(a - b) <= 1e-4 * max(1.0, abs(a)), (a, b)
@@ -209,13 +222,36 @@ def run(config: str, rounds: int) -> dict:
     return {"config": config, "tmm": tt, "ours": to, "share": share, "loss": (a, b)}
 
 
+def profile(config: str, rows: int = 25) -> None:
+    """``torch.profiler`` of one warm step of each side: the ops by self CPU time."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as prof
+
+    ref, spec, params, data = build(config)
+    params = {k: v.detach().requires_grad_() for k, v in flatten(params).items()}
+    timer = [0.0]
+    for name, fn in (("TorchMultimodal", lambda: step_tmm(ref, data)),
+                     ("polymodal", lambda: step_ours(spec, params, data, timer))):
+        fn()
+        with prof(activities=[ProfilerActivity.CPU]) as p:
+            fn()
+        print(f"===== {config}: {name}")
+        print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", choices=["small", "full"])
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=4, help="timed rounds of the full configuration")
+    ap.add_argument("--small-rounds", type=int, default=30, help="timed rounds of the small configuration")
+    ap.add_argument("--profile", action="store_true", help="print each side's ops by self CPU time (one step each)")
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    rows = [run(c, args.rounds if c == "small" else max(2, args.rounds // 2))
+    if args.profile:
+        for c in ["small", "full"] if args.only is None else [args.only]:
+            profile(c)
+        return
+    rows = [run(c, args.small_rounds if c == "small" else args.rounds)
             for c in (["small", "full"] if args.only is None else [args.only])]
     load = os.getloadavg()
     lines = ["# MDETR training step: polymodal vs TorchMultimodal (eager, same weights)", "",

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import random as pr
+from ..layers.batchnorm import outside_func_transforms
 from ..layers.conv import Conv2d
 from ..layers.seam import run_layers
 from ..pytree import Params
@@ -60,12 +61,18 @@ class FrozenBatchNorm2d(Spec):
         return {"weight": torch.ones(c), "bias": torch.zeros(c), "running_mean": torch.zeros(c),
                 "running_var": torch.ones(c)}
 
-    def __call__(self, params: Params, x: Tensor) -> Tensor:
+    def __call__(self, params: Params, x: Tensor, *, fresh: bool = False) -> Tensor:
+        """``fresh=True``: ``x`` is a tensor nobody else holds whose value no backward needs (a convolution's
+        output); it is then overwritten (``x.mul_(scale).add_(shift)``: no new activation, the same autograd
+        graph and numbers) where that is plain tensor arithmetic (no vmap / grad transform, same dtype)."""
         w, b, rm, rv = (t.detach() for t in take_params(params, self, weight=True, bias=True, running_mean=True,
                                                            running_var=True))
         scale = w * (rv + self.eps).rsqrt()
         shift = b - rm * scale
-        return x * scale.reshape(1, -1, 1, 1) + shift.reshape(1, -1, 1, 1)
+        scale, shift = scale.reshape(1, -1, 1, 1), shift.reshape(1, -1, 1, 1)
+        if fresh and scale.dtype == x.dtype and outside_func_transforms():
+            return x.mul_(scale).add_(shift)
+        return x * scale + shift
 
 
 def _conv(cin: int, cout: int, k: int, stride: int = 1) -> Conv2d:
@@ -131,13 +138,13 @@ class ResNetBlock(Spec):
         out = x
         for j, n in enumerate(convs):
             bn = f"bn{n[-1]}"
-            out = layers[bn](params[bn], layers[n](params[n], out))
+            out = layers[bn](params[bn], layers[n](params[n], out), fresh=True)
             if j < len(convs) - 1:
                 out = F.relu_(out)  # in place on the fresh normalised output (no backward reads it)
         identity = x
         if self.has_downsample:
             conv, bn = self._shortcut()
-            identity = bn(params["downsample"][1], conv(params["downsample"][0], x))
+            identity = bn(params["downsample"][1], conv(params["downsample"][0], x), fresh=True)
         return F.relu_(out.add_(identity))  # as torchvision: fewer large allocations, same autograd
 
 
@@ -198,7 +205,7 @@ class ResNet(Spec):
         conv, bn = self.stem()
         stem = _detach_tree({"conv1": params["conv1"]}) if frozen_upto >= 1 else params
         check_param_dtype(images, "images", params["conv1"]["weight"], self)
-        x = F.relu_(bn(params["bn1"], conv(stem["conv1"], images)))
+        x = F.relu_(bn(params["bn1"], conv(stem["conv1"], images), fresh=True))
         x = F.max_pool2d(x, kernel_size=3, stride=2, padding=1)
         for s in range(4):
             blocks = params[f"layer{s + 1}"]

@@ -40,6 +40,48 @@ def test_resnet_matches_torchvision_with_frozen_batch_norm():
     assert set(ref.state_dict()) - set(sd) == {"fc.weight", "fc.bias"}
 
 
+def test_resnet_gradients_match_torchvision_with_frozen_stem_and_layer1():
+    """Forward + backward against torchvision with frozen batch norm and TorchMultimodal's freezing (stem and
+    layer1): the in-place scale / shift on fresh convolution outputs leaves the gradients as the reference's."""
+    ref = torchvision.models.resnet.ResNet(torchvision.models.resnet.Bottleneck, [1, 2, 1, 1], norm_layer=TVFrozenBN)
+    torch.manual_seed(0)
+    for m in ref.modules():
+        if isinstance(m, TVFrozenBN):
+            m.weight.uniform_(0.5, 1.5), m.bias.normal_(0, 0.1), m.running_mean.normal_(0, 0.1)
+            m.running_var.uniform_(0.5, 2.0)
+    for name, q in ref.named_parameters():
+        q.requires_grad_(name.startswith(("layer2", "layer3", "layer4")))
+    spec = resnet(layers=(1, 2, 1, 1), trainable_layers=3)
+    from polymodal.core.pytree import flatten, unflatten
+    leaves = {k: v.requires_grad_() for k, v in flatten(from_torchvision(ref.state_dict(), spec)).items()}
+    x, g = torch.randn(2, 3, 64, 48), torch.randn(2, 2048, 2, 2)
+    body = torch.nn.Sequential(*list(ref.children())[:-2])
+    (body(x) * g).sum().backward()
+    (spec(unflatten(leaves), x) * g).sum().backward()
+    want = {k: p.grad for k, p in ref.named_parameters() if p.requires_grad}
+    assert {k for k, v in leaves.items() if v.grad is not None} == set(want)
+    for k, v in want.items():
+        torch.testing.assert_close(leaves[k].grad, v, rtol=1e-4, atol=1e-5)
+
+
+def test_frozen_batch_norm_in_place_only_on_fresh_plain_tensors():
+    from polymodal.core.encoders.resnet import FrozenBatchNorm2d
+    bn = FrozenBatchNorm2d(3)
+    p = {"weight": torch.tensor([1.0, 2.0, 3.0]), "bias": torch.tensor([0.5, 0.0, -1.0]),
+         "running_mean": torch.tensor([0.0, 1.0, 2.0]), "running_var": torch.tensor([1.0, 4.0, 0.25])}
+    x = torch.randn(2, 3, 4, 4)
+    scale = p["weight"] / (p["running_var"] + 1e-5).sqrt()
+    want = x * scale.view(1, 3, 1, 1) + (p["bias"] - p["running_mean"] * scale).view(1, 3, 1, 1)
+    y = bn(p, x.clone())  # default: x untouched
+    torch.testing.assert_close(y, want)
+    fresh = x.clone()
+    assert bn(p, fresh, fresh=True) is fresh and torch.allclose(fresh, want)  # overwritten, same values
+    xs = x.clone()
+    out = torch.vmap(lambda t: bn(p, t[None], fresh=True)[0])(xs)  # under vmap: out of place
+    torch.testing.assert_close(out, want)
+    assert torch.equal(xs, x)
+
+
 def test_resnet_frozen_parts_get_no_gradient():
     spec = resnet(layers=(1, 1, 1, 1), block="basic", width=8, trainable_layers=3)
     p = spec.init(key=pr.key(0))
