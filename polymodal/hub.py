@@ -38,7 +38,8 @@ from torch import Tensor
 
 from .torchscript import is_torchscript, read_torchscript_tensors
 
-__all__ = ["CACHE_ENV", "MIRROR_ENV", "cache_dir", "mirror_urls", "sha256_of", "download", "fetch", "read_state_dict"]
+__all__ = ["CACHE_ENV", "MIRROR_ENV", "cache_dir", "mirror_urls", "sha256_of", "hash_prefix", "download", "fetch",
+           "read_state_dict"]
 
 CACHE_ENV = "POLYMODAL_CACHE"
 MIRROR_ENV = "POLYMODAL_HUB_MIRROR"
@@ -69,6 +70,31 @@ def sha256_of(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+_NAME_HASH = re.compile(r"-([0-9a-f]{8,64})\.\w+$")
+_HEX = re.compile(r"[0-9a-f]{8,64}")
+
+
+def hash_prefix(filename: str) -> str | None:
+    """The leading sha256 hex digits a published file name carries (torch.hub's convention:
+    ``<name>-<at least 8 hex digits>.<ext>``), or None.
+
+    >>> hash_prefix("omnivore_swin_t_encoder-b7e39400.pth"), hash_prefix("flava.pt")
+    ('b7e39400', None)
+    """
+    m = _NAME_HASH.search(os.path.basename(str(filename)))
+    return m[1] if m else None
+
+
+def _expected(sha256: str | None) -> str | None:
+    """A full sha256 or a prefix of it (at least 8 hex digits), lower-cased; anything else is an error."""
+    if sha256 is None:
+        return None
+    want = sha256.lower()
+    if not _HEX.fullmatch(want):
+        raise ValueError(f"sha256: expected 8 to 64 hex digits (a digest or its prefix), got {sha256!r}")
+    return want
+
+
 def _fetch_one(url: str, dest: Path, sha256: str | None, progress: bool, timeout: float) -> None:
     """``url`` -> ``dest`` through a temporary file in ``dest``'s folder; removed on any failure."""
     from tqdm.auto import tqdm
@@ -87,8 +113,9 @@ def _fetch_one(url: str, dest: Path, sha256: str | None, progress: bool, timeout
                     bar.update(len(chunk))
         if total and got != total:  # http.client returns short reads silently when a connection drops
             raise OSError(f"incomplete download: got {got} of {total} bytes")
-        if sha256 is not None and (digest := sha256_of(tmp)) != sha256:
-            raise ValueError(f"sha256 mismatch for {url}: expected {sha256}, got {digest} (corrupt or wrong file)")
+        if sha256 is not None and not (digest := sha256_of(tmp)).startswith(sha256):
+            raise ValueError(f"sha256 mismatch for {url}: expected {sha256}{'' if len(sha256) == 64 else '...'}, got "
+                             f"{digest} (corrupt or wrong file)")
         os.replace(tmp, dest)
     finally:  # also on KeyboardInterrupt: never leave a partial file
         if os.path.exists(tmp):
@@ -102,7 +129,8 @@ def download(urls: str | Sequence[str], dest: str | os.PathLike, sha256: str | N
     Args:
         urls: one URL or several, tried in order; ``$POLYMODAL_HUB_MIRROR`` bases go first.
         dest: the final path; nothing exists there unless the download completed (and matched).
-        sha256: the expected hex digest; a source whose bytes differ is skipped.
+        sha256: the expected hex digest, or a prefix of it (at least 8 digits); a source whose bytes differ
+            is skipped.
         progress: show a tqdm bar. timeout: seconds per connection attempt.
         hint: appended to the offline error (e.g. ``"or pass path=..."``).
 
@@ -111,6 +139,7 @@ def download(urls: str | Sequence[str], dest: str | os.PathLike, sha256: str | N
         RuntimeError: no source could be reached; names the file, the URLs and ``dest``.
     """
     dest = Path(dest)
+    sha256 = _expected(sha256)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tried = mirror_urls(dest.name, urls)
     errors, bad = [], []
@@ -124,7 +153,7 @@ def download(urls: str | Sequence[str], dest: str | os.PathLike, sha256: str | N
             errors.append(f"{url}: {e}")
     if bad and not errors:
         raise ValueError("; ".join(bad))
-    sha = f" (sha256 {sha256})" if sha256 else ""
+    sha = "" if not sha256 else f" (sha256 {sha256})" if len(sha256) == 64 else f" (sha256 starting {sha256})"
     raise RuntimeError(
         f"could not download '{dest.name}'; tried {len(tried)} URL(s):\n  " + "\n  ".join(errors + bad)
         + f"\nWithout network access, download it elsewhere{sha} and put it at '{dest}'"
@@ -133,16 +162,27 @@ def download(urls: str | Sequence[str], dest: str | os.PathLike, sha256: str | N
 
 
 def fetch(filename: str, urls: str | Sequence[str], sha256: str | None = None, *,
-          cache: str | os.PathLike | None = None, progress: bool = True, hint: str = "") -> Path:
+          cache: str | os.PathLike | None = None, progress: bool = True, hint: str = "",
+          check_hash: bool = False) -> Path:
     """The cached ``cache/filename`` (default :func:`cache_dir`), downloaded first when missing.
 
-    A cached file with the wrong sha256 is an error (delete it to download again); a
-    ``filename`` may contain a sub-folder (``"clip/ViT-B-32.pt"``).
+    ``sha256`` is a full digest or its first 8+ hex digits. ``check_hash=True`` (torch.hub's
+    ``check_hash``) takes the prefix from the file name (:func:`hash_prefix`) when ``sha256`` is not
+    given; a name without one is then an error. A cached file with the wrong sha256 is an error
+    (delete it to download again), checked on every call; a ``filename`` may contain a sub-folder
+    (``"clip/ViT-B-32.pt"``).
     """
+    if check_hash and sha256 is None:
+        sha256 = hash_prefix(filename)
+        if sha256 is None:
+            raise ValueError(f"fetch: check_hash=True, but '{filename}' carries no sha256 prefix "
+                             "('<name>-<8+ hex digits>.<ext>'); pass sha256= instead")
+    sha256 = _expected(sha256)
     path = Path(cache if cache is not None else cache_dir()) / filename
     if path.is_file():
-        if sha256 is not None and (got := sha256_of(path)) != sha256:
-            raise ValueError(f"cached '{path}' has the wrong sha256 (expected {sha256}, got {got}); delete it to "
+        if sha256 is not None and not (got := sha256_of(path)).startswith(sha256):
+            raise ValueError(f"cached '{path}' has the wrong sha256 (expected {sha256}{'' if len(sha256) == 64 else '...'}, "
+                             f"got {got}); delete it to "
                              "download it again")
         return path
     return download(urls, path, sha256, progress=progress, hint=hint)

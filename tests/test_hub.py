@@ -92,6 +92,26 @@ def test_sha256_mismatch_is_an_error_and_leaves_no_file(server, env):
     assert list(env.iterdir()) == []
 
 
+def test_check_hash_takes_the_prefix_from_the_file_name(server, env):
+    # torch.hub's convention: '<name>-<first 8+ hex digits of the sha256>.<ext>'.
+    _, base = server
+    good, wrong = f"w-{SHA[:8]}.bin", f"w-{'0' * 8 if SHA[:8] != '0' * 8 else '1' * 8}.bin"
+    path = hub.fetch(good, [f"{base}/ok/w.bin"], progress=False, check_hash=True)
+    assert path.read_bytes() == BLOB
+    with pytest.raises(ValueError, match=f"sha256 mismatch for {base}/ok/w.bin: expected {wrong[2:10]}\\.\\.\\."):
+        hub.fetch(wrong, [f"{base}/ok/w.bin"], progress=False, check_hash=True)
+    assert sorted(os.listdir(env)) == [good]  # the refused download left nothing behind
+    (env / wrong).write_bytes(BLOB)  # a cached file is checked on every call too
+    with pytest.raises(ValueError, match="wrong sha256.*delete it"):
+        hub.fetch(wrong, [f"{base}/ok/w.bin"], check_hash=True)
+    with pytest.raises(ValueError, match="carries no sha256 prefix"):
+        hub.fetch("w.bin", [f"{base}/ok/w.bin"], check_hash=True)
+    with pytest.raises(ValueError, match="expected 8 to 64 hex digits"):
+        hub.fetch("w.bin", [f"{base}/ok/w.bin"], "abc")
+    assert hub.hash_prefix("x/omnivore_swin_t_encoder-b7e39400.pth") == "b7e39400"
+    assert hub.hash_prefix("flava_model.pt") is None
+
+
 def test_mirrors_are_tried_in_order(server, env, monkeypatch, tmp_path):
     srv, base = server
     del srv.paths[:]

@@ -69,11 +69,7 @@ def load_pretrained(name: str = "mugen_L32", path: str | os.PathLike | None = No
     if path is None:
         url = MUGEN_GPT_URLS[name]
         path = hub.fetch(os.path.basename(url), [url], sha256, cache=cache_dir or hub.cache_dir() / "mugen",
-                         progress=progress, hint="or pass path=... to load_pretrained")
-        prefix = url.rsplit("-", 1)[-1].split(".")[0]
-        if sha256 is None and not hub.sha256_of(path).startswith(prefix):
-            raise ValueError(f"load_pretrained: '{path}' does not match the sha256 prefix {prefix} in its URL; "
-                             "delete it to download it again")
+                         progress=progress, hint="or pass path=... to load_pretrained", check_hash=True)
     sd = hub.read_state_dict(path)
     spec = mugen_gpt(video_latent_shape=_LATENT[name])
     vqvae, vq_from_tmm = _mugen_vqvae()

@@ -57,15 +57,10 @@ def _fetch(name: str, cache_dir: str | os.PathLike | None, progress: bool) -> Pa
         raise ValueError(f"load_pretrained: no published weights for {name!r}; expected one of {sorted(URLS)}")
     url = URLS[name]
     try:
-        path = hub.fetch(os.path.basename(url), [url], None, cache=cache_dir if cache_dir is not None
+        return hub.fetch(os.path.basename(url), [url], SHA256_PREFIX.get(name), cache=cache_dir if cache_dir is not None
                          else default_cache_dir(), progress=progress, hint="or pass path=...")
     except (RuntimeError, ValueError) as e:
         raise type(e)(f"load_pretrained({name!r}): {e}") from e
-    prefix = SHA256_PREFIX.get(name)
-    if prefix is not None and not (got := hub.sha256_of(path)).startswith(prefix):
-        raise ValueError(f"load_pretrained({name!r}): '{path}' has sha256 {got}, expected one starting with "
-                         f"{prefix} (the file name's); delete it to download it again")
-    return path
 
 
 def load_pretrained(name: str = "videoclip_mugen", path: str | os.PathLike | None = None,

@@ -19,7 +19,6 @@ ValueError: load_pretrained: no published weights for 'omnivore_tiny'; expected 
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import NamedTuple
 
@@ -43,7 +42,6 @@ URLS: dict[str, str] = {
 }
 # builder -> (encoder file key, heads file key)
 PUBLISHED: dict[str, tuple[str, str]] = {f"omnivore_swin_{s}": (f"swin_{s}_encoder", f"swin_{s}_heads") for s in "tsb"}
-_PREFIX = re.compile(r"-([0-9a-f]{8,64})\.\w+$")
 
 
 class Pretrained(NamedTuple):
@@ -66,13 +64,9 @@ def fetch_published(key: str, cache_dir: str | os.PathLike | None = None, *, sha
         raise ValueError(f"fetch_published: unknown file {key!r}; expected one of {sorted(URLS)}")
     url = URLS[key]
     name = url.rsplit("/", 1)[-1]
-    path = hub.fetch(name, url, sha256, cache=cache_dir if cache_dir is not None else default_cache_dir(),
-                     progress=progress, hint="or pass encoder_path= and heads_path= to load_pretrained")
-    m = _PREFIX.search(name)
-    if m and not (got := hub.sha256_of(path)).startswith(m[1]):
-        raise ValueError(f"'{path}' has the wrong sha256: expected it to start with {m[1]} (from its name), got {got}; "
-                         "delete it to download it again")
-    return path
+    return hub.fetch(name, url, sha256, cache=cache_dir if cache_dir is not None else default_cache_dir(),
+                     progress=progress, hint="or pass encoder_path= and heads_path= to load_pretrained",
+                     check_hash=hub.hash_prefix(name) is not None)
 
 
 def load_pretrained(name: str = "omnivore_swin_t", *, encoder_path: str | os.PathLike | None = None,
