@@ -177,10 +177,17 @@ def flava_tiny(**kw) -> FLAVAModel:
     return flava_model(**(_TINY | kw))
 
 
-def flava_tiny_for_pretraining(**kw) -> FLAVAForPreTraining:
-    """:func:`flava_tiny` + a narrow dVAE (width 4, 128 codes, 64 px: an 8 x 8 grid, as the patches) + the losses."""
-    return flava_model_for_pretraining(**(dict(codebook_image_size=64, codebook_n_hid=4, image_vocab_size=128)
+def flava_tiny_for_pretraining(codebook_n_blk_per_group: int = 2, contrastive_loss_weight: float = 1.0,
+                               **kw) -> FLAVAForPreTraining:
+    """:func:`flava_tiny` + a narrow dVAE (width 4, 128 codes, 64 px: an 8 x 8 grid, as the patches) + the losses.
+
+    ``codebook_n_blk_per_group``: the dVAE's residual blocks per group (DALL-E's 2; ``polymodal train flava``
+    uses 1, half the tokenizer's cost); ``contrastive_loss_weight``: the global contrastive loss's weight."""
+    spec = flava_model_for_pretraining(**(dict(codebook_image_size=64, codebook_n_hid=4, image_vocab_size=128)
                                           | _TINY | kw))
+    return dataclasses.replace(
+        spec, image_codebook=dataclasses.replace(spec.image_codebook, n_blk_per_group=codebook_n_blk_per_group),
+        loss=dataclasses.replace(spec.loss, contrastive_loss_weight=contrastive_loss_weight))
 
 
 def flava_tiny_for_classification(num_classes: int = 30, **kw) -> FLAVAForClassification:

@@ -32,7 +32,7 @@ from ...data.bert_tokenizer import BertTokenizer
 from ...data.synthetic import COLORS, POSITIONS, SHAPES, SIZES, TEMPLATES, SyntheticCaptions
 from ...train.task import LossOutput, eval_progress, option
 from .retrieval import retrieval_pairs, retrieval_recall
-from .transforms import IMAGE_MEAN, IMAGE_STD, block_mask, itm_negatives, map_pixels, mlm_mask
+from .transforms import IMAGE_MEAN, IMAGE_STD, block_masks, itm_negatives, map_pixels, mlm_mask
 
 __all__ = ["FLAVATask", "FLAVAOptions", "caption_vocab"]
 
@@ -54,19 +54,24 @@ class FLAVAOptions:
 
     train_size: int = option(20_000, "synthetic samples the three sources draw from", positive=True)
     eval_size: int = option(500, "synthetic eval images per split (seen and held-out pairs)", positive=True)
-    unpaired: float = option(0.5, "unpaired images and unpaired captions per step, as a fraction of the batch")
+    unpaired: float = option(0.25, "unpaired images and unpaired captions per step, each as a fraction of the batch")
     mask_patches: int = option(24, "patches masked per image (BEiT block masking; tiny: 64 patches)", positive=True)
     mlm_prob: float = option(0.15, "fraction of caption tokens masked (80/10/10)")
-    itm_negatives: float = option(0.5, "fraction of pairs whose caption is swapped for another class's")
+    itm_negatives: float = option(0.25, "fraction of pairs whose caption is swapped for another class's")
     max_length: int = option(16, "caption tokens (truncation)", positive=True)
+    image_size: int = option(64, "image side in pixels (the dVAE sees the same image at 8 px per patch)",
+                             positive=True)
+    patch_size: int = option(8, "ViT patch side in pixels", positive=True)
+    contrastive_weight: float = option(2.0, "weight of the global contrastive loss (the other five weigh 1)")
+    codebook_blocks: int = option(1, "the dVAE tokenizer's residual blocks per group (DALL-E: 2)", positive=True)
 
 
 class FLAVATask:
     """FLAVA tiny pretraining on synthetic shapes (see the module docstring)."""
 
     Options = FLAVAOptions
-    loop_defaults = {"steps": 400, "batch_size": 64, "lr": 2e-3, "weight_decay": 0.05, "eval_every": 0,
-                     "save_every": 0, "out": "runs/flava"}
+    loop_defaults = {"steps": 1400, "batch_size": 64, "lr": 3e-3, "warmup": 50, "weight_decay": 0.05,
+                     "eval_every": 350, "save_every": 0, "out": "runs/flava"}
     trainable_presets = ("tiny", "flava_tiny_for_pretraining")
 
     def __init__(self, preset: str, options: FLAVAOptions, loop: Any) -> None:
@@ -75,8 +80,14 @@ class FLAVATask:
         self.preset, self.options, self.loop = preset, options, loop
         self.vocab = caption_vocab()
         self.tokenizer = BertTokenizer(self.vocab, max_length=options.max_length)
+        size, patch = options.image_size, options.patch_size
+        if size % patch:
+            raise ValueError(f"FLAVATask: image_size {size} must be a multiple of patch_size {patch}")
         self.model = flava_tiny_for_pretraining(vocab_size=len(self.vocab),
-                                                max_position_embeddings=max(options.max_length, 8))
+                                                max_position_embeddings=max(options.max_length, 8),
+                                                image_size=size, patch_size=patch, codebook_image_size=8 * (size // patch),
+                                                codebook_n_blk_per_group=options.codebook_blocks,
+                                                contrastive_loss_weight=options.contrastive_weight)
         self.image_size = self.model.model.image_encoder.vit.embeddings.image_size[0]
         self.grid = self.model.model.image_encoder.vit.embeddings.grid
         mk = lambda split, n: SyntheticCaptions(split, size=n, image_size=self.image_size, seed=loop.seed)  # noqa: E731
@@ -97,15 +108,15 @@ class FLAVATask:
     def _images(self, items: list[dict], key: Tensor) -> dict[str, Tensor]:
         raw = torch.stack([it["image"] for it in items])  # (B, 3, S, S) in [0, 1]
         mean, std = torch.tensor(IMAGE_MEAN)[:, None, None], torch.tensor(IMAGE_STD)[:, None, None]
-        masks = [block_mask(pr.fold_in(key, i), self.grid, self.options.mask_patches, min_num_patches=4)
-                 for i in range(len(items))]
+        keys = torch.func.vmap(pr.fold_in, in_dims=(None, 0))(key, torch.arange(len(items)))  # fold_in(key, i)
+        masks = block_masks(keys, self.grid, self.options.mask_patches, min_num_patches=4)
         cb = self.model.image_codebook.image_size
         if cb != raw.shape[-1]:  # the dVAE's input size (8 px per code): the same image, resampled
             raw_cb = torch.nn.functional.interpolate(raw, size=(cb, cb), mode="bilinear", align_corners=False)
         else:
             raw_cb = raw
         return {"image": (raw - mean) / std, "image_for_codebook": map_pixels(raw_cb.clamp(0, 1)),
-                "image_patches_mask": torch.stack(masks).flatten(1)}
+                "image_patches_mask": masks.flatten(1)}
 
     def _texts(self, captions: list[str], key: Tensor) -> dict[str, Tensor]:
         ids = self.tokenizer(captions)["input_ids"]

@@ -46,3 +46,14 @@ def test_dp_classifier_trains_and_logs_epsilon(tmp_path):
     eps = [r["epsilon"] for r in recs if "loss" in r]
     assert len(eps) == 2 and 0 < eps[0] <= eps[1]
     assert 0 <= recs[-1]["eval/accuracy"] <= 1
+
+
+def test_batched_block_masks_equal_block_mask():
+    from polymodal.core import random as pr
+    from polymodal.models.flava.transforms import block_mask, block_masks
+
+    keys = torch.stack([pr.fold_in(pr.key(5), i) for i in range(40)])
+    for grid, n, lo in (((8, 8), 24, 4), ((14, 14), 75, 16), ((4, 6), 20, 2), ((14, 14), 190, 16)):
+        got = block_masks(keys, grid, n, min_num_patches=lo)
+        assert got.shape == (40, *grid)
+        assert all(torch.equal(got[i], block_mask(keys[i], grid, n, min_num_patches=lo)) for i in range(40))
