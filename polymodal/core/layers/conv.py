@@ -345,7 +345,8 @@ class SamePadConvTranspose3d(_SamePad3d):
         p = params["convt"]
         w = p["weight"]
         if (x.dim() == 5 and x.shape[0] > 1 and x.device.type == "cpu" and x.dtype == torch.float32
-                and not torch.compiler.is_compiling()):  # batched CPU: oneDNN's channels-last kernels (~2x)
+                and not torch.compiler.is_compiling() and not torch._C._functorch.is_functorch_wrapped_tensor(x)):
+            # batched eager CPU: oneDNN's channels-last kernels (~2x); not under vmap/grad transforms
             x, w = (t.contiguous(memory_format=torch.channels_last_3d) for t in (x, w))
         inner = tuple(t - q * s for t, q, s in zip(tpad, pad[::2][::-1], self.stride))
         if pad[::2] == pad[1::2] and min(inner) >= 0:  # symmetric: crop less instead of padding the input
