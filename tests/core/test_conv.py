@@ -96,8 +96,9 @@ def test_same_pad_conv_transpose3d_matches_tmm(cin, cout, k, s, size, bias, seed
     assert y.shape[2:] == tuple(d * s for d in size)
 
 
-@pytest.mark.parametrize("b,c,k,s,size", [(1, 24, 3, 1, (2, 6, 6)), (1, 8, 3, (1, 2, 2), (3, 5, 6)), (1, 6, (3, 1, 3), 2, (4, 4, 5)),
-                                         (2, 4, 3, 1, (3, 4, 4)), (2, 4, (2, 3, 3), 1, (3, 4, 4)), (1, 4, 1, 1, (2, 3, 3))])
+@pytest.mark.parametrize("b,c,k,s,size", [(1, 24, 3, 1, (2, 6, 6)), (1, 8, 3, (1, 2, 2), (3, 5, 6)),
+                                         (1, 6, (3, 1, 3), 2, (4, 4, 5)), (2, 4, 3, 1, (3, 4, 4)),
+                                         (2, 4, (2, 3, 3), 1, (3, 4, 4)), (1, 4, 1, 1, (2, 3, 3))])
 def test_same_pad_conv3d_fast_paths_equal_pad_then_conv(b, c, k, s, size):
     # batch 1, small inputs: conv3d as one conv2d over the output depths (torch's native slow_conv3d
     # would run); oneDNN inputs with symmetric padding: the conv pads. Reference: F.pad + F.conv3d.

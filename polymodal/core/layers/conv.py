@@ -287,8 +287,10 @@ class SamePadConv3d(_SamePad3d):
 
 
 def _padded(shape: Sequence[int], pad: Sequence[int]) -> tuple[int, ...]:
+    """``shape`` after ``F.pad(x, pad)`` (widths last axis first)."""
     n = len(pad) // 2
-    return tuple(shape[:-n]) + tuple(d + pad[2 * (n - 1 - i)] + pad[2 * (n - 1 - i) + 1] for i, d in enumerate(shape[-n:]))
+    grown = [d + pad[2 * (n - 1 - i)] + pad[2 * (n - 1 - i) + 1] for i, d in enumerate(shape[-n:])]
+    return tuple(shape[:-n]) + tuple(grown)
 
 
 def _cpu_uses_mkldnn(x_shape: Sequence[int], w_shape: Sequence[int], stride: Sequence[int]) -> bool:
