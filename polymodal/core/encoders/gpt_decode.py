@@ -17,6 +17,10 @@ masks and per-layer spec objects rebuilt per call). Generation instead
 over the whole buffer with a position mask, so every step has the same shapes and ``torch.compile``
 makes one graph for all of them (:func:`compiled_decode_step`).
 
+The buffers are the one exception to the core's "state is returned, never mutated" rule, on
+purpose (returning a new buffer per step is the copy this module removes): :func:`prefill` allocates
+them, the steps write into them, and :func:`~.gpt_generate.generate` never lets them escape.
+
 Supported stacks: pre-norm decoder layers without cross-attention and with fused q/k/v (every
 :func:`~.gpt.multimodal_gpt`); :func:`supports` says whether a model qualifies (else generation falls
 back to :meth:`MultimodalGPT.step`).
