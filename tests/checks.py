@@ -142,3 +142,17 @@ def randomize(params: dict, seed: int) -> dict:
     flat = pytree.flatten(params)
     return pytree.unflatten({k: pr.normal(pr.key(seed + i), v.shape) * (0.3 if v.dim() > 1 else 1.0)
                              for i, (k, v) in enumerate(flat.items())})
+
+
+def assert_reference_grads(leaves: dict, ref: torch.nn.Module, to_reference: Callable[[dict], dict], *,
+                           atol: float = 1e-5, rtol: float = 1e-4) -> int:
+    """Our leaves' ``.grad`` (None read as zeros), converted to the reference's names by ``to_reference``,
+    equal each ``ref`` parameter's ``.grad``; returns how many reference parameters got a non-zero one."""
+    grads = to_reference(pytree.unflatten({k: v.grad if v.grad is not None else torch.zeros_like(v)
+                                           for k, v in leaves.items()}))
+    nonzero = 0
+    for k, p in ref.named_parameters():
+        want = p.grad if p.grad is not None else torch.zeros_like(p)
+        torch.testing.assert_close(grads[k], want, atol=atol, rtol=rtol, msg=k)
+        nonzero += int(want.abs().sum() > 0)
+    return nonzero
