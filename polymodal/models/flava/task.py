@@ -85,7 +85,8 @@ class FLAVATask:
             raise ValueError(f"FLAVATask: image_size {size} must be a multiple of patch_size {patch}")
         self.model = flava_tiny_for_pretraining(vocab_size=len(self.vocab),
                                                 max_position_embeddings=max(options.max_length, 8),
-                                                image_size=size, patch_size=patch, codebook_image_size=8 * (size // patch),
+                                                image_size=size, patch_size=patch,
+                                                codebook_image_size=8 * (size // patch),
                                                 codebook_n_blk_per_group=options.codebook_blocks,
                                                 contrastive_loss_weight=options.contrastive_weight)
         self.image_size = self.model.model.image_encoder.vit.embeddings.image_size[0]
@@ -187,7 +188,8 @@ class FLAVATask:
         m = self.model.model
         mean, std = torch.tensor(IMAGE_MEAN)[:, None, None], torch.tensor(IMAGE_STD)[:, None, None]
         encode_image = lambda x: m.image_embeddings(params["model"], ((x - mean) / std).to(device))  # noqa: E731
-        encode_text = lambda c: m.text_embeddings(params["model"], self.tokenizer(c)["input_ids"].to(device))  # noqa: E731
+        tokens = lambda c: self.tokenizer(c)["input_ids"].to(device)  # noqa: E731
+        encode_text = lambda c: m.text_embeddings(params["model"], tokens(c))  # noqa: E731
         classes = encode_text(self.prompts)
         metrics = {}
         for name, ds in self.eval_sets.items():

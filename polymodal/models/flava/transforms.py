@@ -25,7 +25,8 @@ from torchvision.transforms import InterpolationMode
 
 from ...core import random as pr
 
-__all__ = ["FLAVAImageTransform", "block_mask", "block_masks", "mlm_mask", "itm_negatives", "map_pixels", "IMAGE_MEAN", "IMAGE_STD"]
+__all__ = ["FLAVAImageTransform", "block_mask", "block_masks", "mlm_mask", "itm_negatives", "map_pixels",
+           "IMAGE_MEAN", "IMAGE_STD"]
 
 IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
 IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)

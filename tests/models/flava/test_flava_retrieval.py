@@ -15,7 +15,8 @@ def test_recall_at_k_hand_computed():
     #   i0: 0.8  0.0  1.0   -> its t0 (0.8) is beaten by t2 (1.0): rank 1
     #   i1: 0.6  1.0  0.0   -> rank 0
     #   i2: 1.0  0.6  0.8   -> its t2 (0.8) is beaten by t0 (1.0): rank 1
-    # caption queries (columns): t0's i0 (0.8) beaten by i2 (1.0): rank 1; t1: rank 0; t2's i2 (0.8) beaten by i0: rank 1
+    # caption queries (columns): t0's i0 (0.8) beaten by i2 (1.0): rank 1; t1: rank 0;
+    # t2's i2 (0.8) beaten by i0: rank 1
     img = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.8, 0.6]])
     txt = torch.tensor([[0.8, 0.6], [0.0, 1.0], [1.0, 0.0]])
     got = recall_at_k(img, txt, torch.arange(3), ks=(1, 2))

@@ -1,5 +1,6 @@
 """``polymodal train flava --preset tiny`` through the one loop: every loss term in metrics.jsonl, the
-zero-shot classification and retrieval evaluation, deterministic batches; the caption vocabulary covers the synthetic captions."""
+zero-shot classification and retrieval evaluation,
+deterministic batches; the caption vocabulary covers the synthetic captions."""
 
 import torch
 
