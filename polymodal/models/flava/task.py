@@ -70,7 +70,7 @@ class FLAVATask:
     """FLAVA tiny pretraining on synthetic shapes (see the module docstring)."""
 
     Options = FLAVAOptions
-    loop_defaults = {"steps": 1400, "batch_size": 64, "lr": 3e-3, "warmup": 50, "weight_decay": 0.05,
+    loop_defaults = {"steps": 1400, "batch_size": 64, "lr": 2e-3, "warmup": 50, "weight_decay": 0.05,
                      "eval_every": 350, "save_every": 0, "out": "runs/flava"}
     trainable_presets = ("tiny", "flava_tiny_for_pretraining")
 
