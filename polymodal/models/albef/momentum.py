@@ -36,7 +36,7 @@ from ...core.losses.contrastive import gather_embeddings
 from ...core.pytree import Params, leaves, tree_map
 
 __all__ = ["momentum_update", "copy_momentum", "init_queues", "enqueue", "gather_features", "check_queue",
-           "momentum_like", "shard_momentum", "mesh_of"]
+           "momentum_like", "shard_momentum", "mesh_of", "with_momentum_form"]
 
 
 def _dtensor() -> Any:
@@ -121,6 +121,18 @@ def shard_momentum(momentum: Params, mesh: Any) -> Params:
         placement = Shard(0) if t.dim() > 0 else Replicate()
         return distribute_tensor(t.detach(), mesh, [placement], src_data_rank=None)
     return tree_map(shard, momentum)
+
+
+def with_momentum_form(fn, state: Params, params: Params, momentum_params: Params):
+    """``fn(state) -> (out, new_state)`` with the momentum copies in the form the model sees them: unchanged
+    when nothing is sharded; under ``--shard`` (``params`` holding DTensors) the copies are handed over
+    like ``momentum_params`` (:func:`momentum_like`) and stored back sharded like the loop's params
+    (:func:`shard_momentum`). The one place both ALBEF tasks step their state through."""
+    mesh = mesh_of(params)
+    if mesh is None:
+        return fn(state)
+    out, new = fn({**state, "momentum": momentum_like(state["momentum"], momentum_params)})
+    return out, {**new, "momentum": shard_momentum(new["momentum"], mesh)}
 
 
 def copy_momentum(params: Params) -> Params:

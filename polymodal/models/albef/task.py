@@ -35,7 +35,7 @@ from ...core.pytree import Params
 from ...data.synthetic import COLORS, POSITIONS, SHAPES, SIZES, TEMPLATES, SyntheticCaptions
 from ...train.task import LossOutput, eval_progress, option
 from .builders import BUILDERS
-from .momentum import check_queue, mesh_of, momentum_like, shard_momentum
+from .momentum import check_queue, with_momentum_form
 from .rerank import recall_from_scores, retrieval_scores
 from .text import mask_tokens, synthetic_tokenizer, synthetic_vocab
 
@@ -132,13 +132,10 @@ class ALBEFRetrievalTask:
             ids, labels = mask_tokens(k_mask, batch["input_ids"].cpu(), self.tokenizer)
             dev = batch["input_ids"].device
             mlm = {"mlm_input_ids": ids.to(dev), "mlm_labels": labels.to(dev)}
-        mesh = mesh_of(params)
-        if mesh is not None:  # sharded (--shard): the copies in the form of the params the model sees
-            state = {**state, "momentum": momentum_like(state["momentum"], self.model.momentum_params(params))}
-        out, new_state = self.model(params, batch["images"], batch["input_ids"], batch["attention_mask"], batch["idx"],
-                                    state, key=k_model.to(batch["images"].device), alpha=self.options.alpha, **mlm)
-        if mesh is not None:  # ... and stored sharded like the loop's params (Shard(0) on every leaf)
-            new_state = {**new_state, "momentum": shard_momentum(new_state["momentum"], mesh)}
+        out, new_state = with_momentum_form(  # --shard: copies in the params' form, stored sharded
+            lambda s: self.model(params, batch["images"], batch["input_ids"], batch["attention_mask"], batch["idx"],
+                                 s, key=k_model.to(batch["images"].device), alpha=self.options.alpha, **mlm),
+            state, params, self.model.momentum_params(params))
         metrics = {"itc": out.itc_loss.detach(), "itm": out.itm_loss.detach()}
         if out.mlm_loss is not None:
             metrics["mlm"] = out.mlm_loss.detach()

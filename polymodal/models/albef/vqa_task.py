@@ -23,7 +23,7 @@ from ...core import random as pr
 from ...core.pytree import Params
 from ...train.task import LossOutput, eval_progress, option
 from .builders import BUILDERS
-from .momentum import mesh_of, momentum_like, shard_momentum
+from .momentum import with_momentum_form
 from .scenes import ANSWERS, KINDS, SyntheticVQA
 from .task import step_indices
 from .text import synthetic_tokenizer, synthetic_vocab
@@ -85,14 +85,11 @@ class ALBEFVQATask:
     def loss(self, params: Params, state: Params, batch: dict, key: Tensor) -> LossOutput:
         b = batch["images"].shape[0]
         ones = torch.ones(b, device=batch["images"].device)
-        mesh = mesh_of(params)
-        if mesh is not None:  # --shard: as ALBEFRetrievalTask.loss (copies stored sharded like the params)
-            state = {**state, "momentum": momentum_like(state["momentum"], params)}
-        loss, new_state = self.model(params, batch["images"], batch["question_ids"], batch["question_mask"],
-                                     batch["answer_ids"], batch["answer_mask"], ones, ones.long(), state,
-                                     alpha=self.options.alpha, key=key)
-        if mesh is not None:
-            new_state = {**new_state, "momentum": shard_momentum(new_state["momentum"], mesh)}
+        loss, new_state = with_momentum_form(  # --shard: as ALBEFRetrievalTask.loss
+            lambda s: self.model(params, batch["images"], batch["question_ids"], batch["question_mask"],
+                                 batch["answer_ids"], batch["answer_mask"], ones, ones.long(), s,
+                                 alpha=self.options.alpha, key=key),
+            state, params, params)
         return LossOutput(loss, {}, new_state)
 
     @torch.no_grad()
