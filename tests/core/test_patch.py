@@ -248,3 +248,30 @@ def test_equals_tmm_given_the_same_shuffle(monkeypatch):
         torch.testing.assert_close(out.embeddings, want.embeddings, rtol=1e-5, atol=1e-5)
         for a, r in zip(out[1:], want[1:]):
             assert (a is None and r is None) or torch.equal(a, r)
+
+
+def test_conv_stem_is_the_convs_then_the_projection_and_blanks_masked_pixels():
+    """``conv_stem``: 3x3 stride-2 convs + ReLU, then the patch projection over the remaining stride, the
+    same as torch.nn layers built from the params; masked patches' pixels are zeroed before the stem (its
+    windows cross patch borders), so nothing of a masked patch reaches its neighbours."""
+    pe = PatchEmbedding(image_size=16, patch_size=8, hidden_size=12, conv_stem=(4, 6), use_image_masking=True)
+    p = pe.init(key=pr.key(0))
+    assert [tuple(c["weight"].shape) for c in p["conv_stem"]] == [(4, 3, 3, 3), (6, 4, 3, 3)]
+    assert tuple(p["conv_projection"]["weight"].shape) == (12, 6, 2, 2)
+    x = x_of(1, 2, 3, 16, 16)
+    ref = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, 2, 1), torch.nn.ReLU(), torch.nn.Conv2d(4, 6, 3, 2, 1),
+                              torch.nn.ReLU(), torch.nn.Conv2d(6, 12, 2, 2))
+    for layer, q in zip((ref[0], ref[2], ref[4]), (*p["conv_stem"], p["conv_projection"])):
+        layer.weight.data.copy_(q["weight"]), layer.bias.data.copy_(q["bias"])
+    want = ref(x).flatten(2).transpose(1, 2) + p["position_embeddings"][:, 1:]
+    torch.testing.assert_close(pe(p, x).embeddings[:, 1:], want, rtol=1e-5, atol=1e-5)
+    mask = torch.tensor([[True, False, False, False], [False, False, False, False]])
+    changed = x.clone()
+    changed[0, :, :8, :8] = x_of(2, 3, 8, 8)  # only the masked patch's pixels differ
+    a, b = pe(p, x, mask).embeddings, pe(p, changed, mask).embeddings
+    torch.testing.assert_close(a, b)
+    assert not torch.equal(pe(p, x).embeddings, pe(p, changed).embeddings)  # unmasked: the change shows
+    with pytest.raises(ValueError, match=r"patch_size \(6, 6\) divisible by 2 \*\* 2 = 4"):
+        PatchEmbedding(image_size=12, patch_size=6, hidden_size=8, conv_stem=(4, 4))
+    with pytest.raises(ValueError, match="images only"):
+        PatchEmbedding(image_size=8, patch_size=4, hidden_size=8, num_frames=2, conv_stem=(4,))

@@ -155,6 +155,7 @@ class PatchEmbedding(Spec):
     use_image_masking: bool = False  # learn a mask token for image_patches_mask (BEiT / FLAVA)
     patch_drop_rate: float | tuple[float, float] | None = None  # MAE ratio, (h, w) ratios for 2-d, or None
     init_std: float = 0.02  # std of the learned position init (truncated at 2 std)
+    conv_stem: tuple[int, ...] = ()  # widths of 3x3 stride-2 conv + ReLU layers before the projection (images)
 
     def __post_init__(self) -> None:
         name = type(self).__name__
@@ -171,6 +172,12 @@ class PatchEmbedding(Spec):
         if self.position not in ("learned", "sincos", None):
             raise ValueError(f"{name}: position must be 'learned', 'sincos' or None, got {self.position!r}")
         check_rate(self.hidden_dropout, name)
+        object.__setattr__(self, "conv_stem", tuple(int(w) for w in self.conv_stem))
+        if self.conv_stem:
+            k = 2 ** len(self.conv_stem)
+            if self.num_frames is not None or any(p % k for p in self.patch_size) or min(self.conv_stem) < 1:
+                raise ValueError(f"{name}: conv_stem {self.conv_stem}: expected positive widths, images only, and "
+                                 f"patch_size {self.patch_size} divisible by 2 ** {len(self.conv_stem)} = {k}")
 
     @property
     def grid(self) -> tuple[int, ...]:
@@ -182,9 +189,17 @@ class PatchEmbedding(Spec):
     def num_patches(self) -> int:
         return math.prod(self.grid)
 
+    def stem(self) -> list[Conv]:
+        """The conv stem's layers (Xiao et al. 2021, "Early convolutions help transformers see better"):
+        3x3, stride 2, padding 1, each followed by a ReLU; empty without ``conv_stem``."""
+        widths = (self.num_channels,) + self.conv_stem
+        return [Conv(2, i, o, 3, 2, padding=1) for i, o in zip(widths, widths[1:])]
+
     def conv(self) -> Conv:
         if self.num_frames is None:
-            return Conv(2, self.num_channels, self.hidden_size, self.patch_size, self.patch_size, bias=self.conv_bias)
+            k = tuple(p >> len(self.conv_stem) for p in self.patch_size)
+            c = self.conv_stem[-1] if self.conv_stem else self.num_channels
+            return Conv(2, c, self.hidden_size, k, k, bias=self.conv_bias)
         k = (self.tubelet_size,) + self.patch_size
         return Conv(3, self.num_channels, self.hidden_size, k, k, bias=self.conv_bias)
 
@@ -195,10 +210,10 @@ class PatchEmbedding(Spec):
     def init(self, *, key: Tensor) -> Params:
         kc, kp = pr.split(key)
         conv = self.conv()
-        d, fan_in = self.hidden_size, self.num_channels * math.prod(conv.kernel_size)
+        d, fan_in = self.hidden_size, conv.in_channels * math.prod(conv.kernel_size)
         std = math.sqrt(1.0 / fan_in)  # torch's trunc_normal_(std) cuts at +-2 absolute, not 2 std
         p: Params = {"cls_token": torch.zeros(1, 1, d)} if self.include_cls_token else {}
-        p["conv_projection"] = {"weight": pr.truncated_normal(kc, (d, self.num_channels) + conv.kernel_size, -2 / std, 2 / std) * std}
+        p["conv_projection"] = {"weight": pr.truncated_normal(kc, (d, conv.in_channels) + conv.kernel_size, -2 / std, 2 / std) * std}
         if self.conv_bias:
             p["conv_projection"]["bias"] = torch.zeros(d)
         rows = self.num_patches + int(self.include_cls_token)
@@ -208,6 +223,8 @@ class PatchEmbedding(Spec):
             p["position_embeddings"] = self._sincos()
         if self.use_image_masking:
             p["mask_token"] = torch.zeros(1, 1, d)
+        if self.conv_stem:
+            p["conv_stem"] = [c.init(key=k) for c, k in zip(self.stem(), pr.split(pr.fold_in(key, 1), len(self.conv_stem)))]
         return p
 
     def _check(self, x: Tensor) -> None:
@@ -223,17 +240,26 @@ class PatchEmbedding(Spec):
     ) -> PatchEmbeddingOutput:
         self._check(x)
         d, n = self.hidden_size, self.num_patches
-        emb = self.conv()(params["conv_projection"], x)  # (*, D, *grid)
-        emb = emb.flatten(-len(self.grid)).transpose(-1, -2)  # (*, N, D)
-        lead = tuple(emb.shape[:-2])
         if image_patches_mask is not None:
             if not self.use_image_masking:
                 raise ValueError(f"{type(self).__name__}: image_patches_mask given but use_image_masking=False")
             check_tensor(image_patches_mask, "image_patches_mask", self)
+            lead = tuple(x.shape[: x.dim() - 1 - len(self.grid)])
             if tuple(image_patches_mask.shape) != lead + (n,):
                 raise ValueError(
                     f"{type(self).__name__}: image_patches_mask: expected shape {lead + (n,)}, got {tuple(image_patches_mask.shape)}"
                 )
+        if self.conv_stem:
+            if image_patches_mask is not None:  # blank masked patches' pixels: the stem's 3x3 windows cross patches
+                m = image_patches_mask.reshape(image_patches_mask.shape[:-1] + self.grid).to(x.dtype)
+                m = m.repeat_interleave(self.patch_size[0], -2).repeat_interleave(self.patch_size[1], -1)
+                x = x * (1 - m.unsqueeze(-3))
+            for conv, p in zip(self.stem(), params["conv_stem"]):
+                x = torch.relu(conv(p, x))
+        emb = self.conv()(params["conv_projection"], x)  # (*, D, *grid)
+        emb = emb.flatten(-len(self.grid)).transpose(-1, -2)  # (*, N, D)
+        lead = tuple(emb.shape[:-2])
+        if image_patches_mask is not None:
             w = image_patches_mask[..., None].to(emb.dtype)
             emb = emb * (1 - w) + params["mask_token"].reshape(d) * w
         pos = None

@@ -61,7 +61,7 @@ def flava_model(
     multimodal_num_hidden_layers: int = 6, multimodal_dropout: float = 0.0, multimodal_intermediate_size: int = 3072,
     multimodal_intermediate_activation: Any = "gelu", multimodal_layer_norm_eps: float = 1e-12,
     text_and_image_proj_size: int = 768, mask_text_padding_in_mm: bool = True, layer_weight_init: str = "normal",
-    **kwargs: Any,
+    image_conv_stem: tuple[int, ...] = (), **kwargs: Any,
 ) -> FLAVAModel:
     """TorchMultimodal's ``flava_model`` (Singh et al. 2022, FLAVA, Section 3.1 / Table 6: ViT-B/16 image and
     text encoders, a 6-layer multimodal encoder, 768-d projections): 241,356,288 params with the defaults.
@@ -71,7 +71,7 @@ def flava_model(
         raise TypeError(f"flava_model: unexpected arguments {sorted(kwargs)}")
     emb = PatchEmbedding(image_size=image_size, patch_size=patch_size, num_channels=num_channels,
                          hidden_size=image_hidden_size, hidden_dropout=image_dropout,
-                         use_image_masking=use_image_masking)
+                         use_image_masking=use_image_masking, conv_stem=tuple(image_conv_stem))
     vit = VisionTransformer(emb, TransformerEncoder(
         _layer(image_hidden_size, image_num_attention_heads, image_intermediate_size, image_dropout,
                image_intermediate_activation, image_layer_norm_eps, layer_weight_init), image_num_hidden_layers,

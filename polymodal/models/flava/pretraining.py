@@ -49,8 +49,10 @@ class FLAVAPreTrainingOutput(NamedTuple):
 class FLAVAForPreTraining(Spec):
     """FLAVA pretraining: ``__call__(params, image=None, text=None, image_for_codebook=None,
     image_patches_mask=None, text_masked=None, required_embedding=None, skip_unmasked_mm_encoder=True,
-    itm_labels=None, mlm_labels=None, *, text_attention_mask=None, key=None, backprop_type="global") ->
-    FLAVAPreTrainingOutput``. ``text_attention_mask (B, T)`` (1 = real; both texts') overrides the pad-id mask.
+    itm_labels=None, mlm_labels=None, *, text_attention_mask=None, image_codes=None, key=None,
+    backprop_type="global") -> FLAVAPreTrainingOutput``. ``text_attention_mask (B, T)`` (1 = real; both texts')
+    overrides the pad-id mask; ``image_codes (B, N)``: the dVAE's codes when already known (see
+    :meth:`image_codes`), in place of ``image_for_codebook``.
 
     ``image_for_codebook (B, 3, 112, 112)`` is tokenised by the dVAE (no gradient) into MIM targets at the
     masked patches (``image_patches_mask (B, N)``, as many patches as the image encoder's).
@@ -71,9 +73,19 @@ class FLAVAForPreTraining(Spec):
         return {"model": self.model.init(key=km), "image_codebook": self.image_codebook.init(key=kc),
                 "loss": self.loss.init(key=kl)}
 
-    def mim_labels(self, params: Params, image_for_codebook: Tensor, image_patches_mask: Tensor) -> Tensor:
-        """``(B, N)`` dVAE codes at the masked patches, ``ignore_index`` elsewhere."""
-        codes = self.image_codebook.codebook_indices(params["image_codebook"], image_for_codebook).flatten(1)
+    def image_codes(self, params: Params, image_for_codebook: Tensor) -> Tensor:
+        """``(B, N)`` the dVAE's codes of ``image_for_codebook`` (no gradient): the MIM targets before masking."""
+        return self.image_codebook.codebook_indices(params["image_codebook"], image_for_codebook).flatten(1)
+
+    def mim_labels(self, params: Params, image_for_codebook: Tensor | None, image_patches_mask: Tensor, *,
+                   codes: Tensor | None = None) -> Tensor:
+        """``(B, N)`` dVAE codes at the masked patches, ``ignore_index`` elsewhere. ``codes (B, N)``: the codes
+        already computed by :meth:`image_codes` (a cache; the dVAE is frozen), instead of ``image_for_codebook``."""
+        if codes is None:
+            codes = self.image_codes(params, image_for_codebook)
+        elif codes.dim() != 2 or codes.dtype.is_floating_point or codes.shape[1] != self.model.image_encoder.num_patches:
+            raise ValueError(f"FLAVAForPreTraining: image_codes: expected integer codes of shape (B, "
+                             f"{self.model.image_encoder.num_patches}), got {codes.dtype} {tuple(codes.shape)}")
         mask = image_patches_mask.flatten(1).bool()
         if mask.shape != codes.shape:
             raise ValueError(f"FLAVAForPreTraining: image_patches_mask: expected {codes.shape[1]} patches per image "
@@ -95,12 +107,13 @@ class FLAVAForPreTraining(Spec):
                  text_masked: Tensor | None = None, required_embedding: str | None = None,
                  skip_unmasked_mm_encoder: bool = True, itm_labels: Tensor | None = None,
                  mlm_labels: Tensor | None = None, *, text_attention_mask: Tensor | None = None,
-                 key: Tensor | None = None, backprop_type: str = "global") -> FLAVAPreTrainingOutput:
+                 image_codes: Tensor | None = None, key: Tensor | None = None,
+                 backprop_type: str = "global") -> FLAVAPreTrainingOutput:
         mim = None
-        if image_for_codebook is not None:
+        if image_for_codebook is not None or image_codes is not None:
             if image_patches_mask is None:
-                raise ValueError("FLAVAForPreTraining: image_for_codebook needs image_patches_mask (B, N)")
-            mim = self.mim_labels(params, image_for_codebook, image_patches_mask)
+                raise ValueError("FLAVAForPreTraining: image_for_codebook / image_codes need image_patches_mask (B, N)")
+            mim = self.mim_labels(params, image_for_codebook, image_patches_mask, codes=image_codes)
             image_patches_mask = image_patches_mask.flatten(1).bool()
         out = self.model(params["model"], image, text, image_patches_mask, text_masked, required_embedding,
                          skip_unmasked_mm_encoder, text_attention_mask=text_attention_mask, key=key)

@@ -13,7 +13,7 @@ The metrics hold the total and every loss term. Captions are tokenised by a Word
 >>> task = make_task("flava", "tiny", {"train_size": 64}, LoopConfig(steps=2, batch_size=8))
 >>> batch = next(iter(task.train_batches(0, 0, 1)))
 >>> sorted(batch), sorted(batch["paired"])[:4]
-(['image', 'paired', 'text'], ['image', 'image_for_codebook', 'image_patches_mask', 'itm_labels'])
+(['image', 'paired', 'text'], ['image', 'image_for_codebook', 'image_patches_mask', 'index'])
 """
 
 from __future__ import annotations
@@ -64,6 +64,17 @@ class FLAVAOptions:
     patch_size: int = option(8, "ViT patch side in pixels", positive=True)
     contrastive_weight: float = option(2.0, "weight of the global contrastive loss (the other five weigh 1)")
     codebook_blocks: int = option(1, "the dVAE tokenizer's residual blocks per group (DALL-E: 2)", positive=True)
+    cache_codes: bool = option(True, "reuse each training image's dVAE codes once computed (the tokenizer is "
+                               "frozen, so the MIM targets are the same; about a quarter of the tiny step is the dVAE)")
+    conv_stem: str = option("", "comma-separated widths of a conv stem (3x3 stride-2 convs) under the patch "
+                            "projection; '' for FLAVA's plain patch embedding", metavar="W1,W2")
+
+
+def _widths(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(w) for w in text.replace(" ", "").split(",") if w)
+    except ValueError:
+        raise ValueError(f"--conv-stem: expected comma-separated integer widths such as '16,32', got {text!r}") from None
 
 
 class FLAVATask:
@@ -88,7 +99,8 @@ class FLAVATask:
                                                 image_size=size, patch_size=patch,
                                                 codebook_image_size=8 * (size // patch),
                                                 codebook_n_blk_per_group=options.codebook_blocks,
-                                                contrastive_loss_weight=options.contrastive_weight)
+                                                contrastive_loss_weight=options.contrastive_weight,
+                                                image_conv_stem=_widths(options.conv_stem))
         self.image_size = self.model.model.image_encoder.vit.embeddings.image_size[0]
         self.grid = self.model.model.image_encoder.vit.embeddings.grid
         mk = lambda split, n: SyntheticCaptions(split, size=n, image_size=self.image_size, seed=loop.seed)  # noqa: E731
@@ -100,13 +112,15 @@ class FLAVATask:
         self.root = pr.fold_in(pr.key(loop.seed), 7)
         self.name, self.title = f"flava-{preset}", f"FLAVA {preset} on synthetic shapes"
         self.special_ids = [self.vocab[t] for t in _SPECIALS]
+        n = self.model.model.image_encoder.num_patches
+        self._codes = torch.full((len(self.train_set), n), -1, dtype=torch.int32)  # dVAE codes by sample index
 
     def init(self, key: Tensor) -> tuple[Params, None]:
         return self.model.init(key=key), None
 
     # --- data --------------------------------------------------------------------------------------------
 
-    def _images(self, items: list[dict], key: Tensor) -> dict[str, Tensor]:
+    def _images(self, items: list[dict], key: Tensor, index: list[int]) -> dict[str, Tensor]:
         raw = torch.stack([it["image"] for it in items])  # (B, 3, S, S) in [0, 1]
         mean, std = torch.tensor(IMAGE_MEAN)[:, None, None], torch.tensor(IMAGE_STD)[:, None, None]
         keys = torch.func.vmap(pr.fold_in, in_dims=(None, 0))(key, torch.arange(len(items)))  # fold_in(key, i)
@@ -117,7 +131,7 @@ class FLAVATask:
         else:
             raw_cb = raw
         return {"image": (raw - mean) / std, "image_for_codebook": map_pixels(raw_cb.clamp(0, 1)),
-                "image_patches_mask": masks.flatten(1)}
+                "image_patches_mask": masks.flatten(1), "index": torch.tensor(index)}
 
     def _texts(self, captions: list[str], key: Tensor) -> dict[str, Tensor]:
         ids = self.tokenizer(captions)["input_ids"]
@@ -140,11 +154,12 @@ class FLAVATask:
         text_index, itm = itm_negatives(keys[0], len(paired), self.options.itm_negatives,
                                         groups=[it["label"] for it in paired])
         captions = [paired[j]["caption"] for j in text_index.tolist()]
-        out = {"paired": self._images(paired, keys[1]) | self._texts(captions, keys[2]) | {"itm_labels": itm}}
+        out = {"paired": self._images(paired, keys[1], idx[lo:hi]) | self._texts(captions, keys[2])
+               | {"itm_labels": itm}}
         images = self.train_set.__getitems__(idx[b + ulo:b + uhi]) if uhi > ulo else []
         texts = self.train_set.__getitems__(idx[b + u + ulo:b + u + uhi]) if uhi > ulo else []
         if images:
-            out["image"] = self._images(images, keys[3])
+            out["image"] = self._images(images, keys[3], idx[b + ulo:b + uhi])
         if texts:
             out["text"] = self._texts([it["caption"] for it in texts], keys[4])
         return out
@@ -155,19 +170,38 @@ class FLAVATask:
 
     # --- the loss --------------------------------------------------------------------------------------
 
+    @torch.compiler.disable
+    def image_codes(self, params: Params, images: dict[str, Tensor]) -> Tensor | None:
+        """The dVAE's codes of a batch part's images, from the cache where this training sample's were computed
+        before (``--cache-codes``; the frozen tokenizer gives every sample the same codes each time), else
+        computed now (and kept). ``None`` without the cache: the model tokenises ``image_for_codebook``."""
+        if not self.options.cache_codes:
+            return None
+        index = images["index"].cpu()
+        need = self._codes[index, 0] < 0
+        if bool(need.any()):
+            with torch.no_grad():
+                codes = self.model.image_codes(params, images["image_for_codebook"][need.to(images["image"].device)])
+            self._codes[index[need]] = codes.to("cpu", torch.int32)
+        return self._codes[index].to(images["image"].device, torch.long)
+
     def loss(self, params: Params, state: None, batch: dict, key: Tensor) -> LossOutput:
         import torch.distributed as dist
 
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         k = pr.split(key, 3)
         p = batch["paired"]
-        parts = [self.model(params, p["image"], p["text"], p["image_for_codebook"], p["image_patches_mask"],
-                            p["text_masked"], itm_labels=p["itm_labels"], mlm_labels=p["mlm_labels"], key=k[0],
+        codes = self.image_codes(params, p)
+        parts = [self.model(params, p["image"], p["text"], None if codes is not None else p["image_for_codebook"],
+                            p["image_patches_mask"], p["text_masked"], itm_labels=p["itm_labels"],
+                            mlm_labels=p["mlm_labels"], image_codes=codes, key=k[0],
                             backprop_type="global" if world > 1 else "none").losses]
         if "image" in batch:
             i = batch["image"]
-            parts.append(self.model(params, i["image"], None, i["image_for_codebook"], i["image_patches_mask"],
-                                    required_embedding="image", key=k[1]).losses)
+            codes = self.image_codes(params, i)
+            parts.append(self.model(params, i["image"], None, None if codes is not None else i["image_for_codebook"],
+                                    i["image_patches_mask"], required_embedding="image", image_codes=codes,
+                                    key=k[1]).losses)
         if "text" in batch:
             t = batch["text"]
             parts.append(self.model(params, None, None, text_masked=t["text_masked"], mlm_labels=t["mlm_labels"],

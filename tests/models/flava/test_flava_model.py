@@ -116,6 +116,14 @@ def test_bad_input_names_expected_and_actual():
         spec(p, image, image_for_codebook=image, image_patches_mask=torch.zeros(3, 64).bool())
     with pytest.raises(ValueError, match="required_embedding: expected one of"):
         m(p["model"], image, required_embedding="video")
+    mask = torch.zeros(3, 64).bool()
+    with pytest.raises(ValueError, match=r"image_codes: expected integer codes of shape \(B, 64\), got torch.float32 \(3, 64\)"):
+        spec(p, image, image_codes=torch.zeros(3, 64), image_patches_mask=mask)
+    with pytest.raises(ValueError, match=r"image_codes: expected integer codes of shape \(B, 64\), got torch.int64 \(3, 8, 8\)"):
+        spec(p, image, image_codes=torch.zeros(3, 8, 8, dtype=torch.long), image_patches_mask=mask)
+    codes = spec.image_codes(p, cb)  # precomputed codes give the same MIM targets as the image
+    assert torch.equal(spec(p, image, image_codes=codes, image_patches_mask=mask | True).mim_labels,
+                       spec(p, image, image_for_codebook=cb, image_patches_mask=mask | True).mim_labels)
 
 
 def test_block_stacks_declared_equal_what_runs():

@@ -58,3 +58,28 @@ def test_batched_block_masks_equal_block_mask():
         got = block_masks(keys, grid, n, min_num_patches=lo)
         assert got.shape == (40, *grid)
         assert all(torch.equal(got[i], block_mask(keys[i], grid, n, min_num_patches=lo)) for i in range(40))
+
+
+def test_cached_dvae_codes_are_the_tokenizers_and_give_the_same_losses():
+    """``--cache-codes`` (the default): a sample's codes are computed once, then read back; every step's MIM
+    and MMM-image losses equal the uncached task's (which tokenises every image), and the cache holds
+    exactly the dVAE's codes of the samples seen so far."""
+    from polymodal.core import random as pr
+
+    tasks = [make_task("flava", "tiny", {"train_size": 40, "cache_codes": c}, LoopConfig(steps=4, batch_size=16))
+             for c in (True, False)]
+    params, _ = tasks[0].init(pr.key(0))
+    seen = set()
+    for step in range(4):  # 4 x (16 + 4) draws from 40 samples: later steps reuse cached codes
+        batch = tasks[0].batch(step)
+        if step == 3:
+            assert seen & set(batch["paired"]["index"].tolist())  # reuse does happen
+        outs = [t.loss(params, None, batch, pr.key(step)).metrics for t in tasks]
+        for term in ("mim_loss", "mmm_image_loss"):
+            torch.testing.assert_close(outs[0][term], outs[1][term], rtol=0, atol=0)
+        seen |= set(batch["paired"]["index"].tolist()) | set(batch["image"]["index"].tolist())
+    cache, idx = tasks[0]._codes, sorted(seen)
+    assert (cache[idx] >= 0).all() and (cache[[i for i in range(40) if i not in seen]] < 0).all()
+    images = tasks[0]._images(tasks[0].train_set.__getitems__(idx), pr.key(0), idx)
+    want = tasks[0].model.image_codes(params, images["image_for_codebook"])
+    assert torch.equal(cache[idx].long(), want)
