@@ -94,8 +94,9 @@ def _flags(parser: argparse.ArgumentParser, p, cls: type, defaults: dict | None 
         args = typing.get_args(kind)
         if args and type(None) in args:  # X | None
             kind = next(a for a in args if a is not type(None))
-        if kind is bool:
-            target.add_argument(flag, action="store_true", default=default, help=meta["help"])
+        if kind is bool:  # on by default: --flag / --no-flag (a store_true flag could never turn it off)
+            action = argparse.BooleanOptionalAction if default else "store_true"
+            target.add_argument(flag, action=action, default=default, help=meta["help"])
             continue
         conv = _positive_int if meta.get("positive") else _ranged(kind, f.name)
         shown = "" if default is None else " (default: %(default)s)"

@@ -180,3 +180,17 @@ def test_dp_classifier_logs_epsilon_and_non_dp_learns(tmp_path, capsys):
     assert main(["train", "classifier", "--steps", "40", "--batch-size", "32", "--train-size", "512",
                  "--eval-size", "120", "--lr", "3e-3", "--no-progress", "--out", str(out2)]) == 0
     assert read_metrics(out2)[-1]["eval/accuracy"] > 0.1  # 3x chance
+
+
+def test_boolean_options_on_by_default_can_be_turned_off():
+    """A task option that defaults to True gets ``--x`` and ``--no-x`` (a plain store_true flag could never
+    switch it off); one that defaults to False stays a plain ``--x``."""
+    from polymodal.cli import build_parser
+
+    parser = build_parser()
+    on = parser.parse_args(["train", "albef", "--preset", "tiny"])
+    off = parser.parse_args(["train", "albef", "--preset", "tiny", "--no-mlm", "--all-templates"])
+    assert (on.mlm, on.all_templates) == (True, False)
+    assert (off.mlm, off.all_templates) == (False, True)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["train", "albef", "--preset", "tiny", "--no-all-templates"])
