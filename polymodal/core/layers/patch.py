@@ -223,8 +223,10 @@ class PatchEmbedding(Spec):
             p["position_embeddings"] = self._sincos()
         if self.use_image_masking:
             p["mask_token"] = torch.zeros(1, 1, d)
-        if self.conv_stem:
-            p["conv_stem"] = [c.init(key=k) for c, k in zip(self.stem(), pr.split(pr.fold_in(key, 1), len(self.conv_stem)))]
+        if self.conv_stem:  # He init (N(0, 2 / fan_in), zero bias): the ReLU stack keeps the image's scale
+            p["conv_stem"] = [{"weight": pr.normal(k, (c.out_channels, c.in_channels, 3, 3)) * math.sqrt(2 / (9 * c.in_channels)),
+                               "bias": torch.zeros(c.out_channels)}
+                              for c, k in zip(self.stem(), pr.split(pr.fold_in(key, 1), len(self.conv_stem)))]
         return p
 
     def _check(self, x: Tensor) -> None:

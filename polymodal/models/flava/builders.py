@@ -66,7 +66,9 @@ def flava_model(
     """TorchMultimodal's ``flava_model`` (Singh et al. 2022, FLAVA, Section 3.1 / Table 6: ViT-B/16 image and
     text encoders, a 6-layer multimodal encoder, 768-d projections): 241,356,288 params with the defaults.
     ``mask_text_padding_in_mm=False`` reproduces the reference's unmasked text padding (see ``model.py``);
-    ``layer_weight_init`` is the init of the blocks' linears (``"normal"``: N(0, 0.02), the reference's)."""
+    ``layer_weight_init`` is the init of the blocks' linears (``"normal"``: N(0, 0.02), the reference's);
+    ``image_conv_stem``: widths of 3x3 stride-2 convs under the patch projection (``PatchEmbedding.conv_stem``;
+    not in the reference, so such a model has no TorchMultimodal / transformers layout)."""
     if kwargs:
         raise TypeError(f"flava_model: unexpected arguments {sorted(kwargs)}")
     emb = PatchEmbedding(image_size=image_size, patch_size=patch_size, num_channels=num_channels,

@@ -89,6 +89,12 @@ def _codebook_rules() -> list[Rule]:
 def huggingface_table(spec: Any) -> Table:
     """The ``transformers`` layout of a :class:`FLAVAModel` (``FlavaModel``) or :class:`FLAVAForPreTraining`
     (``FlavaForPreTraining``)."""
+    model = spec if isinstance(spec, FLAVAModel) else getattr(spec, "model", None)
+    stem = getattr(getattr(model, "image_encoder", None), "vit", None)
+    stem = stem.embeddings.conv_stem if stem is not None else ()
+    if stem:
+        raise ValueError(f"huggingface_table: the image encoder has a conv stem (conv_stem={stem}), which "
+                         "transformers' FLAVA has no weights for: build the model without image_conv_stem")
     name = "from_huggingface: the transformers FLAVA state dict"
     if isinstance(spec, FLAVAModel):
         return Table(tuple(_model_rules("", "")), drop=("logit_scale", "text_model.embeddings.position_ids",

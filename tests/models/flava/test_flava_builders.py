@@ -48,3 +48,18 @@ def test_registered():
     assert fam.presets["tiny"] == "flava_tiny_for_pretraining"
     with pytest.raises(ValueError, match="unknown FLAVA builder"):
         build("flava_huge")
+
+
+def test_a_conv_stem_has_no_reference_layout():
+    """``image_conv_stem`` (the tiny task's option) has no TorchMultimodal / transformers weights: converting
+    such a model names the stem instead of writing a state dict with a mis-shaped patch projection."""
+    from polymodal.core import random as pr
+    from polymodal.models.flava import flava_tiny
+    from polymodal.models.flava.convert import to_torchmultimodal
+    from polymodal.models.flava.hf import huggingface_table
+
+    spec = flava_tiny(image_conv_stem=(8,))
+    with pytest.raises(ValueError, match=r"conv stem \(conv_stem=\(8,\)\), which TorchMultimodal's FLAVA has no"):
+        to_torchmultimodal(spec.init(key=pr.key(0)), spec)
+    with pytest.raises(ValueError, match="which transformers' FLAVA has no weights"):
+        huggingface_table(spec)
