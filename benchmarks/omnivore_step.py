@@ -5,8 +5,11 @@ image batch and a video batch, eager and ``torch.compile``d (CPU; one process).
 
 ``swin_t`` is ``omnivore_swin_t`` (28.9 M params) at a CPU-sized input (``--size``, default 112 px,
 4-frame videos); ``tiny`` is ``omnivore_tiny`` on 32 px, 4-frame inputs. A train step is forward,
-cross-entropy, backward and an SGD update of every parameter. Times are CPU time of this process (the
-machine may be shared), best and median of ``--iters`` interleaved rounds (ten times as many for ``tiny``)
+cross-entropy, backward and an AdamW update of every parameter as each library trains (``--optimizer adamw``,
+the default): TorchMultimodal with torch's default implementation (``examples/omnivore/train.py``'s
+``--opt adamw``), polymodal with the fused kernel (``polymodal.train``'s ``default_optimizer``);
+``--optimizer sgd`` gives both the same plain SGD step, so the models' own share compares like for like.
+Times are CPU time of this process (the machine may be shared), best and median of ``--iters`` interleaved rounds (ten times as many for ``tiny``)
 after ``--warmup`` runs (and the compilation); ratio = TorchMultimodal time / polymodal time.
 """
 
@@ -68,12 +71,16 @@ def timed_pair(ours, theirs, warmup: int, iters: int) -> tuple[float, float, flo
     return min(a), statistics.median(a), min(b), statistics.median(b)
 
 
-def make_steps(config: str, kind: str, compiled: bool):
+def make_steps(config: str, kind: str, compiled: bool, optimizer: str = "adamw"):
     ref = reference(config).eval()  # eval: no dropout / drop path in either (timing the same maths)
     spec = build("omnivore_tiny" if config == "tiny" else "omnivore_swin_t")
     params = tree_map(lambda t: t.detach().clone().requires_grad_(), from_torchmultimodal(ref.state_dict(), spec))
-    opt_p = torch.optim.SGD(leaves(params), lr=1e-3)
-    opt_r = torch.optim.SGD(ref.parameters(), lr=1e-3)
+    if optimizer == "adamw":
+        opt_p = torch.optim.AdamW(leaves(params), lr=1e-3, fused=True)
+        opt_r = torch.optim.AdamW(ref.parameters(), lr=1e-3)
+    else:
+        opt_p = torch.optim.SGD(leaves(params), lr=1e-3)
+        opt_r = torch.optim.SGD(ref.parameters(), lr=1e-3)
 
     def fwd_p(x):
         return spec(params, x, kind).logits
@@ -110,9 +117,12 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=112)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw",
+                    help="the train step's update: each library's AdamW (default) or the same SGD on both")
     args = ap.parse_args()
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
-          f"{torch.get_num_threads()} thread(s), load average {os.getloadavg()[0]:.1f}", flush=True)
+          f"{torch.get_num_threads()} thread(s), load average {os.getloadavg()[0]:.1f}, "
+          f"train-step optimizer: {args.optimizer}", flush=True)
     print("| config | input | mode | what | polymodal best ms | median | TorchMultimodal best ms | median "
           "| ratio (best) | ratio (median) |")
     print("|---|---|---|---|---:|---:|---:|---:|---:|---:|")
@@ -121,7 +131,7 @@ def main() -> None:
             x, y = inputs(config, kind, args.batch, args.size)
             for mode in args.modes:
                 torch._dynamo.reset()
-                steps = make_steps(config, kind, mode == "compiled")
+                steps = make_steps(config, kind, mode == "compiled", args.optimizer)
                 for what, (ours, theirs) in steps.items():
                     torch.testing.assert_close(ours(x, y), theirs(x, y), rtol=1e-3, atol=1e-3) if what == "forward" else None
                     iters = args.iters * (10 if config == "tiny" else 1)  # milliseconds: more runs against noise
