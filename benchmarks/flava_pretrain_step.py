@@ -9,7 +9,10 @@ Reproduce (writes ``benchmarks/results/flava_pretrain_step.md``)::
 Both sides compute the same thing: polymodal with ``mask_text_padding_in_mm=False`` (TorchMultimodal's
 unmasked multimodal padding), the weights converted with ``to_torchmultimodal``, one paired batch with ITM
 negatives, masked text and BEiT-style patch masks, and the losses summed (the ``check`` column: the first
-step's total loss on each side). The dVAE tokenizer runs in both steps (no gradient).
+step's total loss on each side). The dVAE tokenizer runs in both steps (no gradient). Each step ends with
+AdamW as each library trains: TorchMultimodal with torch's default implementation (its examples'
+``torch.optim.AdamW``), polymodal with the fused kernel (``polymodal.train``'s ``default_optimizer``); the
+row "polymodal, torch's default AdamW" gives ours the reference's optimizer, so the models compare like for like.
 
 Timing: CPU time of this process per step (the machine is shared: wall time measures the neighbours), one
 torch thread, ``--warmup`` untimed steps (compilation happens there), then ``--steps`` timed steps per row;
@@ -23,6 +26,7 @@ each library's model built, timed and freed in turn (two AdamW states of the ful
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import os
 import platform
@@ -116,14 +120,16 @@ def make_tmm(cfg, sd, batch, compiled):
     return step
 
 
-def make_ours(cfg, sd, batch, compiled):
+def make_ours(cfg, sd, batch, compiled, fused=True):
+    """``fused``: AdamW's fused kernel, as ``polymodal.train`` steps (``default_optimizer``); ``False``: torch's
+    default implementation, the reference's (the model's own share of the step, compared like for like)."""
     from polymodal.models.flava.convert import from_torchmultimodal
 
     spec = _spec(cfg)
     leaves = {k: v.detach().clone().requires_grad_() for k, v in flatten(from_torchmultimodal(sd, spec)).items()}
     loss_fn = lambda p, b: spec(p, **b).losses.total  # noqa: E731
     fn = torch.compile(loss_fn) if compiled else loss_fn
-    opt = torch.optim.AdamW(list(leaves.values()), lr=1e-4)
+    opt = torch.optim.AdamW(list(leaves.values()), lr=1e-4, fused=fused or None)
     tree = unflatten(leaves)
 
     def step():
@@ -173,6 +179,7 @@ def main() -> None:
         modes = [False] + ([] if name == "full" and args.no_compile_full else [True])
         variants = [(lib + (" + torch.compile" if c else ""), make, c) for c in modes
                     for lib, make in (("TorchMultimodal", make_tmm), ("polymodal", make_ours))]
+        variants.insert(2, ("polymodal, torch's default AdamW", functools.partial(make_ours, fused=False), False))
         if name == "full":  # one model at a time: two AdamW states of 357.6 M parameters do not fit beside each other
             for label, make, compiled in variants:
                 torch._dynamo.reset()
