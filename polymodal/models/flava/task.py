@@ -66,8 +66,8 @@ class FLAVAOptions:
     codebook_blocks: int = option(1, "the dVAE tokenizer's residual blocks per group (DALL-E: 2)", positive=True)
     cache_codes: bool = option(True, "reuse each training image's dVAE codes once computed (the tokenizer is "
                                "frozen, so the MIM targets are the same; about a quarter of the tiny step is the dVAE)")
-    conv_stem: str = option("", "comma-separated widths of a conv stem (3x3 stride-2 convs) under the patch "
-                            "projection; '' for FLAVA's plain patch embedding", metavar="W1,W2")
+    conv_stem: str = option("8,16", "comma-separated widths of a conv stem (3x3 stride-2 convs + ReLU) under the "
+                            "patch projection; '' for FLAVA's plain patch embedding", metavar="W1,W2")
 
 
 def _widths(text: str) -> tuple[int, ...]:
@@ -81,8 +81,8 @@ class FLAVATask:
     """FLAVA tiny pretraining on synthetic shapes (see the module docstring)."""
 
     Options = FLAVAOptions
-    loop_defaults = {"steps": 1400, "batch_size": 64, "lr": 2e-3, "warmup": 50, "weight_decay": 0.05,
-                     "eval_every": 350, "save_every": 0, "out": "runs/flava"}
+    loop_defaults = {"steps": 1600, "batch_size": 64, "lr": 2e-3, "warmup": 50, "weight_decay": 0.05,
+                     "eval_every": 800, "save_every": 0, "out": "runs/flava"}
     trainable_presets = ("tiny", "flava_tiny_for_pretraining")
 
     def __init__(self, preset: str, options: FLAVAOptions, loop: Any) -> None:
