@@ -81,15 +81,21 @@ def _model_rules(spec: FLAVAModel, t: str, o: str) -> tuple[Rule, ...]:
 
 
 @functools.lru_cache(maxsize=32)
+def refuse_conv_stem(spec: Any, where: str, library: str) -> None:
+    """A ``ValueError`` naming the stem when ``spec``'s image encoder has one (``image_conv_stem``): the
+    reference layouts have no weights for it."""
+    model = spec if isinstance(spec, FLAVAModel) else getattr(spec, "model", None)
+    vit = getattr(getattr(model, "image_encoder", None), "vit", None)
+    stem = vit.embeddings.conv_stem if vit is not None else ()
+    if stem:
+        raise ValueError(f"{where}: the image encoder has a conv stem (conv_stem={stem}), which {library} FLAVA "
+                         "has no weights for: build the model without image_conv_stem")
+
+
 def torchmultimodal_table(spec: Any) -> Table:
     """The TorchMultimodal layout of a :class:`FLAVAModel`, :class:`FLAVAForPreTraining` or
     :class:`FLAVAForClassification` (as its ``state_dict()``)."""
-    model = spec if isinstance(spec, FLAVAModel) else getattr(spec, "model", None)
-    stem = getattr(getattr(model, "image_encoder", None), "vit", None)
-    stem = stem.embeddings.conv_stem if stem is not None else ()
-    if stem:
-        raise ValueError(f"torchmultimodal_table: the image encoder has a conv stem (conv_stem={stem}), which "
-                         "TorchMultimodal's FLAVA has no weights for: build the model without image_conv_stem")
+    refuse_conv_stem(spec, "torchmultimodal_table", "TorchMultimodal's")
     name = "from_torchmultimodal: the TorchMultimodal FLAVA state dict"
     if isinstance(spec, FLAVAModel):
         return Table(_model_rules(spec, "", ""), name=name)

@@ -45,6 +45,7 @@ from torch import Tensor
 from ...core.convert import Rule, Table, fused
 from ...core.pytree import Params
 from .builders import flava_model, flava_model_for_pretraining
+from .convert import refuse_conv_stem
 from .model import FLAVAModel
 from .pretraining import FLAVAForPreTraining
 
@@ -89,12 +90,7 @@ def _codebook_rules() -> list[Rule]:
 def huggingface_table(spec: Any) -> Table:
     """The ``transformers`` layout of a :class:`FLAVAModel` (``FlavaModel``) or :class:`FLAVAForPreTraining`
     (``FlavaForPreTraining``)."""
-    model = spec if isinstance(spec, FLAVAModel) else getattr(spec, "model", None)
-    stem = getattr(getattr(model, "image_encoder", None), "vit", None)
-    stem = stem.embeddings.conv_stem if stem is not None else ()
-    if stem:
-        raise ValueError(f"huggingface_table: the image encoder has a conv stem (conv_stem={stem}), which "
-                         "transformers' FLAVA has no weights for: build the model without image_conv_stem")
+    refuse_conv_stem(spec, "huggingface_table", "transformers'")
     name = "from_huggingface: the transformers FLAVA state dict"
     if isinstance(spec, FLAVAModel):
         return Table(tuple(_model_rules("", "")), drop=("logit_scale", "text_model.embeddings.position_ids",
