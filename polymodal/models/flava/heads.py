@@ -67,15 +67,18 @@ class MaskedPredictionHead(Spec):
 def masked_prediction_loss(head: MaskedPredictionHead, params: Params, hidden: Tensor, labels: Tensor,
                            ignore_index: int = -1) -> Tensor:
     """Mean cross-entropy of ``head(hidden (B, L, D))`` against ``labels (B, L)`` over the positions whose
-    label is not ``ignore_index`` (NaN when there is none, as the reference)."""
+    label is not ``ignore_index``; 0 (with a gradient path) when there is none, where the reference's mean
+    over no position is NaN: a small batch whose MLM masking drew no token would otherwise end training."""
     if hidden.shape[:-1] != labels.shape:
         raise ValueError(f"masked prediction loss: labels: expected shape {tuple(hidden.shape[:-1])} (the "
                          f"sequence's), got {tuple(labels.shape)}")
+    count = (labels != ignore_index).sum().clamp(min=1)
     if reading_values_ok(labels):  # eager: only the labelled rows go through the head
         sel = labels != ignore_index
-        return F.cross_entropy(head(params, hidden[sel]), labels[sel], ignore_index=ignore_index)
-    logits = head(params, hidden)
-    return F.cross_entropy(logits.flatten(0, -2), labels.flatten(), ignore_index=ignore_index)
+        logits, target = head(params, hidden[sel]), labels[sel]
+    else:
+        logits, target = head(params, hidden).flatten(0, -2), labels.flatten()
+    return F.cross_entropy(logits, target, ignore_index=ignore_index, reduction="sum") / count
 
 
 class FLAVALosses(NamedTuple):

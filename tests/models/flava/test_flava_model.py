@@ -135,3 +135,23 @@ def test_block_stacks_declared_equal_what_runs():
     ran = record_stacks(lambda q: spec(q, image, text, text_masked=text, skip_unmasked_mm_encoder=False), p)
     assert sorted(set(ran)) == sorted(spec.block_stacks()) == [
         "model.image_encoder.transformer.layers", "model.mm_encoder.encoder.layers", "model.text_encoder.encoder.layers"]
+
+
+def test_masked_losses_without_a_masked_position_are_zero_not_nan():
+    """MLM over a batch whose masking drew no token: 0 with finite gradients (the reference's mean over no
+    position is NaN), eager and under vmap-style full-sequence evaluation; with labels, the mean as before."""
+    from polymodal.models.flava.heads import MaskedPredictionHead, masked_prediction_loss
+
+    head = MaskedPredictionHead(16, 10)
+    p = head.init(key=pr.key(0))
+    hidden = torch.randn(2, 5, 16, requires_grad=True)
+    none = torch.full((2, 5), -1)
+    loss = masked_prediction_loss(head, p, hidden, none)
+    loss.backward()
+    assert loss.item() == 0 and torch.isfinite(hidden.grad).all()
+    labels = none.clone()
+    labels[0, 1], labels[1, 3] = 4, 7
+    want = torch.nn.functional.cross_entropy(head(p, hidden)[labels != -1], labels[labels != -1])
+    torch.testing.assert_close(masked_prediction_loss(head, p, hidden, labels), want)
+    per_example = torch.func.vmap(lambda h, y: masked_prediction_loss(head, p, h, y))(hidden, none)
+    assert torch.equal(per_example, torch.zeros(2))
