@@ -80,7 +80,6 @@ def _model_rules(spec: FLAVAModel, t: str, o: str) -> tuple[Rule, ...]:
     return tuple(rules)
 
 
-@functools.lru_cache(maxsize=32)
 def refuse_conv_stem(spec: Any, where: str, library: str) -> None:
     """A ``ValueError`` naming the stem when ``spec``'s image encoder has one (``image_conv_stem``): the
     reference layouts have no weights for it."""
@@ -92,6 +91,7 @@ def refuse_conv_stem(spec: Any, where: str, library: str) -> None:
                          "has no weights for: build the model without image_conv_stem")
 
 
+@functools.lru_cache(maxsize=32)
 def torchmultimodal_table(spec: Any) -> Table:
     """The TorchMultimodal layout of a :class:`FLAVAModel`, :class:`FLAVAForPreTraining` or
     :class:`FLAVAForClassification` (as its ``state_dict()``)."""

@@ -52,7 +52,7 @@ class FLAVAForPreTraining(Spec):
     itm_labels=None, mlm_labels=None, *, text_attention_mask=None, image_codes=None, key=None,
     backprop_type="global") -> FLAVAPreTrainingOutput``. ``text_attention_mask (B, T)`` (1 = real; both texts')
     overrides the pad-id mask; ``image_codes (B, N)``: the dVAE's codes when already known (see
-    :meth:`image_codes`), in place of ``image_for_codebook``.
+    :meth:`image_codes`), used instead of tokenising ``image_for_codebook``.
 
     ``image_for_codebook (B, 3, 112, 112)`` is tokenised by the dVAE (no gradient) into MIM targets at the
     masked patches (``image_patches_mask (B, N)``, as many patches as the image encoder's).

@@ -192,16 +192,15 @@ class FLAVATask:
         k = pr.split(key, 3)
         p = batch["paired"]
         codes = self.image_codes(params, p)
-        parts = [self.model(params, p["image"], p["text"], None if codes is not None else p["image_for_codebook"],
-                            p["image_patches_mask"], p["text_masked"], itm_labels=p["itm_labels"],
+        parts = [self.model(params, p["image"], p["text"], p["image_for_codebook"], p["image_patches_mask"],
+                            p["text_masked"], itm_labels=p["itm_labels"],
                             mlm_labels=p["mlm_labels"], image_codes=codes, key=k[0],
                             backprop_type="global" if world > 1 else "none").losses]
         if "image" in batch:
             i = batch["image"]
             codes = self.image_codes(params, i)
-            parts.append(self.model(params, i["image"], None, None if codes is not None else i["image_for_codebook"],
-                                    i["image_patches_mask"], required_embedding="image", image_codes=codes,
-                                    key=k[1]).losses)
+            parts.append(self.model(params, i["image"], None, i["image_for_codebook"], i["image_patches_mask"],
+                                    required_embedding="image", image_codes=codes, key=k[1]).losses)
         if "text" in batch:
             t = batch["text"]
             parts.append(self.model(params, None, None, text_masked=t["text_masked"], mlm_labels=t["mlm_labels"],
