@@ -9,8 +9,9 @@ cross-entropy, backward and an AdamW update of every parameter as each library t
 the default): TorchMultimodal with torch's default implementation (``examples/omnivore/train.py``'s
 ``--opt adamw``), polymodal with the fused kernel (``polymodal.train``'s ``default_optimizer``);
 ``--optimizer sgd`` gives both the same plain SGD step, so the models' own share compares like for like.
-Times are CPU time of this process (the machine may be shared), best and median of ``--iters`` interleaved rounds (ten times as many for ``tiny``)
-after ``--warmup`` runs (and the compilation); ratio = TorchMultimodal time / polymodal time.
+Times are CPU time of this process (the machine may be shared), best and median of ``--iters`` interleaved
+rounds (ten times as many for ``tiny``) after ``--warmup`` runs (and the compilation); ratio =
+TorchMultimodal time / polymodal time.
 """
 
 from __future__ import annotations

@@ -112,8 +112,8 @@ class FLAVATask:
         self.root = pr.fold_in(pr.key(loop.seed), 7)
         self.name, self.title = f"flava-{preset}", f"FLAVA {preset} on synthetic shapes"
         self.special_ids = [self.vocab[t] for t in _SPECIALS]
-        n = self.model.model.image_encoder.num_patches
-        self._codes = torch.full((len(self.train_set), n), -1, dtype=torch.int32)  # dVAE codes by sample index
+        n = self.model.model.image_encoder.num_patches  # the dVAE's codes by sample index (-1: not yet computed)
+        self._codes = torch.full((len(self.train_set), n), -1, dtype=torch.int32) if options.cache_codes else None
 
     def init(self, key: Tensor) -> tuple[Params, None]:
         return self.model.init(key=key), None
