@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..layers import LayerNorm
+from ..layers import linear_kernel as lk
 from ..layers.activation import activation as get_activation
 from ..pytree import Params
 from .gpt import MultimodalGPT
@@ -71,8 +72,10 @@ def _ln(p: Params) -> tuple:
     return p.get("weight"), p.get("bias")
 
 
-def plan(model: MultimodalGPT, params: Params) -> DecodePlan:
-    """Read the weights a decoding step needs once (views, no copies)."""
+def plan(model: MultimodalGPT, params: Params, rows: int | None = None) -> DecodePlan:
+    """Read the weights a decoding step needs once (views, no copies). ``rows``: the batch size the steps
+    will run, to pack every matrix for oneDNN's GEMV once (:func:`~..layers.linear_kernel.pack`: CPU float32;
+    on the fast path a step then reads each weight at about twice the rate); None keeps them dense."""
     if not supports(model):
         raise ValueError("gpt_decode.plan: expected pre-norm decoder layers without cross-attention, with fused q/k/v "
                          "and plain LayerNorms (see gpt_decode.supports)")
@@ -83,15 +86,19 @@ def plan(model: MultimodalGPT, params: Params) -> DecodePlan:
                        a["out_proj"].get("bias"), *_ln(p["norm2"]), p["linear1"]["weight"], p["linear1"].get("bias"),
                        p["linear2"]["weight"], p["linear2"].get("bias")))
     proj = None if model.out_proj is None else (params["out_proj"]["weight"], params["out_proj"].get("bias"))
+    logit_weight = params["to_logit"]["weight"][model.num_in_tokens:]
+    if rows is not None:  # the matrices: in_proj, out_proj, linear1, linear2 of every layer, and the logits
+        layers = [tuple(lk.pack(t, rows) if i in (2, 4, 8, 10) else t for i, t in enumerate(w)) for w in layers]
+        logit_weight = lk.pack(logit_weight, rows)
     layer = model.decoder.layer
-    return DecodePlan(tuple(layers), _ln(params["norm"]), params["to_logit"]["weight"][model.num_in_tokens:],
-                      params["out_embed"]["weight"], proj, model.out_pos(params["out_pos"]), layer.num_heads,
-                      layer.layer_norm_eps, layer.activation, LayerNorm(model.d_model).eps)
+    return DecodePlan(tuple(layers), _ln(params["norm"]), logit_weight, params["out_embed"]["weight"], proj,
+                      model.out_pos(params["out_pos"]), layer.num_heads, layer.layer_norm_eps, layer.activation,
+                      LayerNorm(model.d_model).eps)
 
 
 def _logits(pl: DecodePlan, h: Tensor) -> Tensor:
     """``(B, D) -> (B, num_out_tokens)``: final norm and the output modality's logits."""
-    return F.linear(F.layer_norm(h, h.shape[-1:], *pl.norm, pl.final_eps), pl.logit_weight)
+    return lk.linear(F.layer_norm(h, h.shape[-1:], *pl.norm, pl.final_eps), pl.logit_weight)
 
 
 def prefill(model: MultimodalGPT, params: Params, pl: DecodePlan, in_ids: Tensor,
@@ -124,15 +131,19 @@ def _layer(pl: DecodePlan, w: tuple, x: Tensor, kv: Tensor, write: int | Tensor,
     n1w, n1b, wqkv, bqkv, wo, bo, n2w, n2b, w1, b1, w2, b2 = w
     b, d = x.shape
     hd = pl.num_heads
-    qkv = F.linear(F.layer_norm(x, (d,), n1w, n1b, pl.eps), wqkv, bqkv).view(b, 3, hd, 1, d // hd)
+    qkv = lk.linear(F.layer_norm(x, (d,), n1w, n1b, pl.eps), wqkv, bqkv).view(b, 3, hd, 1, d // hd)
     if isinstance(write, int):
         kv[:, :, :, write:write + 1].copy_(qkv[:, 1:].transpose(0, 1))
     else:  # index_put_ on the graph's input buffer: torch.compile keeps it in place
         kv[:, :, :, write.reshape(1)] = qkv[:, 1:].transpose(0, 1)
     y = attend(qkv[:, 0], kv[0], kv[1]).reshape(b, d)
-    x = x + F.linear(y, wo, bo)
-    hdn = get_activation(pl.activation)(F.linear(F.layer_norm(x, (d,), n2w, n2b, pl.eps), w1, b1))
-    return x + F.linear(hdn, w2, b2)
+    x = x + lk.linear(y, wo, bo)
+    h = F.layer_norm(x, (d,), n2w, n2b, pl.eps)
+    if pl.activation in lk.FUSED_ACTIVATIONS:
+        h = lk.linear(h, w1, b1, pl.activation)
+    else:
+        h = get_activation(pl.activation)(lk.linear(h, w1, b1))
+    return x + lk.linear(h, w2, b2)
 
 
 def decode_step(pl: DecodePlan, tok: Tensor, t: int, kv: tuple[Tensor, ...], start: int) -> Tensor:

@@ -110,7 +110,7 @@ def _generate(model: MultimodalGPT, params: Params, in_ids: Tensor, key: Tensor 
             if t + 1 < n:
                 logits, cache = model.step(params, tok, t, cache, pos_table=pos_table)
         return out
-    pl = gpt_decode.plan(model, params)
+    pl = gpt_decode.plan(model, params, rows=None if compile else b)  # the compiled step keeps dense weights
     logits, kv = gpt_decode.prefill(model, params, pl, in_ids, n)
     start = 1 + in_ids.shape[-1]
     step = gpt_decode.compiled_decode_step() if compile else None

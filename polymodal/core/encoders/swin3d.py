@@ -35,7 +35,6 @@ from torch import Tensor
 from .. import random as pr
 from ..pytree import Params
 from ..spec import Spec, check_floating
-from ..layers.activation import gelu
 from ..layers.dropout import drop_path, dropout as _dropout
 from ..layers.init import uniform_fan_in
 from ..layers.linear import Linear
@@ -209,7 +208,7 @@ class SwinTransformerBlock3d(Spec):
         y = self.attn()(params["attn"], self.norm()(params["norm1"], x), key=k_attn)
         x = x + drop_path(y, self.stochastic_depth_prob, key=k_dp1, batch_dims=batch_dims)
         fc1, fc2 = self.mlp()
-        h = _dropout(gelu(fc1(params["mlp"]["0"], self.norm()(params["norm2"], x))), self.dropout, key=k_h)
+        h = _dropout(fc1(params["mlp"]["0"], self.norm()(params["norm2"], x), activation="gelu"), self.dropout, key=k_h)
         y = _dropout(fc2(params["mlp"]["3"], h), self.dropout, key=k_o)
         return x + drop_path(y, self.stochastic_depth_prob, key=k_dp2, batch_dims=batch_dims)
 

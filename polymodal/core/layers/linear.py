@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch.nn.functional as F
 from torch import Tensor
 
 from .. import random as pr
 from ..pytree import Params
 from ..spec import Spec, check_floating, check_last_dim, check_param_dtype, check_sizes, take_params
 from .init import initializer
+from .linear_kernel import linear
 
 __all__ = ["Linear", "Identity"]
 
@@ -50,12 +50,15 @@ class Linear(Spec):
     def __post_init__(self) -> None:
         check_sizes(self, in_features=self.in_features, out_features=self.out_features)
 
-    def __call__(self, params: Params, x: Tensor) -> Tensor:
+    def __call__(self, params: Params, x: Tensor, *, activation: str | None = None) -> Tensor:
+        """``x (*, in_features) -> (*, out_features)``; ``activation`` (one of
+        :data:`~.linear_kernel.FUSED_ACTIVATIONS`) is applied to the output, fused into the GEMM where
+        :func:`~.linear_kernel.linear` runs on oneDNN (CPU inference)."""
         w, b = take_params(params, self, weight=True, bias=self.bias)
         check_floating(x, "x", self)
         check_last_dim(x, "x", self.in_features, self)
         check_param_dtype(x, "x", w, self)
-        return F.linear(x, w, b)
+        return linear(x, w, b, activation)
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ import torch
 from polymodal.core import random as pr
 from polymodal.core.encoders import gpt_decode
 from polymodal.core.encoders.gpt_generate import generate, sample_logits
+from polymodal.core.layers import linear_kernel as lk
 from polymodal.models.mugen import text_video_gpt
 
 TEXT_TOKENS, TEXT_LEN, LATENT, CODES = 11, 4, (2, 2, 3), 9
@@ -77,6 +78,28 @@ def test_static_cache_samples_equal_the_joint_vocabulary_sampler_and_the_full_pa
         assert torch.equal(got, want)
         assert torch.equal(got, generate(spec, p, x_in, key=key, temperature=temperature, top_k=top_k, top_p=top_p,
                                          use_cache=False))
+
+
+def test_packed_weights_decode_the_same_tokens():
+    # d_model 240: q/k/v, the MLP and the logits are over linear_kernel.MIN_PACK elements (out_proj is not), so
+    # plan(rows=B) packs them for oneDNN
+    spec = text_video_gpt(TEXT_TOKENS, TEXT_LEN, LATENT, 600, 8, d_model=240, num_heads=4, num_layers=2)
+    p = spec.init(key=pr.key(0))
+    p["to_logit"]["weight"] = pr.normal(pr.key(1), p["to_logit"]["weight"].shape) * 0.2
+    x_in, x_out = ids(2, 3, TEXT_LEN, TEXT_TOKENS), ids(3, 3, spec.out_len, 600)
+    pl = gpt_decode.plan(spec, p, rows=3)
+    packed = [t for w in pl.layers for t in w if isinstance(t, lk.Packed)] + [pl.logit_weight] * isinstance(
+        pl.logit_weight, lk.Packed)
+    assert len(packed) == (3 * 2 + 1 if lk.available() else 0)
+    full = spec(p, x_in, x_out).logits[:, TEXT_LEN:, spec.num_in_tokens:]
+    with torch.no_grad():
+        logits, kv = gpt_decode.prefill(spec, p, pl, x_in, spec.out_len)
+        steps = [logits] + [gpt_decode.decode_step(pl, x_out[:, t], t, kv, 1 + TEXT_LEN)
+                            for t in range(spec.out_len - 1)]
+    torch.testing.assert_close(torch.stack(steps, 1), full, rtol=1e-4, atol=1e-4)
+    key = pr.key(4)
+    assert torch.equal(generate(spec, p, x_in, key=key, top_k=50), generate(spec, p, x_in, key=key, top_k=50,
+                                                                             use_cache=False))
 
 
 def test_unsupported_stacks_fall_back_to_the_growing_cache(monkeypatch):

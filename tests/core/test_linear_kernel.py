@@ -1,0 +1,100 @@
+"""``linear_kernel.linear``: oneDNN on CPU inference, ``F.linear`` everywhere else, the same function.
+
+The fast path must equal ``F.linear`` + activation up to float rounding, be taken only where nothing but
+rounding can tell (no gradient recorded, no ``torch.func`` transform, float32 CPU, big enough), and leave
+autograd and ``vmap`` on the ops they always saw. Packed weights (decoding) must give the dense result.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
+
+from polymodal.core.layers import linear_kernel as lk
+from polymodal.core.layers.activation import activation as get_activation
+
+onednn = pytest.mark.skipif(not lk.available(), reason="this torch build has no oneDNN linear")
+ACTS = [None, *sorted(lk.FUSED_ACTIVATIONS)]
+
+
+def reference(x, w, b, act):
+    y = F.linear(x, w, b)
+    return y if act is None else get_activation(act)(y)
+
+
+@settings(max_examples=25, deadline=None)
+@given(rows=st.integers(1, 300), k=st.integers(1, 200), n=st.integers(1, 200), lead=st.integers(0, 2),
+       bias=st.booleans(), act=st.sampled_from(ACTS), transpose=st.booleans(), seed=st.integers(0, 2**16))
+def test_equals_f_linear_and_the_activation(rows, k, n, lead, bias, act, transpose, seed):
+    g = torch.Generator().manual_seed(seed)
+    shape = (2,) * lead + (rows, k)
+    x = torch.randn(shape, generator=g)
+    if transpose and lead:  # a non-contiguous input
+        x = torch.randn(shape[:-3] + (rows, 2, k), generator=g).transpose(-3, -2)
+    w, b = torch.randn(n, k, generator=g) / k**0.5, torch.randn(n, generator=g) if bias else None
+    old = lk.MIN_MACS
+    try:
+        lk.MIN_MACS = 0  # every size on the fast path (where it applies)
+        with torch.no_grad():
+            assert lk.fast_path(x, w, b) == lk.available()
+            got = lk.linear(x, w, b, act)
+    finally:
+        lk.MIN_MACS = old
+    torch.testing.assert_close(got, reference(x, w, b, act), rtol=1e-5, atol=1e-5)
+
+
+@onednn
+def test_fast_path_only_where_nothing_but_rounding_differs():
+    x, w, b = torch.randn(64, 512), torch.randn(512, 512), torch.randn(512)
+    assert x.numel() * w.shape[0] >= lk.MIN_MACS
+    assert lk.fast_path(x, w, b)  # plain tensors, grad mode on, nothing requires grad
+    assert not lk.fast_path(x[:1], w, b)  # under MIN_MACS multiply-adds: MKL's lower per-call cost wins
+    assert not lk.fast_path(x.double(), w.double(), b.double())
+    assert not lk.fast_path(x, w.t(), b)  # a non-contiguous weight
+    assert not lk.fast_path(x.requires_grad_(), w, b)  # autograd records: F.linear
+    with torch.no_grad():
+        assert lk.fast_path(x, w, b)
+    x.requires_grad_(False)
+    seen = []
+    torch.func.vmap(lambda xi: seen.append(lk.fast_path(xi, w, b)) or xi)(x.expand(2, 64, 512))  # xi (64, 512)
+    assert seen == [False]  # under a transform: F.linear, which has the batching rule
+    torch.backends.mkldnn.enabled, was = False, torch.backends.mkldnn.enabled
+    try:
+        assert not lk.fast_path(x, w, b)
+    finally:
+        torch.backends.mkldnn.enabled = was
+
+
+def test_gradients_and_vmap_see_f_linear():
+    x, w, b = torch.randn(64, 512, requires_grad=True), torch.randn(512, 512, requires_grad=True), torch.randn(512)
+    y = lk.linear(x, w, b, "gelu")
+    assert y.grad_fn is not None and "Gelu" in type(y.grad_fn).__name__
+    gx, gw = torch.autograd.grad(y.square().sum(), (x, w))
+    x2, w2 = x.detach().requires_grad_(), w.detach().requires_grad_()
+    ex, ew = torch.autograd.grad(F.gelu(F.linear(x2, w2, b)).square().sum(), (x2, w2))
+    torch.testing.assert_close((gx, gw), (ex, ew))
+    per = torch.func.vmap(torch.func.grad(lambda xi: lk.linear(xi, w.detach(), b, "relu").sum()))(x.detach())
+    torch.testing.assert_close(per, torch.func.vmap(torch.func.grad(lambda xi: F.relu(F.linear(xi, w.detach(), b)).sum()))(x.detach()))
+
+
+@pytest.mark.parametrize("act", ACTS)
+def test_packed_weights_give_the_dense_result(act):
+    w, b = torch.randn(768, 256) / 16, torch.randn(768)
+    p = lk.pack(w, rows=4)
+    assert isinstance(p, lk.Packed) == lk.available()
+    for x in (torch.randn(4, 256), torch.randn(3, 5, 256), torch.randn(1, 256)):
+        with torch.no_grad():
+            torch.testing.assert_close(lk.linear(x, p, b, act), reference(x, w, b, act), rtol=1e-5, atol=1e-5)
+    # a gradient through a packed weight: the dense original (the packed copy is never differentiated)
+    x, wd = torch.randn(4, 256, requires_grad=True), w.clone().requires_grad_()
+    pd = lk.pack(wd, rows=4)
+    lk.linear(x, pd, b).sum().backward()
+    torch.testing.assert_close(wd.grad, torch.ones(4, 768).t() @ x.detach())
+
+
+def test_small_weights_stay_dense_and_bad_activations_are_named():
+    w = torch.randn(16, 8)
+    assert lk.pack(w, rows=4) is w  # under MIN_PACK: a GEMV over it is faster on MKL
+    assert lk.pack(w.double().repeat(200, 200), rows=4).dtype == torch.float64  # not float32: kept dense
+    with pytest.raises(ValueError, match="activation must be one of .* got 'swishy'"):
+        lk.linear(torch.randn(2, 8), w, None, "swishy")
