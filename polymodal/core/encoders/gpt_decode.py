@@ -87,13 +87,25 @@ def plan(model: MultimodalGPT, params: Params, rows: int | None = None) -> Decod
                        p["linear2"]["weight"], p["linear2"].get("bias")))
     proj = None if model.out_proj is None else (params["out_proj"]["weight"], params["out_proj"].get("bias"))
     logit_weight = params["to_logit"]["weight"][model.num_in_tokens:]
+    layer = model.decoder.layer
+    act = layer.activation
     if rows is not None:  # the matrices: in_proj, out_proj, linear1, linear2 of every layer, and the logits
+        if act == "quick_gelu" and lk.available():
+            layers, act = [_fold_quick_gelu(w) for w in layers], "silu"
         layers = [tuple(lk.pack(t, rows) if i in (2, 4, 8, 10) else t for i, t in enumerate(w)) for w in layers]
         logit_weight = lk.pack(logit_weight, rows)
-    layer = model.decoder.layer
     return DecodePlan(tuple(layers), _ln(params["norm"]), logit_weight, params["out_embed"]["weight"], proj,
-                      model.out_pos(params["out_pos"]), layer.num_heads, layer.layer_norm_eps, layer.activation,
+                      model.out_pos(params["out_pos"]), layer.num_heads, layer.layer_norm_eps, act,
                       LayerNorm(model.d_model).eps)
+
+
+def _fold_quick_gelu(w: tuple) -> tuple:
+    """``quick_gelu(y) = y sigmoid(1.702 y) = silu(1.702 y) / 1.702``: scale ``linear1`` by 1.702 and ``linear2``'s
+    weight by 1 / 1.702, and the MLP is ``linear2(silu(linear1(x)))``, whose activation oneDNN fuses into the GEMM
+    (it has no post-op for quick_gelu). Copies; the model's weights are untouched."""
+    *head, w1, b1, w2, b2 = w
+    c = 1.702
+    return (*head, w1 * c, None if b1 is None else b1 * c, w2 / c, b2)
 
 
 def _logits(pl: DecodePlan, h: Tensor) -> Tensor:

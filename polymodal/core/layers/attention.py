@@ -32,6 +32,7 @@ from ..pytree import Params
 from ..spec import Spec, check_floating, check_sizes
 from .attention_kernel import repeat_kv, sdpa
 from .init import initializer
+from .linear_kernel import linear
 
 __all__ = ["attention", "split_heads", "merge_heads", "MultiHeadAttention", "AttentionOutput"]
 
@@ -351,7 +352,7 @@ class MultiHeadAttention(Spec):
         positions = query_pos is not None or key_pos is not None
         if not cross and self.fused and not positions:  # self-attention: q, k and v from one matmul
             b = params.get("in_proj_bias")
-            qkv = F.linear(x, params["in_proj_weight"], b).chunk(3, dim=-1)
+            qkv = linear(x, params["in_proj_weight"], b).chunk(3, dim=-1)  # oneDNN on CPU inference
             q, k, v = (split_heads(t, self.num_heads) for t in qkv)
             if cache is not None:
                 k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
@@ -371,7 +372,7 @@ class MultiHeadAttention(Spec):
             need_weights=need_weights, head_mask=head_mask,
         )
         out_p = params["out_proj"]
-        y = F.linear(merge_heads(out), out_p["weight"], out_p.get("bias"))
+        y = linear(merge_heads(out), out_p["weight"], out_p.get("bias"))
         new_cache = None
         if cache is not None or use_cache:
             new_cache = {"k": k, "v": v}

@@ -174,6 +174,20 @@ def shifted_window_mask(
     return differ.to(dtype) * -100.0
 
 
+def _mask(padded: tuple, window: tuple, shift: tuple, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """:func:`shifted_window_mask`, made once per (sizes, dtype, device) outside ``torch.compile`` (a dozen small
+    ops per shifted block otherwise)."""
+    if torch.compiler.is_compiling():
+        return shifted_window_mask(padded, window, shift, dtype, device)
+    return _cached_mask(padded, window, shift, dtype, device)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_mask(padded: tuple, window: tuple, shift: tuple, dtype: torch.dtype, device: torch.device) -> Tensor:
+    with torch.inference_mode(False):  # usable by a later call that trains (as _flat_index)
+        return shifted_window_mask(padded, window, shift, dtype, device)
+
+
 @dataclass(frozen=True)
 class ShiftedWindowAttention3d(Spec):
     """(Shifted) window self-attention with relative position bias: ``(*, T, H, W, dim)`` -> same.
@@ -256,7 +270,7 @@ class ShiftedWindowAttention3d(Spec):
         q, k, v = qkv.movedim(-3, 0).transpose(-3, -2).unbind(0)  # each (*, nW, heads, N, head_dim)
         bias = relative_position_bias(table, self.window_size, window).to(q.dtype)  # (heads, N, N)
         if shifted:
-            mask = shifted_window_mask(padded, window, shift, q.dtype, q.device)  # (nW, N, N)
+            mask = _mask(padded, window, shift, q.dtype, q.device)  # (nW, N, N)
             bias = bias + mask[:, None]  # (nW, heads, N, N)
         k_attn, k_out = pr.maybe_split(key, 2)
         if k_attn is not None and self.attention_dropout > 0:
