@@ -196,7 +196,8 @@ class ShiftedWindowAttention3d(Spec):
     torchvision's ``ShiftedWindowAttention3d``. Without attention dropout it runs on the fused
     kernel (``F.scaled_dot_product_attention``, vmap-batched on CPU by
     :mod:`polymodal.core.layers.attention_kernel`) with the bias
-    and shift mask as its additive mask; with it, on explicit softmax. ``key`` drives both dropouts.
+    and shift mask as its additive mask; with it, and on CPU when the bias takes a gradient (SDPA's
+    CPU kernel would fall back to its guarded math path), on explicit softmax. ``key`` drives both dropouts.
 
     >>> import torch
     >>> from polymodal.core import random as pr
@@ -273,9 +274,13 @@ class ShiftedWindowAttention3d(Spec):
             mask = _mask(padded, window, shift, q.dtype, q.device)  # (nW, N, N)
             bias = bias + mask[:, None]  # (nW, heads, N, N)
         k_attn, k_out = pr.maybe_split(key, 2)
-        if k_attn is not None and self.attention_dropout > 0:
+        drop = k_attn is not None and self.attention_dropout > 0
+        # On CPU, SDPA's fused kernel gives no gradient to a mask, so with a learnt bias it takes its math path,
+        # whose guard against fully masked rows (an `all`, an `isneginf` and a `where` per call: ~3 % of a
+        # swin_t train step) window attention never needs. The formula itself, as torchvision writes it:
+        if drop or (q.device.type == "cpu" and torch.is_grad_enabled() and bias.requires_grad):
             scores = (q * head_dim**-0.5) @ k.transpose(-2, -1) + bias
-            out = _dropout(scores.softmax(-1), self.attention_dropout, key=k_attn) @ v
+            out = _dropout(scores.softmax(-1), self.attention_dropout, key=k_attn if drop else None) @ v
         else:
             # Every (window, head) is its own attention. Unshifted, the (heads, N, N) bias broadcasts
             # over batch x windows; shifted, the (windows, heads) bias broadcasts over the batch.
