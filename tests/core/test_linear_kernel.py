@@ -58,6 +58,8 @@ def test_fast_path_only_where_nothing_but_rounding_differs():
     seen = []
     torch.func.vmap(lambda xi: seen.append(lk.fast_path(xi, w, b)) or xi)(x.expand(2, 64, 512))  # xi (64, 512)
     assert seen == [False]  # under a transform: F.linear, which has the batching rule
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts F.linear: the result is bf16
+        assert not lk.fast_path(x, w, b) and lk.linear(x, w, b).dtype == torch.bfloat16
     torch.backends.mkldnn.enabled, was = False, torch.backends.mkldnn.enabled
     try:
         assert not lk.fast_path(x, w, b)

@@ -11,9 +11,10 @@ layout, and a GEMV over it then streams the weight at about twice MKL's rate.
 The fast path is taken only where it computes the same function as the fallback and nothing can
 tell the difference but float rounding: float32, CPU, oneDNN present and enabled, plain tensors
 (no subclass, no ``vmap`` / ``grad`` transform active), no input requiring a gradient while grad
-mode is on, and not while ``torch.compile`` traces (inductor makes its own choice there). Anywhere
-else it is ``F.linear`` followed by the activation, so autograd, ``torch.func`` transforms and
-compilation see exactly the ops they always did. :func:`fast_path` says which one a call takes.
+mode is on, no CPU autocast (it casts ``F.linear``'s inputs, not oneDNN's), and not while
+``torch.compile`` traces (inductor makes its own choice there). Anywhere else it is ``F.linear``
+followed by the activation, so autograd, ``torch.func`` transforms, autocast and compilation see
+exactly the ops they always did. :func:`fast_path` says which one a call takes.
 
 >>> import torch
 >>> x, w, b = torch.randn(5, 3), torch.randn(4, 3), torch.randn(4)
@@ -96,7 +97,7 @@ def fast_path(x: Tensor, w: Tensor | Packed, b: Tensor | None = None) -> bool:
     if torch.is_grad_enabled() and (x.requires_grad or dense.requires_grad or (b is not None and b.requires_grad)):
         return False
     return (torch.backends.mkldnn.enabled and (packed or dense.is_contiguous()) and not torch.compiler.is_compiling()
-            and not _transforms_active())
+            and not _transforms_active() and not torch.is_autocast_enabled("cpu"))  # autocast casts F.linear only
 
 
 def linear(x: Tensor, w: Tensor | Packed, b: Tensor | None = None, activation: str | None = None) -> Tensor:
