@@ -60,6 +60,9 @@ def test_fast_path_only_where_nothing_but_rounding_differs():
     assert seen == [False]  # under a transform: F.linear, which has the batching rule
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts F.linear: the result is bf16
         assert not lk.fast_path(x, w, b) and lk.linear(x, w, b).dtype == torch.bfloat16
+    with torch.no_grad():  # torch.jit.trace records aten::linear, not the oneDNN op (portable graphs, ONNX)
+        graph = str(torch.jit.trace(lambda t: lk.linear(t, w, b, "gelu"), (x,)).graph)
+    assert "aten::linear" in graph and "mkldnn" not in graph
     torch.backends.mkldnn.enabled, was = False, torch.backends.mkldnn.enabled
     try:
         assert not lk.fast_path(x, w, b)

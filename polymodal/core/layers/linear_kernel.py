@@ -12,7 +12,8 @@ The fast path is taken only where it computes the same function as the fallback 
 tell the difference but float rounding: float32, CPU, oneDNN present and enabled, plain tensors
 (no subclass, no ``vmap`` / ``grad`` transform active), no input requiring a gradient while grad
 mode is on, no CPU autocast (it casts ``F.linear``'s inputs, not oneDNN's), and not while
-``torch.compile`` traces (inductor makes its own choice there). Anywhere else it is ``F.linear``
+``torch.compile`` or ``torch.jit.trace`` traces (inductor makes its own choice; a traced graph, e.g. for
+the legacy ONNX exporter, must hold portable ops). Anywhere else it is ``F.linear``
 followed by the activation, so autograd, ``torch.func`` transforms, autocast and compilation see
 exactly the ops they always did. :func:`fast_path` says which one a call takes.
 
@@ -97,7 +98,8 @@ def fast_path(x: Tensor, w: Tensor | Packed, b: Tensor | None = None) -> bool:
     if torch.is_grad_enabled() and (x.requires_grad or dense.requires_grad or (b is not None and b.requires_grad)):
         return False
     return (torch.backends.mkldnn.enabled and (packed or dense.is_contiguous()) and not torch.compiler.is_compiling()
-            and not _transforms_active() and not torch.is_autocast_enabled("cpu"))  # autocast casts F.linear only
+            and not _transforms_active() and not torch.is_autocast_enabled("cpu")  # autocast casts F.linear only
+            and not torch.jit.is_tracing())  # a traced graph (the legacy ONNX exporter) records portable ops
 
 
 def linear(x: Tensor, w: Tensor | Packed, b: Tensor | None = None, activation: str | None = None) -> Tensor:
