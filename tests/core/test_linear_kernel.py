@@ -49,6 +49,10 @@ def test_fast_path_only_where_nothing_but_rounding_differs():
     assert x.numel() * w.shape[0] >= lk.MIN_MACS
     assert lk.fast_path(x, w, b)  # plain tensors, grad mode on, nothing requires grad
     assert not lk.fast_path(x[:1], w, b)  # under MIN_MACS multiply-adds: MKL's lower per-call cost wins
+    pw, pb = torch.nn.Parameter(w), torch.nn.Parameter(b)  # the shells' weights
+    assert not lk.fast_path(x, pw, pb)  # they require a gradient, and autograd records
+    with torch.no_grad():
+        assert lk.fast_path(x, pw, pb)
     assert not lk.fast_path(x.double(), w.double(), b.double())
     assert not lk.fast_path(x, w.t(), b)  # a non-contiguous weight
     assert not lk.fast_path(x.requires_grad_(), w, b)  # autograd records: F.linear

@@ -74,6 +74,9 @@ def _transforms_active() -> bool:
     return True if check is None else check()
 
 
+# tensors without a __torch_function__ of their own (nn.Parameter disables it: the shells' weights)
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
 # oneDNN's linear costs ~10 us more per call than MKL's GEMM, and gains 5-10 % on the GEMM itself: dense
 # weights take it from this many multiply-adds up (one core: ~0.1 ms of GEMM); packed weights always.
 MIN_MACS = 1 << 23
@@ -86,14 +89,14 @@ def fast_path(x: Tensor, w: Tensor | Packed, b: Tensor | None = None) -> bool:
     """Whether :func:`linear` runs ``x``, ``w``, ``b`` on oneDNN (else ``F.linear``)."""
     packed = isinstance(w, Packed)
     dense = w.weight if packed else w
-    if not (_HAS_OPS and type(x) is torch.Tensor and x.device.type == "cpu" and x.dtype == torch.float32
+    if not (_HAS_OPS and type(x) in _PLAIN and x.device.type == "cpu" and x.dtype == torch.float32
             and x.dim() >= 2 and dense.dim() == 2 and x.shape[-1] == dense.shape[1]):
         return False
     if not packed and x.numel() * dense.shape[0] < MIN_MACS:
         return False
-    if type(dense) is not torch.Tensor or dense.device.type != "cpu" or dense.dtype != torch.float32:
+    if type(dense) not in _PLAIN or dense.device.type != "cpu" or dense.dtype != torch.float32:
         return False
-    if b is not None and (type(b) is not torch.Tensor or b.dtype != torch.float32 or b.dim() != 1):
+    if b is not None and (type(b) not in _PLAIN or b.dtype != torch.float32 or b.dim() != 1):
         return False
     if torch.is_grad_enabled() and (x.requires_grad or dense.requires_grad or (b is not None and b.requires_grad)):
         return False
@@ -122,7 +125,7 @@ def pack(w: Tensor, rows: int) -> Tensor | Packed:
     """``w (out, in)`` reordered once for oneDNN GEMMs of about ``rows`` rows, as a :class:`Packed`; ``w`` itself
     where the fast path would not take it or it is under :data:`MIN_PACK` elements (then :func:`linear` is
     ``F.linear`` either way). Inference only: the packed copy does not follow later changes to ``w``."""
-    if not (available() and type(w) is torch.Tensor and w.device.type == "cpu" and w.dtype == torch.float32
+    if not (available() and type(w) in _PLAIN and w.device.type == "cpu" and w.dtype == torch.float32
             and w.dim() == 2 and w.numel() >= MIN_PACK and not _transforms_active()
             and not torch.compiler.is_compiling()):
         return w

@@ -12,6 +12,7 @@ from ..spec import Spec, check_sizes
 from .activation import activation
 from .dropout import dropout
 from .linear import Linear
+from .linear_kernel import FUSED_ACTIVATIONS
 from .norm import LayerNorm
 
 __all__ = ["MLP"]
@@ -79,9 +80,14 @@ class MLP(Spec):
         lins, norms = self._linears(), self._norms()
         act = activation(self.activation)
         keys = pr.maybe_split(key, len(lins))
+        fuse = not norms and self.activation in FUSED_ACTIVATIONS  # into the GEMM, on oneDNN (CPU inference)
         for i, lin in enumerate(lins[:-1]):
-            x = lin(params["layers"][i], x)
-            if norms:
-                x = norms[i](params["norms"][i], x)
-            x = dropout(act(x), self.dropout, key=keys[i])
+            if fuse:
+                x = lin(params["layers"][i], x, activation=self.activation)
+            else:
+                x = lin(params["layers"][i], x)
+                if norms:
+                    x = norms[i](params["norms"][i], x)
+                x = act(x)
+            x = dropout(x, self.dropout, key=keys[i])
         return lins[-1](params["layers"][-1], x)
