@@ -105,5 +105,9 @@ def test_small_weights_stay_dense_and_bad_activations_are_named():
     w = torch.randn(16, 8)
     assert lk.pack(w, rows=4) is w  # under MIN_PACK: a GEMV over it is faster on MKL
     assert lk.pack(w.double().repeat(200, 200), rows=4).dtype == torch.float64  # not float32: kept dense
-    with pytest.raises(ValueError, match="activation must be one of .* got 'swishy'"):
+    with pytest.raises(ValueError, match="unknown activation 'swishy'; expected one of"):
         lk.linear(torch.randn(2, 8), w, None, "swishy")
+    x, w = torch.randn(64, 512), torch.randn(512, 512) / 512**0.5  # on the fast path's sizes: unfused ones follow the GEMM
+    for name in ("quick_gelu", "geglu", "identity"):
+        with torch.no_grad():
+            torch.testing.assert_close(lk.linear(x, w, None, name), reference(x, w, None, name), rtol=1e-5, atol=1e-5)

@@ -36,7 +36,6 @@ from torch import Tensor
 
 from ..layers import LayerNorm
 from ..layers import linear_kernel as lk
-from ..layers.activation import activation as get_activation
 from ..pytree import Params
 from .gpt import MultimodalGPT
 
@@ -150,11 +149,7 @@ def _layer(pl: DecodePlan, w: tuple, x: Tensor, kv: Tensor, write: int | Tensor,
         kv[:, :, :, write.reshape(1)] = qkv[:, 1:].transpose(0, 1)
     y = attend(qkv[:, 0], kv[0], kv[1]).reshape(b, d)
     x = x + lk.linear(y, wo, bo)
-    h = F.layer_norm(x, (d,), n2w, n2b, pl.eps)
-    if pl.activation in lk.FUSED_ACTIVATIONS:
-        h = lk.linear(h, w1, b1, pl.activation)
-    else:
-        h = get_activation(pl.activation)(lk.linear(h, w1, b1))
+    h = lk.linear(F.layer_norm(x, (d,), n2w, n2b, pl.eps), w1, b1, pl.activation)
     return x + lk.linear(h, w2, b2)
 
 

@@ -51,9 +51,9 @@ class Linear(Spec):
         check_sizes(self, in_features=self.in_features, out_features=self.out_features)
 
     def __call__(self, params: Params, x: Tensor, *, activation: str | None = None) -> Tensor:
-        """``x (*, in_features) -> (*, out_features)``; ``activation`` (one of
-        :data:`~.linear_kernel.FUSED_ACTIVATIONS`) is applied to the output, fused into the GEMM where
-        :func:`~.linear_kernel.linear` runs on oneDNN (CPU inference)."""
+        """``x (*, in_features) -> (*, out_features)``; ``activation`` (a name of
+        :data:`~.activation.ACTIVATIONS`) is applied to the output, fused into the GEMM where
+        :func:`~.linear_kernel.linear` runs on oneDNN (CPU inference) and oneDNN has it."""
         w, b = take_params(params, self, weight=True, bias=self.bias)
         check_floating(x, "x", self)
         check_last_dim(x, "x", self.in_features, self)

@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .activation import activation as get_activation
+
 __all__ = ["Packed", "available", "fast_path", "linear", "pack", "FUSED_ACTIVATIONS", "MIN_MACS", "MIN_PACK"]
 
 # activation name -> (oneDNN post-op, its algorithm, the fallback)
@@ -107,10 +109,11 @@ def fast_path(x: Tensor, w: Tensor | Packed, b: Tensor | None = None) -> bool:
 
 def linear(x: Tensor, w: Tensor | Packed, b: Tensor | None = None, activation: str | None = None) -> Tensor:
     """``activation(x @ w.T + b)`` over the last axis: ``x (*, in)``, ``w (out, in)`` or :class:`Packed`,
-    ``b (out,)`` or None; ``activation`` one of :data:`FUSED_ACTIVATIONS` or None."""
+    ``b (out,)`` or None; ``activation`` a name of :data:`~.activation.ACTIVATIONS` or None. Those in
+    :data:`FUSED_ACTIVATIONS` are fused into oneDNN's GEMM where it runs; the others follow the GEMM."""
     post = _POST_OPS.get(activation)
-    if post is None and activation is not None:
-        raise ValueError(f"linear: activation must be one of {sorted(FUSED_ACTIVATIONS)} or None, got {activation!r}")
+    if post is None:  # one oneDNN cannot fuse (quick_gelu, geglu, ...): the registry's function after the GEMM
+        return get_activation(activation)(linear(x, w, b))
     attr, algorithm, act = post
     packed = type(w) is Packed
     # the common small case first, in as few operations as possible (this runs for every Linear); no size

@@ -12,7 +12,6 @@ from ..spec import Spec, check_sizes
 from .activation import activation
 from .dropout import dropout
 from .linear import Linear
-from .linear_kernel import FUSED_ACTIVATIONS
 from .norm import LayerNorm
 
 __all__ = ["MLP"]
@@ -80,9 +79,8 @@ class MLP(Spec):
         lins, norms = self._linears(), self._norms()
         act = activation(self.activation)
         keys = pr.maybe_split(key, len(lins))
-        fuse = not norms and self.activation in FUSED_ACTIVATIONS  # into the GEMM, on oneDNN (CPU inference)
         for i, lin in enumerate(lins[:-1]):
-            if fuse:
+            if not norms:  # the activation fused into the GEMM on oneDNN where it can be
                 x = lin(params["layers"][i], x, activation=self.activation)
             else:
                 x = lin(params["layers"][i], x)

@@ -18,11 +18,9 @@ from torch import Tensor
 from .. import random as pr
 from ..pytree import Params
 from ..spec import Spec, check_floating, check_last_dim
-from .activation import activation as get_activation
 from .attention import MultiHeadAttention
 from .dropout import drop_path, dropout
 from .linear import Linear
-from .linear_kernel import FUSED_ACTIVATIONS
 from .norm import LayerNorm
 
 __all__ = ["TransformerEncoderLayer", "TransformerDecoderLayer"]
@@ -64,10 +62,7 @@ class _LayerBase(Spec):
 
     def _feedforward(self, params: Params, x: Tensor, keys: list) -> Tensor:
         l1, l2 = self._ff()
-        if self.activation in FUSED_ACTIVATIONS:  # fused into the GEMM on oneDNN (CPU inference); else the same ops
-            h = l1(params["linear1"], x, activation=self.activation)
-        else:
-            h = get_activation(self.activation)(l1(params["linear1"], x))
+        h = l1(params["linear1"], x, activation=self.activation)  # fused into the GEMM on oneDNN where it can be
         return l2(params["linear2"], dropout(h, self.dropout, key=keys[0]))
 
     def _sub(self, params: Params, x: Tensor, norm: str, fn, keys: list) -> Tensor:
