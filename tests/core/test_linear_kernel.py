@@ -24,19 +24,21 @@ def reference(x, w, b, act):
 
 @settings(max_examples=25, deadline=None)
 @given(rows=st.integers(1, 300), k=st.integers(1, 200), n=st.integers(1, 200), lead=st.integers(0, 2),
-       bias=st.booleans(), act=st.sampled_from(ACTS), transpose=st.booleans(), seed=st.integers(0, 2**16))
+       bias=st.sampled_from([None, "dense", "strided"]), act=st.sampled_from(ACTS), transpose=st.booleans(),
+       seed=st.integers(0, 2**16))
 def test_equals_f_linear_and_the_activation(rows, k, n, lead, bias, act, transpose, seed):
     g = torch.Generator().manual_seed(seed)
     shape = (2,) * lead + (rows, k)
     x = torch.randn(shape, generator=g)
     if transpose and lead:  # a non-contiguous input
         x = torch.randn(shape[:-3] + (rows, 2, k), generator=g).transpose(-3, -2)
-    w, b = torch.randn(n, k, generator=g) / k**0.5, torch.randn(n, generator=g) if bias else None
+    w = torch.randn(n, k, generator=g) / k**0.5
+    b = None if bias is None else torch.randn(2 * n, generator=g)[:: 2 if bias == "strided" else 1][:n]
     old = lk.MIN_MACS
     try:
         lk.MIN_MACS = 0  # every size on the fast path (where it applies)
         with torch.no_grad():
-            assert lk.fast_path(x, w, b) == lk.available()
+            assert lk.fast_path(x, w, b) == (lk.available() and (bias != "strided" or n == 1))  # strided: F.linear
             got = lk.linear(x, w, b, act)
     finally:
         lk.MIN_MACS = old
@@ -55,6 +57,7 @@ def test_fast_path_only_where_nothing_but_rounding_differs():
         assert lk.fast_path(x, pw, pb)
     assert not lk.fast_path(x.double(), w.double(), b.double())
     assert not lk.fast_path(x, w.t(), b)  # a non-contiguous weight
+    assert not lk.fast_path(x, w, torch.randn(1024)[::2])  # a strided bias (oneDNN would read it densely)
     assert not lk.fast_path(x.requires_grad_(), w, b)  # autograd records: F.linear
     with torch.no_grad():
         assert lk.fast_path(x, w, b)

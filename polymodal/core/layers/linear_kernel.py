@@ -98,7 +98,8 @@ def fast_path(x: Tensor, w: Tensor | Packed, b: Tensor | None = None) -> bool:
         return False
     if type(dense) not in _PLAIN or dense.device.type != "cpu" or dense.dtype != torch.float32:
         return False
-    if b is not None and (type(b) not in _PLAIN or b.dtype != torch.float32 or b.dim() != 1):
+    if b is not None and (type(b) not in _PLAIN or b.dtype != torch.float32 or b.dim() != 1
+                          or not b.is_contiguous()):  # oneDNN reads a strided bias as if it were dense
         return False
     if torch.is_grad_enabled() and (x.requires_grad or dense.requires_grad or (b is not None and b.requires_grad)):
         return False
