@@ -143,7 +143,7 @@ def relative_position_bias(table: Tensor, window_size: Sequence[int], window: Se
         index = relative_position_index(window_size, table.device)[:n, :n].reshape(-1)
     else:  # every block of every call needs it: (3, N, N) integer arithmetic costs as much as a matmul
         index = _flat_index(tuple(window_size), n, table.device)
-    return table[index].reshape(n, n, -1).permute(2, 0, 1)
+    return table.index_select(0, index).reshape(n, n, -1).permute(2, 0, 1)  # index_select: half of [] indexing
 
 
 @functools.lru_cache(maxsize=64)
