@@ -107,7 +107,9 @@ def test_packed_weights_give_the_dense_result(act):
 def test_small_weights_stay_dense_and_bad_activations_are_named():
     w = torch.randn(16, 8)
     assert lk.pack(w, rows=4) is w  # under MIN_PACK: a GEMV over it is faster on MKL
-    assert lk.pack(w.double().repeat(200, 200), rows=4).dtype == torch.float64  # not float32: kept dense
+    wd = w.double().repeat(200, 200)
+    assert lk.pack(wd, rows=4) is wd  # not float32: kept dense, however large
+    assert isinstance(lk.pack(wd.float(), rows=4), lk.Packed) == lk.available()  # the same weight in float32
     with pytest.raises(ValueError, match="unknown activation 'swishy'; expected one of"):
         lk.linear(torch.randn(2, 8), w, None, "swishy")
     x, w = torch.randn(64, 512), torch.randn(512, 512) / 512**0.5  # on the fast path's sizes: unfused ones follow the GEMM

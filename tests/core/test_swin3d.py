@@ -393,7 +393,7 @@ def test_relative_position_bias_trains_after_a_first_call_in_inference_mode():
     leave an inference tensor that a later training call saves for backward."""
     from polymodal.core.layers import window as W
 
-    W._flat_index.cache_clear()
+    W._cached.cache_clear()
     table = torch.randn(27, 2, requires_grad=True)
     with torch.inference_mode():
         first = W.relative_position_bias(table.detach(), (2, 2, 2), (2, 2, 2))

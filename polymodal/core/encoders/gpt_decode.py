@@ -36,6 +36,7 @@ from torch import Tensor
 
 from ..layers import LayerNorm
 from ..layers import linear_kernel as lk
+from ..layers.activation import QUICK_GELU_SCALE
 from ..pytree import Params
 from .gpt import MultimodalGPT
 
@@ -103,7 +104,7 @@ def _fold_quick_gelu(w: tuple) -> tuple:
     weight by 1 / 1.702, and the MLP is ``linear2(silu(linear1(x)))``, whose activation oneDNN fuses into the GEMM
     (it has no post-op for quick_gelu). Copies; the model's weights are untouched."""
     *head, w1, b1, w2, b2 = w
-    c = 1.702
+    c = QUICK_GELU_SCALE
     return (*head, w1 * c, None if b1 is None else b1 * c, w2 / c, b2)
 
 

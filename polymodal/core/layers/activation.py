@@ -19,9 +19,12 @@ def gelu_tanh(x: Tensor) -> Tensor:
     return F.gelu(x, approximate="tanh")
 
 
+QUICK_GELU_SCALE = 1.702
+
+
 def quick_gelu(x: Tensor) -> Tensor:
     """CLIP's ``x * sigmoid(1.702 x)`` (TorchMultimodal calls it ``SiLU``)."""
-    return x * torch.sigmoid(1.702 * x)
+    return x * torch.sigmoid(QUICK_GELU_SCALE * x)
 
 
 def silu(x: Tensor) -> Tensor:

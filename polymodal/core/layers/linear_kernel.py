@@ -35,14 +35,14 @@ from .activation import activation as get_activation
 
 __all__ = ["Packed", "available", "fast_path", "linear", "pack", "FUSED_ACTIVATIONS", "MIN_MACS", "MIN_PACK"]
 
-# activation name -> (oneDNN post-op, its algorithm, the fallback)
+# activation name -> (oneDNN post-op, its algorithm); off the fast path the registry's function applies
 _POST_OPS = {
-    None: ("none", "", None),
-    "gelu": ("gelu", "none", F.gelu),
-    "gelu_tanh": ("gelu", "tanh", lambda t: F.gelu(t, approximate="tanh")),
-    "relu": ("relu", "", F.relu),
-    "silu": ("swish", "", F.silu),
-    "tanh": ("tanh", "", torch.tanh),
+    None: ("none", ""),
+    "gelu": ("gelu", "none"),
+    "gelu_tanh": ("gelu", "tanh"),
+    "relu": ("relu", ""),
+    "silu": ("swish", ""),
+    "tanh": ("tanh", ""),
 }
 FUSED_ACTIVATIONS = frozenset(k for k in _POST_OPS if k is not None)
 
@@ -112,17 +112,16 @@ def linear(x: Tensor, w: Tensor | Packed, b: Tensor | None = None, activation: s
     """``activation(x @ w.T + b)`` over the last axis: ``x (*, in)``, ``w (out, in)`` or :class:`Packed`,
     ``b (out,)`` or None; ``activation`` a name of :data:`~.activation.ACTIVATIONS` or None. Those in
     :data:`FUSED_ACTIVATIONS` are fused into oneDNN's GEMM where it runs; the others follow the GEMM."""
-    post = _POST_OPS.get(activation)
-    if post is None:  # one oneDNN cannot fuse (quick_gelu, geglu, ...): the registry's function after the GEMM
-        return get_activation(activation)(linear(x, w, b))
-    attr, algorithm, act = post
+    fn = None if activation is None else get_activation(activation)  # the registry's (its error for unknown names)
     packed = type(w) is Packed
     # the common small case first, in as few operations as possible (this runs for every Linear); no size
     # test while torch.compile traces (it would become a guard on the shapes)
     if not torch.compiler.is_compiling() and (packed or x.numel() * w.shape[0] >= MIN_MACS) and fast_path(x, w, b):
-        return torch.ops.mkldnn._linear_pointwise(x, w.packed if packed else w, b, attr, [], algorithm)
+        attr, algorithm = _POST_OPS.get(activation, ("none", ""))  # one oneDNN cannot fuse follows the GEMM
+        y = torch.ops.mkldnn._linear_pointwise(x, w.packed if packed else w, b, attr, [], algorithm)
+        return y if activation in _POST_OPS else fn(y)
     y = F.linear(x, w.weight if packed else w, b)
-    return y if act is None else act(y)
+    return y if fn is None else fn(y)
 
 
 def pack(w: Tensor, rows: int) -> Tensor | Packed:

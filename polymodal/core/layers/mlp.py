@@ -83,9 +83,6 @@ class MLP(Spec):
             if not norms:  # the activation fused into the GEMM on oneDNN where it can be
                 x = lin(params["layers"][i], x, activation=self.activation)
             else:
-                x = lin(params["layers"][i], x)
-                if norms:
-                    x = norms[i](params["norms"][i], x)
-                x = act(x)
+                x = act(norms[i](params["norms"][i], lin(params["layers"][i], x)))
             x = dropout(x, self.dropout, key=keys[i])
         return lins[-1](params["layers"][-1], x)

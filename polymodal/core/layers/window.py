@@ -139,20 +139,27 @@ def relative_position_index(window: Sequence[int], device: torch.device | str | 
 def relative_position_bias(table: Tensor, window_size: Sequence[int], window: Sequence[int]) -> Tensor:
     """``(heads, n, n)`` bias for the used ``window`` (n its volume) from a table of the configured ``window_size``."""
     n = math.prod(window)
-    if torch.compiler.is_compiling():  # traced once into the graph; no Python cache inside it
-        index = relative_position_index(window_size, table.device)[:n, :n].reshape(-1)
-    else:  # every block of every call needs it: (3, N, N) integer arithmetic costs as much as a matmul
-        index = _flat_index(tuple(window_size), n, table.device)
+    # every block of every call needs it: (3, N, N) integer arithmetic costs as much as a matmul
+    index = _static(_flat_index, tuple(window_size), n, table.device)
     return table.index_select(0, index).reshape(n, n, -1).permute(2, 0, 1)  # index_select: half of [] indexing
 
 
-@functools.lru_cache(maxsize=64)
 def _flat_index(window_size: tuple[int, ...], n: int, device: torch.device) -> Tensor:
-    """``relative_position_index(window_size)[:n, :n].reshape(-1)``, computed once per (window, n, device);
-    read-only (only ever used to index the table). Made outside inference mode: a cached inference tensor
-    could not be saved for backward when a later call trains."""
+    return relative_position_index(window_size, device)[:n, :n].reshape(-1)
+
+
+def _static(fn, *args) -> Tensor:
+    """``fn(*args)``, a tensor that depends only on the (hashable) ``args``: computed once per ``args`` and then
+    read (never written), except while ``torch.compile`` traces (traced once into the graph; no Python cache
+    inside it)."""
+    return fn(*args) if torch.compiler.is_compiling() else _cached(fn, *args)
+
+
+@functools.lru_cache(maxsize=128)
+def _cached(fn, *args) -> Tensor:
+    # Made outside inference mode: a cached inference tensor could not be saved for backward when a later call trains.
     with torch.inference_mode(False):
-        return relative_position_index(window_size, device)[:n, :n].reshape(-1)
+        return fn(*args)
 
 
 def shifted_window_mask(
@@ -172,20 +179,6 @@ def shifted_window_mask(
     region = window_partition(region[..., None], window)[..., 0]  # (nW, N)
     differ = region[:, None, :] != region[:, :, None]
     return differ.to(dtype) * -100.0
-
-
-def _mask(padded: tuple, window: tuple, shift: tuple, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """:func:`shifted_window_mask`, made once per (sizes, dtype, device) outside ``torch.compile`` (a dozen small
-    ops per shifted block otherwise)."""
-    if torch.compiler.is_compiling():
-        return shifted_window_mask(padded, window, shift, dtype, device)
-    return _cached_mask(padded, window, shift, dtype, device)
-
-
-@functools.lru_cache(maxsize=64)
-def _cached_mask(padded: tuple, window: tuple, shift: tuple, dtype: torch.dtype, device: torch.device) -> Tensor:
-    with torch.inference_mode(False):  # usable by a later call that trains (as _flat_index)
-        return shifted_window_mask(padded, window, shift, dtype, device)
 
 
 @dataclass(frozen=True)
@@ -271,7 +264,7 @@ class ShiftedWindowAttention3d(Spec):
         q, k, v = qkv.movedim(-3, 0).transpose(-3, -2).unbind(0)  # each (*, nW, heads, N, head_dim)
         bias = relative_position_bias(table, self.window_size, window).to(q.dtype)  # (heads, N, N)
         if shifted:
-            mask = _mask(padded, window, shift, q.dtype, q.device)  # (nW, N, N)
+            mask = _static(shifted_window_mask, padded, window, tuple(shift), q.dtype, q.device)  # (nW, N, N)
             bias = bias + mask[:, None]  # (nW, heads, N, N)
         k_attn, k_out = pr.maybe_split(key, 2)
         drop = k_attn is not None and self.attention_dropout > 0

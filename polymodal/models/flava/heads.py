@@ -72,9 +72,9 @@ def masked_prediction_loss(head: MaskedPredictionHead, params: Params, hidden: T
     if hidden.shape[:-1] != labels.shape:
         raise ValueError(f"masked prediction loss: labels: expected shape {tuple(hidden.shape[:-1])} (the "
                          f"sequence's), got {tuple(labels.shape)}")
-    count = (labels != ignore_index).sum().clamp(min=1)
+    sel = labels != ignore_index
+    count = sel.sum().clamp(min=1)
     if reading_values_ok(labels):  # eager: only the labelled rows go through the head
-        sel = labels != ignore_index
         logits, target = head(params, hidden[sel]), labels[sel]
     else:
         logits, target = head(params, hidden).flatten(0, -2), labels.flatten()
