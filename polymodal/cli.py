@@ -302,7 +302,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     to = lambda t: tree_map(lambda x: x.to(device), t)  # noqa: E731
     print(f"evaluating {args.run} ({cfg['family']} {cfg.get('preset', '')}) on {device} ...", file=sys.stderr,
           flush=True)
-    with torch.no_grad():
+    from .core.layers.linear_kernel import frozen_weights
+
+    with torch.no_grad(), frozen_weights():  # each weight reordered for oneDNN once, not per batch (CPU)
         metrics = task.evaluate(to(run.params), None if run.state is None else to(run.state), device=device)
     for k, v in metrics.items():
         print(f"{k.removeprefix('eval/'):24s} {v:.4f}")

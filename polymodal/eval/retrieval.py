@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..core.layers.linear_kernel import frozen_weights
 from .zero_shot import encoders, split_batch
 
 __all__ = ["recall_at_k", "RetrievalAccumulator", "retrieval_metrics"]
@@ -117,16 +118,18 @@ def retrieval_metrics(model: Any, params: Any, batches: Iterable[Any], *, ks: Se
     """
     encode_image, encode_text = encoders(model, params, state)
     acc = RetrievalAccumulator()
-    for batch in batches:
+    scope = frozen_weights()  # the same weights for every batch: reordered for oneDNN once (CPU)
+    for batch in batches:  # the scope is entered per batch: the loader's own code runs outside it
         images, tokens = split_batch(batch)
-        img = encode_image(images)
-        if isinstance(tokens, Tensor) and tokens.dim() == 3:
-            b, k, t = tokens.shape
-            txt = encode_text(tokens.reshape(b * k, t).to(img.device)).reshape(b, k, -1)
-        elif isinstance(tokens, Tensor):
-            txt = encode_text(tokens.to(img.device))
-        else:
-            sizes = [len(t) for t in tokens]
-            txt = list(encode_text(torch.cat(list(tokens)).to(img.device)).split(sizes))
+        with scope:
+            img = encode_image(images)
+            if isinstance(tokens, Tensor) and tokens.dim() == 3:
+                b, k, t = tokens.shape
+                txt = encode_text(tokens.reshape(b * k, t).to(img.device)).reshape(b, k, -1)
+            elif isinstance(tokens, Tensor):
+                txt = encode_text(tokens.to(img.device))
+            else:
+                sizes = [len(t) for t in tokens]
+                txt = list(encode_text(torch.cat(list(tokens)).to(img.device)).split(sizes))
         acc.add(img, txt)
     return acc.compute(ks)

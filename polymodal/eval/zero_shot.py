@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..core.layers.linear_kernel import frozen_weights
+
 __all__ = ["zero_shot_classifier", "zero_shot_predict", "zero_shot_accuracy", "ZeroShotPrediction", "encoders",
            "split_batch"]
 
@@ -96,13 +98,15 @@ def zero_shot_classifier(model: Any, params: Any, tokenizer: Callable[[list[str]
         raise ValueError(f"zero_shot_classifier: templates: expected a non-empty list of templates, got {templates!r}")
     _, encode_text = encoders(model, params)
     device, columns, trim = _device(model, params), [], _text_trimmer(model) if trim_text else None
+    scope = frozen_weights()  # the same weights for every batch: reordered for oneDNN once (CPU)
     for i in range(0, len(classnames), classes_per_batch):
         names = classnames[i:i + classes_per_batch]
         tokens = tokenizer([p for n in names for p in _prompts(n, templates)])
         if trim is not None:  # prompts fill a fraction of the context: same embeddings, a fraction of the work
             tokens = trim(tokens)
         tokens = tokens.to(device)
-        emb = encode_text(tokens).reshape(len(names), len(templates), -1).mean(dim=1)
+        with scope:
+            emb = encode_text(tokens).reshape(len(names), len(templates), -1).mean(dim=1)
         columns.append(F.normalize(emb, dim=-1))
     return torch.cat(columns).T.contiguous()
 
@@ -155,9 +159,11 @@ def zero_shot_accuracy(model: Any, params: Any, batches: Iterable[Any], classifi
     correct = {k: 0 for k in topk}
     n = 0
     num_classes = classifier.shape[1]
+    scope = frozen_weights()  # the same weights for every batch: reordered for oneDNN once (CPU)
     for batch in batches:
         images, labels = split_batch(batch)
-        logits = zero_shot_predict(model, params, images, classifier, state=state).logits
+        with scope:
+            logits = zero_shot_predict(model, params, images, classifier, state=state).logits
         labels = torch.as_tensor(labels, device=logits.device)
         ranked = logits.topk(min(max(topk), num_classes), dim=-1).indices
         hit = ranked == labels[:, None]

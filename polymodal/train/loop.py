@@ -37,6 +37,7 @@ import torch.distributed as dist
 
 from ..core import pytree
 from ..core import random as pr
+from ..core.layers.linear_kernel import frozen_weights
 from ..core.layers.seam import default_policy, use_policy
 from .metrics import MetricsLog, plot_metrics, read_metrics
 from .policy import training_policy
@@ -370,7 +371,8 @@ def _eval(task, leaves, state, mesh, device) -> dict:
     params, state = pytree.unflatten(_full(leaves, mesh)), _full_state(state, mesh)
     if _rank_world()[0] != 0:
         return {}
-    with use_policy(default_policy), torch.no_grad():
+    # the weights hold still over the evaluation: each is reordered for oneDNN once (CPU), not per batch
+    with use_policy(default_policy), torch.no_grad(), frozen_weights():
         return task.evaluate(params, state, device=device)
 
 

@@ -116,3 +116,84 @@ def test_small_weights_stay_dense_and_bad_activations_are_named():
     for name in ("quick_gelu", "geglu", "identity"):
         with torch.no_grad():
             torch.testing.assert_close(lk.linear(x, w, None, name), reference(x, w, None, name), rtol=1e-5, atol=1e-5)
+
+
+def _copies(scope):
+    """The weights ``scope`` holds a oneDNN copy of (by id)."""
+    return {k for k, entry in scope._cache.items() if entry[3] is not None}
+
+
+@onednn
+@pytest.mark.parametrize("act", ACTS)
+def test_frozen_weights_reorder_once_and_give_the_dense_result(act):
+    x, w, b = torch.randn(3, 40, 512), torch.randn(1024, 512) / 512**0.5, torch.randn(1024)
+    scope = lk.frozen_weights()
+    with torch.no_grad(), scope:
+        first = lk.linear(x, w, b, act)
+        assert not _copies(scope)  # the first call only notes the weight (one made per call never costs a reorder)
+        second = lk.linear(x, w, b, act)
+        (packed,) = [scope._cache[id(w)][3]]
+        assert packed is not None and packed.layout == torch._mkldnn
+        for rows in (1, 7, 300):  # one copy serves every batch size
+            torch.testing.assert_close(lk.linear(x[0, :rows], w, b, act), reference(x[0, :rows], w, b, act),
+                                       rtol=1e-5, atol=1e-5)
+        assert scope._cache[id(w)][3] is packed
+    for got in (first, second):
+        torch.testing.assert_close(got, reference(x, w, b, act), rtol=1e-5, atol=1e-5)
+    assert lk._FROZEN.get() is None  # the scope is left: linear is back to reordering per call
+
+
+@onednn
+def test_frozen_weights_see_changes_through_the_tensor():
+    x, w = torch.randn(64, 512), torch.randn(512, 512) / 512**0.5
+    with torch.no_grad(), lk.frozen_weights() as scope:
+        for _ in range(2):
+            lk.linear(x, w)
+        assert id(w) in _copies(scope)
+        w.mul_(-2.0)  # in place: the version counter moves, so the copy is stale and not used
+        torch.testing.assert_close(lk.linear(x, w), x @ w.T, rtol=1e-5, atol=1e-5)
+        opt = torch.optim.SGD([p := torch.nn.Parameter(w.clone())], lr=0.01)
+        for _ in range(2):
+            lk.linear(x, p)
+        with torch.enable_grad():  # an optimizer step inside the scope (recorded grad: F.linear, no copy used)
+            lk.linear(x, p).sum().backward()
+        before = x @ p.detach().T
+        opt.step()
+        assert (x @ p.T - before).abs().max() > 0.1  # the step moves the outputs well past the tolerance
+        torch.testing.assert_close(lk.linear(x, p), x @ p.T, rtol=1e-4, atol=1e-4)
+        w2 = torch.randn(512, 512)
+        w.set_(w2)  # new storage for the same tensor object
+        torch.testing.assert_close(lk.linear(x, w), x @ w2.T, rtol=1e-4, atol=1e-4)
+
+
+@onednn
+def test_frozen_weights_hold_no_weight_alive_and_nest():
+    x = torch.randn(64, 512)
+    outer, inner = lk.frozen_weights(), lk.frozen_weights()
+    with torch.no_grad(), outer:
+        w = torch.randn(512, 512)
+        with inner:  # inside another scope, the outer one's copies serve
+            lk.linear(x, w), lk.linear(x, w)
+        assert id(w) in _copies(outer) and not inner._cache
+        ref = __import__("weakref").ref(w)
+        del w
+        assert ref() is None and not outer._cache  # the entry went with its weight
+    with torch.no_grad(), outer:  # entering again: the same copies
+        w = torch.randn(512, 512)
+        lk.linear(x, w), lk.linear(x, w)
+    assert id(w) in _copies(outer)
+    outer.clear()
+    assert not outer._cache
+
+
+def test_frozen_weights_leave_gradients_and_transforms_alone():
+    x, w = torch.randn(64, 512), torch.randn(512, 512, requires_grad=True)
+    with lk.frozen_weights() as scope:
+        y = lk.linear(x, w)
+        y.sum().backward()
+        torch.testing.assert_close(w.grad, torch.ones(64, 512).t() @ x)
+        xs = torch.randn(3, 64, 512)
+        with torch.no_grad():
+            got = torch.func.vmap(lambda xi: lk.linear(xi, w.detach()))(xs)
+        torch.testing.assert_close(got, xs @ w.detach().T, rtol=1e-5, atol=1e-5)
+    assert not scope._cache  # neither call took the fast path

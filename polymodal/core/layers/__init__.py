@@ -12,6 +12,7 @@ from .conv import (
 from .dropout import Dropout, DropPath, drop_path, dropout
 from .embedding import Embedding
 from .linear import Identity, Linear
+from .linear_kernel import frozen_weights
 from .mlp import MLP
 from .norm import GroupNorm, LayerNorm, RMSNorm
 from .patch import PatchEmbedding, PatchEmbeddingOutput, RandomMaskingOutput, random_masking, random_masking_2d
@@ -34,7 +35,7 @@ __all__ = [
     "Conv", "Conv1d", "Conv2d", "Conv3d", "ConvTranspose", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d",
     "SamePadConv3d", "SamePadConvTranspose3d", "same_padding", "same_transpose_padding",
     "Dropout", "DropPath", "drop_path", "dropout",
-    "Embedding", "Identity", "Linear", "MLP",
+    "Embedding", "Identity", "Linear", "MLP", "frozen_weights",
     "GroupNorm", "LayerNorm", "RMSNorm",
     "PatchEmbedding", "PatchEmbeddingOutput", "RandomMaskingOutput", "random_masking", "random_masking_2d",
     "AttentionPooler", "CascadedAttentionPooler", "cls_pool", "eot_pool", "mean_pool",
