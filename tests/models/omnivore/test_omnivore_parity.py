@@ -9,6 +9,7 @@ from torchmultimodal.modules.encoders.swin_transformer_3d_encoder import SwinTra
 
 from checks import randomize
 from polymodal.core import random as pr
+from polymodal.core.layers import linear_kernel as lk
 from polymodal.core.pytree import flatten
 from polymodal.models.omnivore import from_torchmultimodal, infer_spec, merge_published, to_torchmultimodal
 from polymodal.models.omnivore.builders import omnivore, omnivore_encoder
@@ -65,6 +66,27 @@ def test_same_outputs_and_gradients(ref, input_type):
     ours = to_torchmultimodal(g, SPEC)
     for k, v in theirs.items():
         torch.testing.assert_close(ours[k], v, rtol=1e-4, atol=1e-5, msg=k)
+
+
+@pytest.mark.skipif(not lk.available(), reason="this torch build has no oneDNN linear")
+def test_inference_scope_gives_the_reference_outputs(ref, monkeypatch):
+    """Inside ``frozen_weights`` every Linear (the tiny ones too: ``MIN_MACS`` 0) runs oneDNN over weights
+    reordered once; calls after the first use the copies and still give the reference's outputs."""
+    monkeypatch.setattr(lk, "MIN_MACS", 0)
+    params = from_torchmultimodal(ref.state_dict(), SPEC)
+    scope = lk.frozen_weights()
+    for input_type, shape in INPUTS.items():
+        x = pr.normal(pr.key(2), shape)
+        with torch.no_grad():
+            expected = ref(x, input_type)
+            for _ in range(3):
+                with scope:
+                    torch.testing.assert_close(SPEC(params, x, input_type).logits, expected, **TOL)
+    copies = {k for k, entry in scope._cache.items() if entry[3] is not None}
+    linears = [v for k, v in flatten(params).items() if k.endswith(("qkv.weight", "proj.weight", "mlp.0.weight",
+                                                                       "mlp.3.weight", "reduction.weight"))
+               and v.dim() == 2]
+    assert linears and {id(w) for w in linears} <= copies  # every Linear of the stages ran on a reordered copy
 
 
 def test_conversion_is_exact_both_ways(ref):
