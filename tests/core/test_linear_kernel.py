@@ -164,6 +164,14 @@ def test_frozen_weights_see_changes_through_the_tensor():
         w2 = torch.randn(512, 512)
         w.set_(w2)  # new storage for the same tensor object
         torch.testing.assert_close(lk.linear(x, w), x @ w2.T, rtol=1e-4, atol=1e-4)
+    with torch.inference_mode():  # an inference tensor has no version counter: it is never copied
+        wi = torch.randn(512, 512)
+        with lk.frozen_weights() as scope:
+            for _ in range(3):
+                torch.testing.assert_close(lk.linear(x, wi), x @ wi.T, rtol=1e-4, atol=1e-4)
+            wi.mul_(2.0)
+            torch.testing.assert_close(lk.linear(x, wi), x @ wi.T, rtol=1e-4, atol=1e-4)
+        assert not scope._cache
 
 
 @onednn

@@ -165,7 +165,10 @@ class frozen_weights:
 def _frozen(cache: dict[int, tuple], w: Tensor, rows: int) -> Tensor | Packed:
     """``w``'s blocked copy from ``cache``. The first call with ``w`` (or with ``w`` changed) only notes it and
     runs dense; the second makes the copy. A weight made anew at every call (a slice, a product) is so never
-    reordered separately, which would cost more than oneDNN's own reorder inside a dense call."""
+    reordered separately, which would cost more than oneDNN's own reorder inside a dense call. An inference
+    tensor (made under ``torch.inference_mode``) has no version counter to tell a change by: it stays dense."""
+    if w.is_inference():
+        return w
     entry = cache.get(id(w))
     if entry is not None and entry[0]() is w and entry[1] == w._version and entry[2] == w.data_ptr():
         if entry[3] is not None:
