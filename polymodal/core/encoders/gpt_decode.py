@@ -57,6 +57,7 @@ class DecodePlan(NamedTuple):
     eps: float  # the blocks' LayerNorm eps
     activation: str
     final_eps: float  # the final LayerNorm's eps
+    mlp_scale: float = 1.0  # the MLP's output is multiplied by this (1 / 1.702 where quick_gelu was folded)
 
 
 def supports(model: MultimodalGPT) -> bool:
@@ -88,24 +89,28 @@ def plan(model: MultimodalGPT, params: Params, rows: int | None = None) -> Decod
     proj = None if model.out_proj is None else (params["out_proj"]["weight"], params["out_proj"].get("bias"))
     logit_weight = params["to_logit"]["weight"][model.num_in_tokens:]
     layer = model.decoder.layer
-    act = layer.activation
+    act, mlp_scale = layer.activation, 1.0
     if rows is not None:  # the matrices: in_proj, out_proj, linear1, linear2 of every layer, and the logits
         if act == "quick_gelu" and lk.available():
-            layers, act = [_fold_quick_gelu(w) for w in layers], "silu"
+            layers, act, mlp_scale = [_fold_quick_gelu(w, model.d_model) for w in layers], "silu", 1 / QUICK_GELU_SCALE
         layers = [tuple(lk.pack(t, rows) if i in (2, 4, 8, 10) else t for i, t in enumerate(w)) for w in layers]
         logit_weight = lk.pack(logit_weight, rows)
     return DecodePlan(tuple(layers), _ln(params["norm"]), logit_weight, params["out_embed"]["weight"], proj,
                       model.out_pos(params["out_pos"]), layer.num_heads, layer.layer_norm_eps, act,
-                      LayerNorm(model.d_model).eps)
+                      LayerNorm(model.d_model).eps, mlp_scale)
 
 
-def _fold_quick_gelu(w: tuple) -> tuple:
-    """``quick_gelu(y) = y sigmoid(1.702 y) = silu(1.702 y) / 1.702``: scale ``linear1`` by 1.702 and ``linear2``'s
-    weight by 1 / 1.702, and the MLP is ``linear2(silu(linear1(x)))``, whose activation oneDNN fuses into the GEMM
-    (it has no post-op for quick_gelu). Copies; the model's weights are untouched."""
-    *head, w1, b1, w2, b2 = w
+def _fold_quick_gelu(w: tuple, d: int) -> tuple:
+    """``quick_gelu(y) = y sigmoid(c y) = silu(c y) / c`` (``c = 1.702``), and oneDNN fuses silu into the GEMM (it
+    has no post-op for quick_gelu). ``c y`` comes from scaling the vectors before ``linear1``: ``norm2``'s weight
+    and bias and ``linear1``'s bias, so ``linear1`` gives ``c y``. ``linear2``'s bias is scaled by ``c`` too,
+    and the MLP's output by ``1 / c`` (``DecodePlan.mlp_scale``). The matrices are not copied; the model's
+    tensors are untouched."""
+    n1w, n1b, wqkv, bqkv, wo, bo, n2w, n2b, w1, b1, w2, b2 = w
     c = QUICK_GELU_SCALE
-    return (*head, w1 * c, None if b1 is None else b1 * c, w2 / c, b2)
+    n2w = torch.full((d,), c, dtype=w1.dtype, device=w1.device) if n2w is None else n2w * c
+    scaled = [None if t is None else t * c for t in (n2b, b1, b2)]
+    return (n1w, n1b, wqkv, bqkv, wo, bo, n2w, scaled[0], w1, scaled[1], w2, scaled[2])
 
 
 def _logits(pl: DecodePlan, h: Tensor) -> Tensor:
@@ -117,18 +122,38 @@ def prefill(model: MultimodalGPT, params: Params, pl: DecodePlan, in_ids: Tensor
             out_len: int) -> tuple[Tensor, tuple[Tensor, ...]]:
     """Run ``[sos, in tokens]`` once: the output-vocabulary logits of the first output token
     ``(B, num_out_tokens)`` and the per-layer KV buffers ``(2, B, H, 1 + L_in + out_len - 1, Dh)``
-    with the prompt's keys and values in their first ``1 + L_in`` positions."""
+    with the prompt's keys and values in their first ``1 + L_in`` positions (the rest zero).
+
+    The blocks run on the plan's weights (packed where :func:`plan` packed them) and write their keys
+    and values straight into the buffers; the last block carries only the final position past its
+    attention, the one output the first token's logits read."""
     x = torch.cat([params["sos"].expand(in_ids.shape[0], 1, model.d_model), model.embed(params, in_ids, "in")], 1)
-    dec = model.decoder(params["decoder"], x, use_cache=True)
-    k0 = dec.cache[0]["self"]["k"]
-    b, h, s0, dh = k0.shape
+    b, s0, d = x.shape
     kv = []
-    for c in dec.cache:
-        buf = k0.new_zeros((2, b, h, s0 + max(out_len - 1, 0), dh))
-        buf[0, :, :, :s0] = c["self"]["k"]
-        buf[1, :, :, :s0] = c["self"]["v"]
+    for i, w in enumerate(pl.layers):
+        buf = x.new_zeros((2, b, pl.num_heads, s0 + max(out_len - 1, 0), d // pl.num_heads))
+        x = _prefill_layer(pl, w, x, buf, last=i == len(pl.layers) - 1)
         kv.append(buf)
-    return _logits(pl, dec.last_hidden_state[:, -1]), tuple(kv)
+    return _logits(pl, x[:, -1]), tuple(kv)
+
+
+def _prefill_layer(pl: DecodePlan, w: tuple, x: Tensor, kv: Tensor, last: bool) -> Tensor:
+    """One pre-norm block over the prompt ``x (B, L, D)`` (causal); writes its keys and values into
+    ``kv[:, :, :, :L]``. ``last``: only the final position goes on past the attention -> ``(B, 1, D)``."""
+    n1w, n1b, wqkv, bqkv, wo, bo, n2w, n2b, w1, b1, w2, b2 = w
+    b, n, d = x.shape
+    hd = pl.num_heads
+    qkv = lk.linear(F.layer_norm(x, (d,), n1w, n1b, pl.eps), wqkv, bqkv).view(b, n, 3, hd, d // hd)
+    qkv = qkv.permute(2, 0, 3, 1, 4)  # (3, B, H, L, Dh)
+    kv[:, :, :, :n] = qkv[1:]
+    q = qkv[0]
+    if last:  # the final position sees every key: no mask
+        q, x = q[:, :, -1:], x[:, -1:]
+    y = F.scaled_dot_product_attention(q, kv[0, :, :, :n], kv[1, :, :, :n], is_causal=not last)
+    x = x + lk.linear(y.transpose(1, 2).reshape(b, -1, d), wo, bo)
+    h = lk.linear(F.layer_norm(x, (d,), n2w, n2b, pl.eps), w1, b1, pl.activation)
+    h = lk.linear(h, w2, b2)
+    return x + (h if pl.mlp_scale == 1.0 else h * pl.mlp_scale)
 
 
 def _embed(pl: DecodePlan, tok: Tensor, pos: Tensor | int) -> Tensor:
@@ -151,7 +176,20 @@ def _layer(pl: DecodePlan, w: tuple, x: Tensor, kv: Tensor, write: int | Tensor,
     y = attend(qkv[:, 0], kv[0], kv[1]).reshape(b, d)
     x = x + lk.linear(y, wo, bo)
     h = lk.linear(F.layer_norm(x, (d,), n2w, n2b, pl.eps), w1, b1, pl.activation)
-    return x + lk.linear(h, w2, b2)
+    h = lk.linear(h, w2, b2)
+    return x + (h if pl.mlp_scale == 1.0 else h * pl.mlp_scale)
+
+
+def _single_query_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """``softmax(q k^T / sqrt(Dh)) v`` for one query per head: ``q (B, H, 1, Dh)``, ``k``, ``v (B, H, n, Dh)``
+    (views into the cache) -> ``(B, H, 1, Dh)``. On CPU, the scores as a matrix-vector product over ``k``'s
+    rows and the values as a weighted sum over ``v``'s rows: SDPA's CPU kernel is built for blocks of
+    queries, and over one query it reads the cache at about half the rate (MUGEN's GPT, 12 layers at
+    batch 4: 4.1 against 6.0 ms a step). Elsewhere SDPA."""
+    if q.device.type != "cpu":
+        return F.scaled_dot_product_attention(q, k, v)
+    scores = (k @ (q * q.shape[-1] ** -0.5).transpose(-1, -2)).squeeze(-1)  # (B, H, n)
+    return (scores.softmax(-1).unsqueeze(-1) * v).sum(-2, keepdim=True)
 
 
 def decode_step(pl: DecodePlan, tok: Tensor, t: int, kv: tuple[Tensor, ...], start: int) -> Tensor:
@@ -161,12 +199,8 @@ def decode_step(pl: DecodePlan, tok: Tensor, t: int, kv: tuple[Tensor, ...], sta
     filled prefix ``kv[..., :start + t + 1, :]`` (a view)."""
     n = start + t + 1
     x = _embed(pl, tok, t)
-
-    def attend(q, k, v):
-        return F.scaled_dot_product_attention(q, k[:, :, :n], v[:, :, :n])
-
     for i, w in enumerate(pl.layers):
-        x = _layer(pl, w, x, kv[i], n - 1, attend)
+        x = _layer(pl, w, x, kv[i], n - 1, lambda q, k, v: _single_query_attention(q, k[:, :, :n], v[:, :, :n]))
     return _logits(pl, x)
 
 
