@@ -152,8 +152,7 @@ def _prefill_layer(pl: DecodePlan, w: tuple, x: Tensor, kv: Tensor, last: bool) 
     y = F.scaled_dot_product_attention(q, kv[0, :, :, :n], kv[1, :, :, :n], is_causal=not last)
     x = x + lk.linear(y.transpose(1, 2).reshape(b, -1, d), wo, bo)
     h = lk.linear(F.layer_norm(x, (d,), n2w, n2b, pl.eps), w1, b1, pl.activation)
-    h = lk.linear(h, w2, b2)
-    return x + (h if pl.mlp_scale == 1.0 else h * pl.mlp_scale)
+    return torch.add(x, lk.linear(h, w2, b2), alpha=pl.mlp_scale)
 
 
 def _embed(pl: DecodePlan, tok: Tensor, pos: Tensor | int) -> Tensor:
@@ -176,8 +175,7 @@ def _layer(pl: DecodePlan, w: tuple, x: Tensor, kv: Tensor, write: int | Tensor,
     y = attend(qkv[:, 0], kv[0], kv[1]).reshape(b, d)
     x = x + lk.linear(y, wo, bo)
     h = lk.linear(F.layer_norm(x, (d,), n2w, n2b, pl.eps), w1, b1, pl.activation)
-    h = lk.linear(h, w2, b2)
-    return x + (h if pl.mlp_scale == 1.0 else h * pl.mlp_scale)
+    return torch.add(x, lk.linear(h, w2, b2), alpha=pl.mlp_scale)
 
 
 def _single_query_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
