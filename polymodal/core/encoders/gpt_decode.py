@@ -178,16 +178,28 @@ def _layer(pl: DecodePlan, w: tuple, x: Tensor, kv: Tensor, write: int | Tensor,
     return torch.add(x, lk.linear(h, w2, b2), alpha=pl.mlp_scale)
 
 
-def _single_query_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """``softmax(q k^T / sqrt(Dh)) v`` for one query per head: ``q (B, H, 1, Dh)``, ``k``, ``v (B, H, n, Dh)``
-    (views into the cache) -> ``(B, H, 1, Dh)``. On CPU, the scores as a matrix-vector product over ``k``'s
-    rows and the values as a weighted sum over ``v``'s rows: SDPA's CPU kernel is built for blocks of
-    queries, and over one query it reads the cache at about half the rate (MUGEN's GPT, 12 layers at
-    batch 4: 4.1 against 6.0 ms a step). Elsewhere SDPA."""
-    if q.device.type != "cpu":
-        return F.scaled_dot_product_attention(q, k, v)
+# CPU decoding attention over the cache as two matrix-vector products (``_gemv_attention``) where it beats SDPA's
+# CPU kernel, per benchmarks/results/decode_attention.md: wide heads (Dh >= 96) and a cache of 2^18 to 2^20
+# elements per layer (1-4 MB: MUGEN's GPT at batch 4, 1.1-1.5x); SDPA elsewhere (narrow heads, small or large caches).
+GEMV_ATTENTION_MIN_HEAD_DIM = 96
+GEMV_ATTENTION_ELEMENTS = (1 << 18, 1 << 20)
+
+
+def _gemv_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """``softmax(q k^T / sqrt(Dh)) v`` for one query per head, ``q (B, H, 1, Dh)``, ``k``, ``v (B, H, n, Dh)`` ->
+    ``(B, H, 1, Dh)``: the scores as a matrix-vector product over ``k``'s rows, the values as a weighted sum of
+    ``v``'s rows. Each reads its cache once, row by row."""
     scores = (k @ (q * q.shape[-1] ** -0.5).transpose(-1, -2)).squeeze(-1)  # (B, H, n)
     return (scores.softmax(-1).unsqueeze(-1) * v).sum(-2, keepdim=True)
+
+
+def _single_query_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """One decoding step's attention over the cache views ``k``, ``v (B, H, n, Dh)``: :func:`_gemv_attention` on
+    CPU where it is the faster (see ``GEMV_ATTENTION_*``), SDPA elsewhere."""
+    lo, hi = GEMV_ATTENTION_ELEMENTS
+    if q.device.type == "cpu" and q.shape[-1] >= GEMV_ATTENTION_MIN_HEAD_DIM and lo <= k.numel() <= hi:
+        return _gemv_attention(q, k, v)
+    return F.scaled_dot_product_attention(q, k, v)
 
 
 def decode_step(pl: DecodePlan, tok: Tensor, t: int, kv: tuple[Tensor, ...], start: int) -> Tensor:

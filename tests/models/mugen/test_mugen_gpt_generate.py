@@ -9,6 +9,8 @@ Gumbel noise): the output-vocabulary-only logits must sample the same tokens.
 
 import pytest
 import torch
+import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
 
 from polymodal.core import random as pr
 from polymodal.core.encoders import gpt_decode
@@ -45,7 +47,36 @@ def joint_vocabulary_sampler(spec, p, x_in, key, temperature=1.0, top_k=None, to
     return torch.stack(out, 1)
 
 
-def test_static_cache_step_logits_equal_the_full_pass():
+@settings(max_examples=20, deadline=None)
+@given(b=st.integers(1, 4), h=st.integers(1, 4), dh=st.integers(1, 40), n=st.integers(1, 50), spare=st.integers(0, 5),
+       seed=st.integers(0, 2**16))
+def test_gemv_attention_equals_sdpa_over_cache_views(b, h, dh, n, spare, seed):
+    g = torch.Generator().manual_seed(seed)
+    buf = torch.randn(2, b, h, n + spare, dh, generator=g) * 3
+    q = torch.randn(b, h, 1, dh, generator=g)
+    k, v = buf[0][:, :, :n], buf[1][:, :, :n]  # views of a larger buffer, as decoding reads them
+    torch.testing.assert_close(gpt_decode._gemv_attention(q, k, v), F.scaled_dot_product_attention(q, k, v),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_attention_dispatch(monkeypatch):
+    calls = []
+    gemv = gpt_decode._gemv_attention
+    monkeypatch.setattr(gpt_decode, "_gemv_attention", lambda *a: calls.append(a[1].shape) or gemv(*a))
+    for shape in [(4, 8, 200, 96), (4, 4, 200, 24), (4, 8, 200, 64), (4, 8, 1024, 96)]:
+        q, k = torch.randn(*shape[:2], 1, shape[3]), torch.randn(shape)
+        torch.testing.assert_close(gpt_decode._single_query_attention(q, k, k), F.scaled_dot_product_attention(q, k, k),
+                                   rtol=1e-5, atol=1e-5)
+    # MUGEN's GPT at batch 4 (wide heads, 614 K cached elements) only: narrow heads (the tiny GPT's, 64-wide)
+    # and caches past 2^20 elements stay on SDPA
+    assert calls == [(4, 8, 200, 96)]
+
+
+@pytest.mark.parametrize("gemv", [False, True])
+def test_static_cache_step_logits_equal_the_full_pass(gemv, monkeypatch):
+    if gemv:  # every step's attention through the matrix-vector form (the tiny model is under its thresholds)
+        monkeypatch.setattr(gpt_decode, "GEMV_ATTENTION_MIN_HEAD_DIM", 0)
+        monkeypatch.setattr(gpt_decode, "GEMV_ATTENTION_ELEMENTS", (0, 1 << 40))
     spec, p = model(0)
     assert gpt_decode.supports(spec)
     x_in, x_out = ids(1, 3, TEXT_LEN, TEXT_TOKENS), ids(2, 3, spec.out_len, CODES)
