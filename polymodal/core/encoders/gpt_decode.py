@@ -91,9 +91,9 @@ def plan(model: MultimodalGPT, params: Params, rows: int | None = None) -> Decod
     layer = model.decoder.layer
     act, mlp_scale = layer.activation, 1.0
     if rows is not None:  # the matrices: in_proj, out_proj, linear1, linear2 of every layer, and the logits
-        if act == "quick_gelu" and lk.available():
-            layers, act, mlp_scale = [_fold_quick_gelu(w, model.d_model) for w in layers], "silu", 1 / QUICK_GELU_SCALE
         layers = [tuple(lk.pack(t, rows) if i in (2, 4, 8, 10) else t for i, t in enumerate(w)) for w in layers]
+        if act == "quick_gelu":  # silu: fused into oneDNN's linear1 where that runs, else one op against three
+            layers, act, mlp_scale = [_fold_quick_gelu(w, model.d_model) for w in layers], "silu", 1 / QUICK_GELU_SCALE
         logit_weight = lk.pack(logit_weight, rows)
     return DecodePlan(tuple(layers), _ln(params["norm"]), logit_weight, params["out_embed"]["weight"], proj,
                       model.out_pos(params["out_pos"]), layer.num_heads, layer.layer_norm_eps, act,
@@ -108,7 +108,8 @@ def _fold_quick_gelu(w: tuple, d: int) -> tuple:
     tensors are untouched."""
     n1w, n1b, wqkv, bqkv, wo, bo, n2w, n2b, w1, b1, w2, b2 = w
     c = QUICK_GELU_SCALE
-    n2w = torch.full((d,), c, dtype=w1.dtype, device=w1.device) if n2w is None else n2w * c
+    dense = w1.weight if isinstance(w1, lk.Packed) else w1
+    n2w = torch.full((d,), c, dtype=dense.dtype, device=dense.device) if n2w is None else n2w * c
     scaled = [None if t is None else t * c for t in (n2b, b1, b2)]
     return (n1w, n1b, wqkv, bqkv, wo, bo, n2w, scaled[0], w1, scaled[1], w2, scaled[2])
 
@@ -152,7 +153,8 @@ def _prefill_layer(pl: DecodePlan, w: tuple, x: Tensor, kv: Tensor, last: bool) 
     y = F.scaled_dot_product_attention(q, kv[0, :, :, :n], kv[1, :, :, :n], is_causal=not last)
     x = x + lk.linear(y.transpose(1, 2).reshape(b, -1, d), wo, bo)
     h = lk.linear(F.layer_norm(x, (d,), n2w, n2b, pl.eps), w1, b1, pl.activation)
-    return torch.add(x, lk.linear(h, w2, b2), alpha=pl.mlp_scale)
+    h = lk.linear(h, w2, b2)
+    return x + h if pl.mlp_scale == 1.0 else torch.add(x, h, alpha=pl.mlp_scale)
 
 
 def _embed(pl: DecodePlan, tok: Tensor, pos: Tensor | int) -> Tensor:
@@ -175,7 +177,8 @@ def _layer(pl: DecodePlan, w: tuple, x: Tensor, kv: Tensor, write: int | Tensor,
     y = attend(qkv[:, 0], kv[0], kv[1]).reshape(b, d)
     x = x + lk.linear(y, wo, bo)
     h = lk.linear(F.layer_norm(x, (d,), n2w, n2b, pl.eps), w1, b1, pl.activation)
-    return torch.add(x, lk.linear(h, w2, b2), alpha=pl.mlp_scale)
+    h = lk.linear(h, w2, b2)
+    return x + h if pl.mlp_scale == 1.0 else torch.add(x, h, alpha=pl.mlp_scale)
 
 
 # CPU decoding attention over the cache as two matrix-vector products (``_gemv_attention``) where it beats SDPA's
@@ -193,13 +196,15 @@ def _gemv_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return (scores.softmax(-1).unsqueeze(-1) * v).sum(-2, keepdim=True)
 
 
-def _single_query_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """One decoding step's attention over the cache views ``k``, ``v (B, H, n, Dh)``: :func:`_gemv_attention` on
-    CPU where it is the faster (see ``GEMV_ATTENTION_*``), SDPA elsewhere."""
+def _single_query_attention(kv: Tensor, n: int):
+    """The attention a decoding step runs over the first ``n`` positions of caches shaped like ``kv (2, B, H, S,
+    Dh)``: :func:`_gemv_attention` on CPU where it is the faster (see ``GEMV_ATTENTION_*``), SDPA elsewhere.
+    Returns ``attend(q, k, v)`` over the whole buffers ``k``, ``v (B, H, S, Dh)``; chosen once per step."""
+    _, b, h, _, dh = kv.shape
     lo, hi = GEMV_ATTENTION_ELEMENTS
-    if q.device.type == "cpu" and q.shape[-1] >= GEMV_ATTENTION_MIN_HEAD_DIM and lo <= k.numel() <= hi:
-        return _gemv_attention(q, k, v)
-    return F.scaled_dot_product_attention(q, k, v)
+    fn = (_gemv_attention if kv.device.type == "cpu" and dh >= GEMV_ATTENTION_MIN_HEAD_DIM and lo <= b * h * n * dh <= hi
+          else F.scaled_dot_product_attention)
+    return lambda q, k, v: fn(q, k[:, :, :n], v[:, :, :n])
 
 
 def decode_step(pl: DecodePlan, tok: Tensor, t: int, kv: tuple[Tensor, ...], start: int) -> Tensor:
@@ -209,8 +214,9 @@ def decode_step(pl: DecodePlan, tok: Tensor, t: int, kv: tuple[Tensor, ...], sta
     filled prefix ``kv[..., :start + t + 1, :]`` (a view)."""
     n = start + t + 1
     x = _embed(pl, tok, t)
+    attend = _single_query_attention(kv[0], n)
     for i, w in enumerate(pl.layers):
-        x = _layer(pl, w, x, kv[i], n - 1, lambda q, k, v: _single_query_attention(q, k[:, :, :n], v[:, :, :n]))
+        x = _layer(pl, w, x, kv[i], n - 1, attend)
     return _logits(pl, x)
 
 

@@ -63,9 +63,12 @@ def test_attention_dispatch(monkeypatch):
     calls = []
     gemv = gpt_decode._gemv_attention
     monkeypatch.setattr(gpt_decode, "_gemv_attention", lambda *a: calls.append(a[1].shape) or gemv(*a))
-    for shape in [(4, 8, 200, 96), (4, 4, 200, 24), (4, 8, 200, 64), (4, 8, 1024, 96)]:
-        q, k = torch.randn(*shape[:2], 1, shape[3]), torch.randn(shape)
-        torch.testing.assert_close(gpt_decode._single_query_attention(q, k, k), F.scaled_dot_product_attention(q, k, k),
+    for b, h, n, dh in [(4, 8, 200, 96), (4, 4, 200, 24), (4, 8, 200, 64), (4, 8, 1024, 96)]:
+        kv = torch.randn(2, b, h, n + 3, dh)
+        q = torch.randn(b, h, 1, dh)
+        attend = gpt_decode._single_query_attention(kv, n)
+        torch.testing.assert_close(attend(q, kv[0], kv[1]), F.scaled_dot_product_attention(q, kv[0, :, :, :n],
+                                                                                            kv[1, :, :, :n]),
                                    rtol=1e-5, atol=1e-5)
     # MUGEN's GPT at batch 4 (wide heads, 614 K cached elements) only: narrow heads (the tiny GPT's, 64-wide)
     # and caches past 2^20 elements stay on SDPA
