@@ -205,3 +205,35 @@ def test_frozen_weights_leave_gradients_and_transforms_alone():
             got = torch.func.vmap(lambda xi: lk.linear(xi, w.detach()))(xs)
         torch.testing.assert_close(got, xs @ w.detach().T, rtol=1e-5, atol=1e-5)
     assert not scope._cache  # neither call took the fast path
+
+
+@onednn
+def test_pack_inside_frozen_weights_reuses_the_copy():
+    w = torch.randn(768, 256)
+    assert lk.pack(w, rows=4).packed is not lk.pack(w, rows=4).packed  # outside a scope: a new copy each time
+    with lk.frozen_weights():
+        first = lk.pack(w, rows=4)
+        assert lk.pack(w, rows=4).packed is first.packed  # the scope's copy
+        assert lk.pack(w, rows=1).packed is not first.packed  # another row count, another layout
+        w.add_(1.0)  # a change the version counter sees: packed again, from the new values
+        again = lk.pack(w, rows=4)
+        assert again.packed is not first.packed
+        x = torch.randn(4, 256)
+        with torch.no_grad():
+            torch.testing.assert_close(lk.linear(x, again), x @ w.T, rtol=1e-4, atol=1e-4)
+
+
+@onednn
+def test_frozen_weights_keep_a_slice_taken_at_each_call():
+    base, x = torch.randn(1024, 512) / 512**0.5, torch.randn(64, 512)
+    with torch.no_grad(), lk.frozen_weights() as scope:
+        for _ in range(3):  # a new view object each call (as the logits' output-vocabulary rows are taken)
+            torch.testing.assert_close(lk.linear(x, base[256:]), x @ base[256:].T, rtol=1e-4, atol=1e-4)
+        assert len(_copies(scope)) == 1  # kept by the base and the view's place in it
+        other = lk.linear(x, base[:512])  # another place in the same base: its own entry
+        torch.testing.assert_close(other, x @ base[:512].T, rtol=1e-4, atol=1e-4)
+        base[300:400].mul_(-1.0)  # through a view: the base's version counter moves, the copy is stale
+        torch.testing.assert_close(lk.linear(x, base[256:]), x @ base[256:].T, rtol=1e-4, atol=1e-4)
+    ref = __import__("weakref").ref(base)
+    del base
+    assert ref() is None and not scope._cache  # every entry went with the base

@@ -118,9 +118,10 @@ def fast_path(x: Tensor, w: Tensor | Packed, b: Tensor | None = None) -> bool:
             and not torch.jit.is_tracing())  # a traced graph (the legacy ONNX exporter) records portable ops
 
 
-# The blocked copies of the outermost frozen_weights scope entered, by id of the dense weight: (a weak reference
-# to it, its version and data pointer when reordered, the oneDNN tensor); None outside every scope.
-_FROZEN: ContextVar[dict[int, tuple] | None] = ContextVar("polymodal_frozen_weights", default=None)
+# The blocked copies of the outermost frozen_weights scope entered, by _key (the dense weight's id, or its base's
+# and its place there; pack's with its row count): (a weak reference to the weight or base, its version and data
+# pointer when reordered, the oneDNN tensor or None); None outside every scope.
+_FROZEN: ContextVar[dict[object, tuple] | None] = ContextVar("polymodal_frozen_weights", default=None)
 
 
 class frozen_weights:
@@ -144,7 +145,7 @@ class frozen_weights:
     """
 
     def __init__(self) -> None:
-        self._cache: dict[int, tuple] = {}
+        self._cache: dict[object, tuple] = {}
         self._tokens: list = []
 
     def __enter__(self) -> "frozen_weights":
@@ -162,25 +163,47 @@ class frozen_weights:
         self._cache.clear()
 
 
-def _frozen(cache: dict[int, tuple], w: Tensor, rows: int) -> Tensor | Packed:
+def _key(w: Tensor, *tag) -> tuple[Tensor, object]:
+    """The tensor a copy of ``w`` lives and dies with, and the copy's key in a scope's cache: ``w`` itself, or
+    for a view (a weight sliced anew at every call, e.g. the output vocabulary's rows of a logit matrix) its
+    base, with the view's place in it."""
+    base = w._base
+    if base is None:
+        return w, ((id(w), *tag) if tag else id(w))
+    return base, (id(base), w.storage_offset(), tuple(w.shape), tuple(w.stride()), *tag)
+
+
+def _entry(cache: dict, key: object, owner: Tensor) -> tuple | None:
+    """``cache[key]`` if it was made from ``owner`` as it is now (same tensor, version counter, data pointer)."""
+    entry = cache.get(key)
+    if entry is not None and entry[0]() is owner and entry[1] == owner._version and entry[2] == owner.data_ptr():
+        return entry
+    return None
+
+
+def _note(cache: dict, key: object, owner: Tensor, packed: Tensor | None) -> None:
+    # the entry holds no strong reference to the weight: it goes when the weight does
+    cache[key] = (weakref.ref(owner, lambda _: cache.pop(key, None)), owner._version, owner.data_ptr(), packed)
+
+
+def _frozen(cache: dict, w: Tensor, rows: int) -> Tensor | Packed:
     """``w``'s blocked copy from ``cache``. The first call with ``w`` (or with ``w`` changed) only notes it and
-    runs dense; the second makes the copy. A weight made anew at every call (a slice, a product) is so never
-    reordered separately, which would cost more than oneDNN's own reorder inside a dense call. An inference
-    tensor (made under ``torch.inference_mode``) has no version counter to tell a change by: it stays dense."""
-    if w.is_inference():
+    runs dense; the second makes the copy. A weight made anew at every call (a product) is so never reordered
+    separately, which would cost more than oneDNN's own reorder inside a dense call. An inference tensor
+    (made under ``torch.inference_mode``) has no version counter to tell a change by: it stays dense."""
+    owner, key = _key(w)
+    if owner.is_inference():
         return w
-    entry = cache.get(id(w))
-    if entry is not None and entry[0]() is w and entry[1] == w._version and entry[2] == w.data_ptr():
-        if entry[3] is not None:
-            return Packed(entry[3], w)
+    entry = _entry(cache, key, owner)
+    if entry is None:
+        _note(cache, key, owner, None)
+        return w
+    if entry[3] is None:
         with torch.no_grad():  # any row count from 4 up gives a layout that serves every batch size alike
             packed = torch.ops.mkldnn._reorder_linear_weight(w, max(rows, 4))
-        cache[id(w)] = (*entry[:3], packed)
+        _note(cache, key, owner, packed)
         return Packed(packed, w)
-    key = id(w)
-    # the entry holds no strong reference to w: it goes when w does
-    cache[key] = (weakref.ref(w, lambda _: cache.pop(key, None)), w._version, w.data_ptr(), None)
-    return w
+    return Packed(entry[3], w)
 
 
 def linear(x: Tensor, w: Tensor | Packed, b: Tensor | None = None, activation: str | None = None) -> Tensor:
@@ -206,10 +229,22 @@ def linear(x: Tensor, w: Tensor | Packed, b: Tensor | None = None, activation: s
 def pack(w: Tensor, rows: int) -> Tensor | Packed:
     """``w (out, in)`` reordered once for oneDNN GEMMs of about ``rows`` rows, as a :class:`Packed`; ``w`` itself
     where the fast path would not take it or it is under :data:`MIN_PACK` elements (then :func:`linear` is
-    ``F.linear`` either way). Inference only: the packed copy does not follow later changes to ``w``."""
+    ``F.linear`` either way). Inference only: the packed copy does not follow later changes to ``w``. Inside
+    :class:`frozen_weights` the scope keeps the copy, and a later ``pack`` of the same, unchanged ``w`` (version
+    counter, data pointer) with the same ``rows`` returns it again."""
     if not (available() and type(w) in _PLAIN and w.device.type == "cpu" and w.dtype == torch.float32
             and w.dim() == 2 and w.numel() >= MIN_PACK and not _transforms_active()
             and not torch.compiler.is_compiling()):
         return w
+    rows = max(int(rows), 1)
+    cache = _FROZEN.get()
+    owner, key = _key(w, "pack", rows)
+    if cache is not None and not owner.is_inference():
+        entry = _entry(cache, key, owner)
+        if entry is not None:
+            return Packed(entry[3], w)
     with torch.no_grad():
-        return Packed(torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), max(int(rows), 1)), w)
+        packed = torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), rows)
+    if cache is not None and not owner.is_inference():
+        _note(cache, key, owner, packed)
+    return Packed(packed, w)

@@ -132,8 +132,13 @@ def test_packed_weights_decode_the_same_tokens():
                             for t in range(spec.out_len - 1)]
     torch.testing.assert_close(torch.stack(steps, 1), full, rtol=1e-4, atol=1e-4)
     key = pr.key(4)
-    assert torch.equal(generate(spec, p, x_in, key=key, top_k=50), generate(spec, p, x_in, key=key, top_k=50,
-                                                                             use_cache=False))
+    tokens = generate(spec, p, x_in, key=key, top_k=50)
+    assert torch.equal(tokens, generate(spec, p, x_in, key=key, top_k=50, use_cache=False))
+    with lk.frozen_weights() as scope:  # calls after the first reuse the scope's packed copies: the same tokens
+        for _ in range(2):
+            assert torch.equal(generate(spec, p, x_in, key=key, top_k=50), tokens)
+    # q/k/v, the MLP and the logits rows (a slice of to_logit taken at each call: kept by its base and place)
+    assert sum(isinstance(k, tuple) and "pack" in k for k in scope._cache) == len(packed)
 
 
 def test_unsupported_stacks_fall_back_to_the_growing_cache(monkeypatch):
