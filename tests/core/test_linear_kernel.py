@@ -237,3 +237,33 @@ def test_frozen_weights_keep_a_slice_taken_at_each_call():
     ref = __import__("weakref").ref(base)
     del base
     assert ref() is None and not scope._cache  # every entry went with the base
+
+
+@onednn
+def test_one_frozen_weights_object_entered_from_two_threads():
+    import threading
+
+    scope, x, w = lk.frozen_weights(), torch.randn(64, 512), torch.randn(512, 512) / 512**0.5
+    inside, leave, errors = threading.Event(), threading.Event(), []
+
+    def worker():
+        try:
+            with torch.no_grad(), scope:  # entered after the main thread entered, left after it left
+                for _ in range(2):
+                    torch.testing.assert_close(lk.linear(x, w), x @ w.T, rtol=1e-4, atol=1e-4)
+                inside.set()
+                assert leave.wait(timeout=30)
+            assert lk._FROZEN.get() is None
+        except Exception as e:  # noqa: BLE001 -- reported below
+            errors.append(e)
+
+    t = threading.Thread(target=worker, daemon=True)
+    try:
+        with scope:
+            t.start()
+            assert inside.wait(timeout=30)
+        assert lk._FROZEN.get() is None  # the main thread's own entry was undone, not the worker's
+    finally:
+        leave.set()
+        t.join(timeout=30)
+    assert not errors and id(w) in _copies(scope)

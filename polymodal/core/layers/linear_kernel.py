@@ -32,6 +32,7 @@ True
 
 from __future__ import annotations
 
+import threading
 import weakref
 from contextvars import ContextVar
 from typing import NamedTuple
@@ -146,15 +147,16 @@ class frozen_weights:
 
     def __init__(self) -> None:
         self._cache: dict[object, tuple] = {}
-        self._tokens: list = []
+        self._local = threading.local()  # each thread's stack of entries into this object
 
     def __enter__(self) -> "frozen_weights":
+        tokens = self._local.__dict__.setdefault("tokens", [])
         # an outer scope's copies serve (the token None: nothing to reset)
-        self._tokens.append(_FROZEN.set(self._cache) if _FROZEN.get() is None else None)
+        tokens.append(_FROZEN.set(self._cache) if _FROZEN.get() is None else None)
         return self
 
     def __exit__(self, *exc) -> None:
-        token = self._tokens.pop()
+        token = self._local.tokens.pop()
         if token is not None:
             _FROZEN.reset(token)
 
