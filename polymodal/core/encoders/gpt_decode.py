@@ -141,7 +141,7 @@ def prefill(model: MultimodalGPT, params: Params, pl: DecodePlan, in_ids: Tensor
 def _prefill_layer(pl: DecodePlan, w: tuple, x: Tensor, kv: Tensor, last: bool) -> Tensor:
     """One pre-norm block over the prompt ``x (B, L, D)`` (causal); writes its keys and values into
     ``kv[:, :, :, :L]``. ``last``: only the final position goes on past the attention -> ``(B, 1, D)``."""
-    n1w, n1b, wqkv, bqkv, wo, bo, n2w, n2b, w1, b1, w2, b2 = w
+    n1w, n1b, wqkv, bqkv, wo, bo, *_ = w
     b, n, d = x.shape
     hd = pl.num_heads
     qkv = lk.linear(F.layer_norm(x, (d,), n1w, n1b, pl.eps), wqkv, bqkv).view(b, n, 3, hd, d // hd)
@@ -151,9 +151,13 @@ def _prefill_layer(pl: DecodePlan, w: tuple, x: Tensor, kv: Tensor, last: bool) 
     if last:  # the final position sees every key: no mask
         q, x = q[:, :, -1:], x[:, -1:]
     y = F.scaled_dot_product_attention(q, kv[0, :, :, :n], kv[1, :, :, :n], is_causal=not last)
-    x = x + lk.linear(y.transpose(1, 2).reshape(b, -1, d), wo, bo)
-    h = lk.linear(F.layer_norm(x, (d,), n2w, n2b, pl.eps), w1, b1, pl.activation)
-    h = lk.linear(h, w2, b2)
+    return _mlp(pl, w, x + lk.linear(y.transpose(1, 2).reshape(b, -1, d), wo, bo))
+
+
+def _mlp(pl: DecodePlan, w: tuple, x: Tensor) -> Tensor:
+    """``x + MLP(norm2(x))`` of block ``w`` (the MLP's output scaled by ``pl.mlp_scale``)."""
+    *_, n2w, n2b, w1, b1, w2, b2 = w
+    h = lk.linear(lk.linear(F.layer_norm(x, x.shape[-1:], n2w, n2b, pl.eps), w1, b1, pl.activation), w2, b2)
     return x + h if pl.mlp_scale == 1.0 else torch.add(x, h, alpha=pl.mlp_scale)
 
 
@@ -166,7 +170,7 @@ def _embed(pl: DecodePlan, tok: Tensor, pos: Tensor | int) -> Tensor:
 
 def _layer(pl: DecodePlan, w: tuple, x: Tensor, kv: Tensor, write: int | Tensor, attend) -> Tensor:
     """One pre-norm block on ``x (B, D)``; writes this token's keys/values into ``kv (2, B, H, S, Dh)``."""
-    n1w, n1b, wqkv, bqkv, wo, bo, n2w, n2b, w1, b1, w2, b2 = w
+    n1w, n1b, wqkv, bqkv, wo, bo, *_ = w
     b, d = x.shape
     hd = pl.num_heads
     qkv = lk.linear(F.layer_norm(x, (d,), n1w, n1b, pl.eps), wqkv, bqkv).view(b, 3, hd, 1, d // hd)
@@ -175,10 +179,7 @@ def _layer(pl: DecodePlan, w: tuple, x: Tensor, kv: Tensor, write: int | Tensor,
     else:  # index_put_ on the graph's input buffer: torch.compile keeps it in place
         kv[:, :, :, write.reshape(1)] = qkv[:, 1:].transpose(0, 1)
     y = attend(qkv[:, 0], kv[0], kv[1]).reshape(b, d)
-    x = x + lk.linear(y, wo, bo)
-    h = lk.linear(F.layer_norm(x, (d,), n2w, n2b, pl.eps), w1, b1, pl.activation)
-    h = lk.linear(h, w2, b2)
-    return x + h if pl.mlp_scale == 1.0 else torch.add(x, h, alpha=pl.mlp_scale)
+    return _mlp(pl, w, x + lk.linear(y, wo, bo))
 
 
 # CPU decoding attention over the cache as two matrix-vector products (``_gemv_attention``) where it beats SDPA's
