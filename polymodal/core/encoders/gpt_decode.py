@@ -183,7 +183,7 @@ def _layer(pl: DecodePlan, w: tuple, x: Tensor, kv: Tensor, write: int | Tensor,
 
 
 # CPU decoding attention over the cache as two matrix-vector products (``_gemv_attention``) where it beats SDPA's
-# CPU kernel, per benchmarks/results/decode_attention.md: wide heads (Dh >= 96) and a cache of 2^18 to 2^20
+# CPU kernel, per benchmarks/results/cpu_kernels.md: wide heads (Dh >= 96) and a cache of 2^18 to 2^20
 # elements per layer (1-4 MB: MUGEN's GPT at batch 4, 1.1-1.5x); SDPA elsewhere (narrow heads, small or large caches).
 GEMV_ATTENTION_MIN_HEAD_DIM = 96
 GEMV_ATTENTION_ELEMENTS = (1 << 18, 1 << 20)
