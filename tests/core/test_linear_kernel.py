@@ -119,7 +119,7 @@ def test_small_weights_stay_dense_and_bad_activations_are_named():
 
 
 def _copies(scope):
-    """The weights ``scope`` holds a oneDNN copy of (by id)."""
+    """The cache keys of the weights ``scope`` holds a oneDNN copy of (a weight's id; a view's base and place)."""
     return {k for k, entry in scope._cache.items() if entry[3] is not None}
 
 
