@@ -221,6 +221,9 @@ def test_pack_inside_frozen_weights_reuses_the_copy():
         x = torch.randn(4, 256)
         with torch.no_grad():
             torch.testing.assert_close(lk.linear(x, again), x @ w.T, rtol=1e-4, atol=1e-4)
+    with torch.inference_mode(), lk.frozen_weights() as scope:  # an inference tensor: packed each time, not kept
+        wi = torch.randn(768, 256)
+        assert lk.pack(wi, rows=4).packed is not lk.pack(wi, rows=4).packed and not scope._cache
 
 
 @onednn

@@ -74,7 +74,8 @@ def _ln(p: Params) -> tuple:
 
 
 def plan(model: MultimodalGPT, params: Params, rows: int | None = None) -> DecodePlan:
-    """Read the weights a decoding step needs once (views, no copies). ``rows``: the batch size the steps
+    """Read the weights a decoding step needs once (views of the matrices; MUGEN's quick_gelu fold scales a few
+    vectors, :func:`_fold_quick_gelu`). ``rows``: the batch size the steps
     will run, to pack every matrix for oneDNN's GEMV once (:func:`~..layers.linear_kernel.pack`: CPU float32;
     on the fast path a step then reads each weight at about twice the rate); None keeps them dense."""
     if not supports(model):

@@ -241,12 +241,13 @@ def pack(w: Tensor, rows: int) -> Tensor | Packed:
     rows = max(int(rows), 1)
     cache = _FROZEN.get()
     owner, key = _key(w, "pack", rows)
-    if cache is not None and not owner.is_inference():
-        entry = _entry(cache, key, owner)
-        if entry is not None:
-            return Packed(entry[3], w)
+    if cache is not None and owner.is_inference():  # no version counter to tell a change by: not kept
+        cache = None
+    entry = None if cache is None else _entry(cache, key, owner)
+    if entry is not None:
+        return Packed(entry[3], w)
     with torch.no_grad():
         packed = torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), rows)
-    if cache is not None and not owner.is_inference():
+    if cache is not None:
         _note(cache, key, owner, packed)
     return Packed(packed, w)
