@@ -128,7 +128,15 @@ def prefill(model: MultimodalGPT, params: Params, pl: DecodePlan, in_ids: Tensor
 
     The blocks run on the plan's weights (packed where :func:`plan` packed them) and write their keys
     and values straight into the buffers; the last block carries only the final position past its
-    attention, the one output the first token's logits read."""
+    attention, the one output the first token's logits read.
+
+    Rows with the same prompt (several samples of one caption, as ``polymodal generate --num-samples`` and
+    reranking pipelines draw them) run once: the blocks see the distinct prompts only, and each row gets
+    its prompt's logits and keys and values."""
+    distinct, rows = _distinct_prompts(in_ids)
+    if distinct is not None:
+        logits, kv = prefill(model, params, pl, distinct, out_len)
+        return logits[rows], tuple(buf[:, rows] for buf in kv)
     x = torch.cat([params["sos"].expand(in_ids.shape[0], 1, model.d_model), model.embed(params, in_ids, "in")], 1)
     b, s0, d = x.shape
     kv = []
@@ -137,6 +145,15 @@ def prefill(model: MultimodalGPT, params: Params, pl: DecodePlan, in_ids: Tensor
         x = _prefill_layer(pl, w, x, buf, last=i == len(pl.layers) - 1)
         kv.append(buf)
     return _logits(pl, x[:, -1]), tuple(kv)
+
+
+def _distinct_prompts(in_ids: Tensor) -> tuple[Tensor | None, Tensor | None]:
+    """``(distinct rows, each row's index among them)`` of ``in_ids (B, L)`` where some rows repeat, else
+    ``(None, None)`` (and always under a ``torch.func`` transform, where the count would be data-dependent)."""
+    if in_ids.shape[0] < 2 or lk._transforms_active():
+        return None, None
+    distinct, rows = torch.unique(in_ids, dim=0, return_inverse=True)
+    return (None, None) if distinct.shape[0] == in_ids.shape[0] else (distinct, rows)
 
 
 def _prefill_layer(pl: DecodePlan, w: tuple, x: Tensor, kv: Tensor, last: bool) -> Tensor:

@@ -114,6 +114,24 @@ def test_static_cache_samples_equal_the_joint_vocabulary_sampler_and_the_full_pa
                                          use_cache=False))
 
 
+def test_repeated_prompts_are_prefilled_once(monkeypatch):
+    spec, p = model(5)
+    x_in = ids(6, 2, TEXT_LEN, TEXT_TOKENS)[[0, 1, 0, 0]]  # one prompt three times (three samples), another once
+    pl = gpt_decode.plan(spec, p)
+    with torch.no_grad():
+        each = [gpt_decode.prefill(spec, p, pl, x_in[i:i + 1], spec.out_len) for i in range(4)]
+        rows, layer = [], gpt_decode._prefill_layer
+        monkeypatch.setattr(gpt_decode, "_prefill_layer", lambda pl_, w, x, *a, **k: rows.append(x.shape[0])
+                            or layer(pl_, w, x, *a, **k))
+        logits, kv = gpt_decode.prefill(spec, p, pl, x_in, spec.out_len)
+    assert rows == [2, 2]  # both blocks ran on the two distinct prompts only
+    torch.testing.assert_close(logits, torch.cat([e[0] for e in each]), rtol=1e-5, atol=1e-6)
+    for i, buf in enumerate(kv):  # every row holds its own prompt's keys and values, in a buffer of its own
+        torch.testing.assert_close(buf, torch.cat([e[1][i] for e in each], 1), rtol=1e-5, atol=1e-6)
+    for key in (pr.key(7), pr.key(8)):  # and samples as the reference sampler does on the repeated rows
+        assert torch.equal(generate(spec, p, x_in, key=key), joint_vocabulary_sampler(spec, p, x_in, key))
+
+
 def test_packed_weights_decode_the_same_tokens():
     # d_model 240: q/k/v, the MLP and the logits are over linear_kernel.MIN_PACK elements (out_proj is not), so
     # plan(rows=B) packs them for oneDNN
