@@ -75,9 +75,10 @@ def _ln(p: Params) -> tuple:
 
 def plan(model: MultimodalGPT, params: Params, rows: int | None = None) -> DecodePlan:
     """Read the weights a decoding step needs once (views of the matrices; MUGEN's quick_gelu fold scales a few
-    vectors, :func:`_fold_quick_gelu`). ``rows``: the batch size the steps
-    will run, to pack every matrix for oneDNN's GEMV once (:func:`~..layers.linear_kernel.pack`: CPU float32;
-    on the fast path a step then reads each weight at about twice the rate); None keeps them dense."""
+    vectors, :func:`_fold_quick_gelu`). ``rows``: the batch size the steps will run, to pack every matrix (the
+    blocks', the logits' and the output tokens' projection) for oneDNN's GEMV once
+    (:func:`~..layers.linear_kernel.pack`: CPU float32; on the fast path a step then reads each weight at about
+    twice the rate); None keeps them dense."""
     if not supports(model):
         raise ValueError("gpt_decode.plan: expected pre-norm decoder layers without cross-attention, with fused q/k/v "
                          "and plain LayerNorms (see gpt_decode.supports)")
@@ -96,6 +97,8 @@ def plan(model: MultimodalGPT, params: Params, rows: int | None = None) -> Decod
         if act == "quick_gelu":  # silu: fused into oneDNN's linear1 where that runs, else one op against three
             layers, act, mlp_scale = [_fold_quick_gelu(w, model.d_model) for w in layers], "silu", 1 / QUICK_GELU_SCALE
         logit_weight = lk.pack(logit_weight, rows)
+        if proj is not None:  # the output tokens' projection into the model (MUGEN: 256 -> 768)
+            proj = (lk.pack(proj[0], rows), proj[1])
     return DecodePlan(tuple(layers), _ln(params["norm"]), logit_weight, params["out_embed"]["weight"], proj,
                       model.out_pos(params["out_pos"]), layer.num_heads, layer.layer_norm_eps, act,
                       LayerNorm(model.d_model).eps, mlp_scale)
@@ -182,7 +185,7 @@ def _mlp(pl: DecodePlan, w: tuple, x: Tensor) -> Tensor:
 def _embed(pl: DecodePlan, tok: Tensor, pos: Tensor | int) -> Tensor:
     x = F.embedding(tok, pl.out_table)
     if pl.out_proj is not None:
-        x = F.linear(x, *pl.out_proj)
+        x = lk.linear(x, *pl.out_proj)
     return x + pl.pos_table[pos]
 
 

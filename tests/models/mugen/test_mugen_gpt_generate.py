@@ -133,16 +133,16 @@ def test_repeated_prompts_are_prefilled_once(monkeypatch):
 
 
 def test_packed_weights_decode_the_same_tokens():
-    # d_model 240: q/k/v, the MLP and the logits are over linear_kernel.MIN_PACK elements (out_proj is not), so
-    # plan(rows=B) packs them for oneDNN
-    spec = text_video_gpt(TEXT_TOKENS, TEXT_LEN, LATENT, 600, 8, d_model=240, num_heads=4, num_layers=2)
+    # d_model 240, codes 560 wide: q/k/v, the MLP, the logits and the codes' projection (240 x 560) are over
+    # linear_kernel.MIN_PACK elements, so plan(rows=B) packs them for oneDNN
+    spec = text_video_gpt(TEXT_TOKENS, TEXT_LEN, LATENT, 600, 560, d_model=240, num_heads=4, num_layers=2)
     p = spec.init(key=pr.key(0))
     p["to_logit"]["weight"] = pr.normal(pr.key(1), p["to_logit"]["weight"].shape) * 0.2
     x_in, x_out = ids(2, 3, TEXT_LEN, TEXT_TOKENS), ids(3, 3, spec.out_len, 600)
     pl = gpt_decode.plan(spec, p, rows=3)
-    packed = [t for w in pl.layers for t in w if isinstance(t, lk.Packed)] + [pl.logit_weight] * isinstance(
-        pl.logit_weight, lk.Packed)
-    assert len(packed) == (3 * 2 + 1 if lk.available() else 0)
+    packed = [t for t in [pl.logit_weight, pl.out_proj[0], *[t for w in pl.layers for t in w]]
+              if isinstance(t, lk.Packed)]
+    assert len(packed) == (3 * 2 + 2 if lk.available() else 0)
     full = spec(p, x_in, x_out).logits[:, TEXT_LEN:, spec.num_in_tokens:]
     with torch.no_grad():
         logits, kv = gpt_decode.prefill(spec, p, pl, x_in, spec.out_len)
@@ -155,7 +155,8 @@ def test_packed_weights_decode_the_same_tokens():
     with lk.frozen_weights() as scope:  # calls after the first reuse the scope's packed copies: the same tokens
         for _ in range(2):
             assert torch.equal(generate(spec, p, x_in, key=key, top_k=50), tokens)
-    # q/k/v, the MLP and the logits rows (a slice of to_logit taken at each call: kept by its base and place)
+    # q/k/v, the MLP, the codes' projection and the logits rows (a slice of to_logit taken at each call: kept by
+    # its base and place)
     assert sum(isinstance(k, tuple) and "pack" in k for k in scope._cache) == len(packed)
 
 
