@@ -50,7 +50,8 @@ def sample_logits(logits: Tensor, *, key: Tensor | None, temperature: float = 1.
 
 def generate(model: MultimodalGPT, params: Params, in_ids: Tensor, *, key: Tensor | None = None,
              max_new_tokens: int | None = None, temperature: float = 1.0, top_k: int | None = None,
-             top_p: float | None = None, use_cache: bool = True, compile: bool = False) -> Tensor:
+             top_p: float | None = None, use_cache: bool = True, compile: bool = False,
+             progress: bool | None = False) -> Tensor:
     """Sample output-modality ids ``(B, max_new_tokens)`` conditioned on ``in_ids (B, L_in)``.
 
     With the KV cache (default) the keys and values go into one preallocated buffer, written in place
@@ -59,6 +60,7 @@ def generate(model: MultimodalGPT, params: Params, in_ids: Tensor, *, key: Tenso
     never sampled, so the distribution is the same). ``compile=True`` runs each step through one
     ``torch.compile``d graph (the first call compiles; same tokens up to float rounding in the
     attention). ``use_cache=False`` recomputes the full pass at every step (slower; equal results).
+    ``progress``: a tqdm bar over the tokens (True), on a terminal only (None), or none (False).
     Runs without autograd.
 
     >>> from polymodal.core import random as pr
@@ -76,11 +78,22 @@ def generate(model: MultimodalGPT, params: Params, in_ids: Tensor, *, key: Tenso
     if top_p is not None and not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     with torch.no_grad():
-        return _generate(model, params, in_ids, key, n, temperature, top_k, top_p, use_cache, compile)
+        return _generate(model, params, in_ids, key, n, temperature, top_k, top_p, use_cache, compile,
+                         _tokens(n, progress))
+
+
+def _tokens(n: int, progress: bool | None):
+    """``range(n)``, under a tqdm bar unless ``progress`` is False (None: shown on a terminal only)."""
+    if progress is False:
+        return range(n)
+    from tqdm.auto import tqdm
+
+    return tqdm(range(n), desc="generate", unit="token", leave=False, dynamic_ncols=True,
+                disable=None if progress is None else False)
 
 
 def _generate(model: MultimodalGPT, params: Params, in_ids: Tensor, key: Tensor | None, n: int, temperature: float,
-              top_k: int | None, top_p: float | None, use_cache: bool, compile: bool) -> Tensor:
+              top_k: int | None, top_p: float | None, use_cache: bool, compile: bool, steps) -> Tensor:
     b, lo = in_ids.shape[0], model.num_in_tokens
     out = torch.zeros((b, n), dtype=torch.long, device=in_ids.device)
     greedy = key is None or temperature == 0.0
@@ -99,13 +112,13 @@ def _generate(model: MultimodalGPT, params: Params, in_ids: Tensor, key: Tensor 
         return (logits + gumbel[t]).argmax(-1)
 
     if not use_cache:
-        for t in range(n):
+        for t in steps:
             out[:, t] = draw(model(params, in_ids, out[:, :t + 1]).logits[:, -1, lo:], t)
         return out
     if not gpt_decode.supports(model):  # the generic layer stack with a growing cache
         logits, cache = model.prefill(params, in_ids)
         pos_table = model.out_pos(params["out_pos"])
-        for t in range(n):
+        for t in steps:
             out[:, t] = tok = draw(logits[:, lo:], t)
             if t + 1 < n:
                 logits, cache = model.step(params, tok, t, cache, pos_table=pos_table)
@@ -114,7 +127,7 @@ def _generate(model: MultimodalGPT, params: Params, in_ids: Tensor, key: Tensor 
     logits, kv = gpt_decode.prefill(model, params, pl, in_ids, n)
     start = 1 + in_ids.shape[-1]
     step = gpt_decode.compiled_decode_step() if compile else None
-    for t in range(n):
+    for t in steps:
         out[:, t] = tok = draw(logits, t)
         if t + 1 < n:
             if step is None:

@@ -38,11 +38,12 @@ def add_generate_parser(sub) -> None:
 @torch.no_grad()
 def sample_videos(task, params, prompts: list[str], *, num_samples: int = 4, key: Tensor | None = None,
                   top_k: int | None = None, top_p: float | None = None, temperature: float = 1.0,
-                  use_cache: bool = True) -> Tensor:
-    """``(len(prompts), num_samples, 3, T, H, W)`` videos in [0, 1] sampled from a video-gpt task's model."""
+                  use_cache: bool = True, progress: bool | None = None) -> Tensor:
+    """``(len(prompts), num_samples, 3, T, H, W)`` videos in [0, 1] sampled from a video-gpt task's model;
+    ``progress``: a bar over the sampled codes (None: on a terminal only)."""
     text = task.tokenizer.encode(prompts, strict=True).repeat_interleave(num_samples, 0)
     codes = generate(task.model, params, text, key=key, top_k=top_k, top_p=top_p, temperature=temperature,
-                     use_cache=use_cache)
+                     use_cache=use_cache, progress=progress)
     codes = codes.reshape(codes.shape[0], *task.model.out_shape)
     videos = (task.vqvae.decode(task.vq_params, codes, task.vq_state) + 0.5).clamp(0, 1)
     return videos.reshape(len(prompts), num_samples, *videos.shape[1:])

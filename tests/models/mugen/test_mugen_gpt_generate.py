@@ -160,6 +160,19 @@ def test_packed_weights_decode_the_same_tokens():
     assert sum(isinstance(k, tuple) and "pack" in k for k in scope._cache) == len(packed)
 
 
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_progress_bar_counts_the_tokens(use_cache, capsys):
+    spec, p = model(2)
+    x_in = ids(3, 2, TEXT_LEN, TEXT_TOKENS)
+    quiet = generate(spec, p, x_in, key=pr.key(4), use_cache=use_cache)
+    assert capsys.readouterr().err == ""  # no bar by default (progress=False), nor on None off a terminal
+    assert torch.equal(generate(spec, p, x_in, key=pr.key(4), use_cache=use_cache, progress=None), quiet)
+    assert capsys.readouterr().err == ""
+    assert torch.equal(generate(spec, p, x_in, key=pr.key(4), use_cache=use_cache, progress=True), quiet)
+    err = capsys.readouterr().err
+    assert "generate" in err and f"/{spec.out_len} " in err  # a bar over the out_len tokens (cleared at the end)
+
+
 def test_unsupported_stacks_fall_back_to_the_growing_cache(monkeypatch):
     spec, p = model(5)
     x_in = ids(6, 2, TEXT_LEN, TEXT_TOKENS)
