@@ -132,7 +132,7 @@ def run(config: str, rounds: int, compiled: bool, prompts: str) -> tuple[list[st
     fns["polymodal generate inside frozen_weights (packs reused across calls)"] = ours(True, scope=frozen_weights())
     if compiled and prompts == "distinct":
         fns["polymodal generate (static KV cache, torch.compile)"] = ours(True, True)
-    if config == "tiny" and prompts == "distinct":  # at MUGEN's size the full pass per step takes minutes of CPU per call
+    if config == "tiny" and prompts == "distinct":  # at MUGEN's size the full pass per step takes CPU minutes a call
         fns["polymodal generate (no cache)"] = ours(False)
     first = {}
     for k, fn in fns.items():
@@ -149,10 +149,11 @@ def run(config: str, rounds: int, compiled: bool, prompts: str) -> tuple[list[st
     rows = []
     for k, v in times.items():
         tps = text.shape[0] * n / min(v)
-        rows.append(f"| {config} | {prompts} | {k} | {n} | {min(v):.2f} | {statistics.median(v):.2f} | {tps:.0f} | "
-                    f"{base / min(v):.2f}x |")
+        rows.append(f"| {config} | {prompts} | {k} | {n} | {min(v):.2f} | {statistics.median(v):.2f} | "
+                    f"{tps:.0f} | {base / min(v):.2f}x |")
         print(rows[-1], flush=True)
-    notes = [f"{config}, {prompts} prompts: first call (compile included) of the torch.compile row {first[k]:.1f} CPU s, i.e. "
+    notes = [f"{config}, {prompts} prompts: first call (compile included) of the torch.compile row {first[k]:.1f} "
+             f"CPU s, i.e. "
              f"{first[k] - min(v):.1f} s of compilation; amortised over {c} calls the row's time per call is "
              f"{min(v) + (first[k] - min(v)) / c:.2f} s"
              for k, v in times.items() if "compile" in k for c in (10,)]
