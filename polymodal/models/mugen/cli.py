@@ -1,5 +1,5 @@
 """``polymodal generate --run RUN "a blue square moves up"``: sample videos from a text-to-video GPT run
-and write them as an animated GIF grid (one row per prompt, ``--num-samples`` columns).
+and write them as an animated GIF or an MP4 grid (one row per prompt, ``--num-samples`` columns).
 
 Sampling uses the KV cache (``polymodal.core.encoders.gpt_generate.generate``) with top-k / top-p /
 temperature from explicit keys (``--seed``); the VQ-VAE of the GPT run's ``--vqvae`` decodes the codes.
@@ -8,6 +8,7 @@ temperature from explicit keys (``--seed``); the VQ-VAE of the GPT run's ``--vqv
 from __future__ import annotations
 
 import argparse
+from fractions import Fraction
 from pathlib import Path
 
 import torch
@@ -15,15 +16,17 @@ from torch import Tensor
 
 from ...core import random as pr
 from ...core.encoders.gpt_generate import generate
+from ...core.pytree import atomic_write
 
-__all__ = ["add_generate_parser", "generate_command", "sample_videos", "write_gif_grid"]
+__all__ = ["add_generate_parser", "generate_command", "sample_videos", "write_gif_grid", "write_mp4_grid",
+           "write_video_grid"]
 
 
 def add_generate_parser(sub) -> None:
     """The ``generate`` subcommand's parser (called by ``polymodal.cli``)."""
     g = sub.add_parser("generate", help="sample videos from a text-to-video GPT run",
                        description="Sample videos for text prompts from a 'polymodal train video-gpt' run; writes an "
-                                   "animated GIF grid (one row per prompt).")
+                                   "animated GIF or an MP4 grid (one row per prompt).")
     g.add_argument("--run", required=True, help="run directory written by 'polymodal train video-gpt'")
     g.add_argument("prompts", nargs="+", help="captions, e.g. \"a blue square moves up\"")
     g.add_argument("--num-samples", type=int, default=4, help="videos per prompt (default: %(default)s)")
@@ -31,8 +34,9 @@ def add_generate_parser(sub) -> None:
     g.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass")
     g.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (0: greedy)")
     g.add_argument("--seed", type=int, default=0, help="seed of the sampling keys")
-    g.add_argument("--scale", type=int, default=3, help="pixel magnification in the GIF (default: %(default)s)")
-    g.add_argument("--output", default=None, help="GIF path (default: RUN/samples.gif)")
+    g.add_argument("--scale", type=int, default=3, help="pixel magnification in the grid (default: %(default)s)")
+    g.add_argument("--output", default=None, help="a .gif (Pillow) or .mp4 (H.264, PyAV) path "
+                                                  "(default: RUN/samples.gif)")
 
 
 @torch.no_grad()
@@ -49,29 +53,76 @@ def sample_videos(task, params, prompts: list[str], *, num_samples: int = 4, key
     return videos.reshape(len(prompts), num_samples, *videos.shape[1:])
 
 
-def write_gif_grid(videos: Tensor, path: str | Path, *, scale: int = 3, pad: int = 2, duration_ms: int = 150) -> Path:
-    """Write ``videos (rows, cols, 3, T, H, W)`` in [0, 1] as one animated GIF (Pillow), frame t of every
-    video side by side on a white grid."""
-    from PIL import Image
+VIDEO_SUFFIXES = (".gif", ".mp4")
 
+
+def _grid(videos: Tensor, scale: int, pad: int, even: bool = False):
+    """``videos (rows, cols, 3, T, H, W)`` in [0, 1] -> ``(T, H', W', 3)`` uint8 frames (NumPy): frame t of every
+    video side by side on a white grid; ``even``: H' and W' rounded up to even (H.264's 4:2:0 needs it)."""
     rows, cols, _, frames, h, w = videos.shape
     hh, ww = h * scale, w * scale
-    canvas = torch.ones(frames, 3, rows * (hh + pad) + pad, cols * (ww + pad) + pad)
+    height, width = rows * (hh + pad) + pad, cols * (ww + pad) + pad
+    if even:
+        height, width = height + height % 2, width + width % 2
+    canvas = torch.ones(frames, 3, height, width)
     big = videos.repeat_interleave(scale, -2).repeat_interleave(scale, -1)  # (R, C, 3, T, hh, ww)
     for r in range(rows):
         for c in range(cols):
             y, x = pad + r * (hh + pad), pad + c * (ww + pad)
             canvas[:, :, y:y + hh, x:x + ww] = big[r, c].transpose(0, 1)
-    arr = (canvas.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy()
-    imgs = [Image.fromarray(a) for a in arr]
+    return (canvas.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy()
+
+
+def write_gif_grid(videos: Tensor, path: str | Path, *, scale: int = 3, pad: int = 2, duration_ms: int = 150) -> Path:
+    """Write ``videos (rows, cols, 3, T, H, W)`` in [0, 1] as one animated GIF (Pillow), frame t of every
+    video side by side on a white grid. Written atomically: an interrupted write leaves ``path`` as it was."""
+    from PIL import Image
+
+    imgs = [Image.fromarray(a) for a in _grid(videos, scale, pad)]
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    imgs[0].save(path, save_all=True, append_images=imgs[1:], duration=duration_ms, loop=0)
+    atomic_write(path, lambda tmp: imgs[0].save(tmp, format="GIF", save_all=True, append_images=imgs[1:],
+                                                 duration=duration_ms, loop=0))
     return path
 
 
+def write_mp4_grid(videos: Tensor, path: str | Path, *, scale: int = 3, pad: int = 2, duration_ms: int = 150) -> Path:
+    """:func:`write_gif_grid` as an H.264 MP4 (PyAV; ``pip install av`` or ``polymodal[video]``), each frame shown
+    ``duration_ms``; the grid is padded by a white pixel where its height or width is odd. Written atomically."""
+    try:
+        import av
+    except ImportError:
+        raise ValueError(f"--output {str(path)!r}: writing MP4 needs PyAV: pip install av (or polymodal[video]); "
+                         f"or write a .gif") from None
+    frames = _grid(videos, scale, pad, even=True)
+    codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
+
+    def write(tmp: str) -> None:
+        with av.open(tmp, "w", format="mp4") as container:
+            stream = container.add_stream(codec, rate=Fraction(1000, duration_ms))
+            stream.height, stream.width, stream.pix_fmt = frames.shape[1], frames.shape[2], "yuv420p"
+            for a in frames:
+                container.mux(stream.encode(av.VideoFrame.from_ndarray(a, format="rgb24")))
+            container.mux(stream.encode())  # flush the encoder
+
+    path = Path(path)
+    atomic_write(path, write)
+    return path
+
+
+def _video_suffix(path: str | Path) -> str:
+    suffix = Path(path).suffix.lower()
+    if suffix not in VIDEO_SUFFIXES:
+        raise ValueError(f"--output {str(path)!r}: expected a path ending in .gif or .mp4, got {suffix or 'no suffix'!r}")
+    return suffix
+
+
+def write_video_grid(videos: Tensor, path: str | Path, **kwargs) -> Path:
+    """:func:`write_gif_grid` or :func:`write_mp4_grid` by ``path``'s suffix (``.gif``, ``.mp4``)."""
+    return (write_gif_grid if _video_suffix(path) == ".gif" else write_mp4_grid)(videos, path, **kwargs)
+
+
 def generate_command(args: argparse.Namespace) -> int:
-    """Run ``polymodal generate``; prints where the GIF went. Bad input (a prompt longer than the
+    """Run ``polymodal generate``; prints where the grid went. Bad input (a prompt longer than the
     text context, a run of another family) is one line on stderr, exit status 2."""
     from ...cli import CLIError
 
@@ -89,10 +140,12 @@ def _generate(args: argparse.Namespace) -> int:
         raise ValueError(f"--run {args.run}: expected a 'video-gpt' run, got {task.run_config.get('family')!r}")
     if args.num_samples < 1:
         raise ValueError(f"--num-samples: expected an int >= 1, got {args.num_samples}")
+    output = Path(args.output or Path(args.run) / "samples.gif")
+    _video_suffix(output)  # a bad path fails before the sampling, not after it
     run = load_run(args.run)
     videos = sample_videos(task, run.params, args.prompts, num_samples=args.num_samples, key=pr.key(args.seed),
                            top_k=args.top_k, top_p=args.top_p, temperature=args.temperature)
-    out = write_gif_grid(videos, args.output or Path(args.run) / "samples.gif", scale=args.scale)
+    out = write_video_grid(videos, output, scale=args.scale)
     print(f"wrote {len(args.prompts)} x {args.num_samples} sampled videos ({videos.shape[3]} frames of "
           f"{videos.shape[4]}x{videos.shape[5]}) to {out}")
     return 0

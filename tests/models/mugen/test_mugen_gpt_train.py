@@ -1,4 +1,4 @@
-"""The loop end to end: ``train vqvae`` -> ``train video-gpt --vqvae RUN`` -> ``generate`` (GIF grid)."""
+"""The loop end to end: ``train vqvae`` -> ``train video-gpt --vqvae RUN`` -> ``generate`` (GIF or MP4 grid)."""
 
 import pytest
 import torch
@@ -6,7 +6,8 @@ from PIL import Image
 
 from polymodal.cli import main
 from polymodal.core import random as pr
-from polymodal.models.mugen.cli import sample_videos
+from polymodal.models.mugen import cli as mugen_cli
+from polymodal.models.mugen.cli import sample_videos, write_video_grid
 from polymodal.train import LoopConfig, make_task
 from polymodal.train.loop import train
 from polymodal.train.runs import load_run, run_task
@@ -60,3 +61,51 @@ def test_generation_errors_name_what_was_expected(runs, capsys):
     assert "expected a 'video-gpt' run, got 'vqvae'" in capsys.readouterr().err
     with pytest.raises(ValueError, match="--vqvae RUN is required"):
         make_task("video-gpt", "tiny", {}, LoopConfig(steps=1))
+
+
+def test_generation_writes_an_mp4_grid(runs, capsys):
+    av = pytest.importorskip("av")
+    d, _, _ = runs
+    out = d / "samples.mp4"
+    assert main(["generate", "--run", str(d / "gpt"), "a blue square moves up", "--num-samples", "2",
+                 "--output", str(out), "--scale", "1"]) == 0
+    assert f"to {out}" in capsys.readouterr().out
+    with av.open(str(out)) as container:
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    assert len(frames) == 8 and frames[0].shape == (36, 70, 3)  # one row of two 32x32 videos, 2 px gaps
+
+
+def test_mp4_grid_holds_the_videos_and_even_sides(tmp_path):
+    av = pytest.importorskip("av")
+    videos = torch.zeros(1, 2, 3, 6, 15, 15)
+    videos[0, 0, 0] = 1.0  # a red clip beside a blue one
+    videos[0, 1, 2] = 1.0
+    write_video_grid(videos, tmp_path / "g.mp4", scale=2)
+    with av.open(str(tmp_path / "g.mp4")) as container:
+        frames = [torch.from_numpy(f.to_ndarray(format="rgb24")).float() for f in container.decode(video=0)]
+    assert len(frames) == 6 and frames[0].shape == (34, 66, 3)  # 2 + 30 + 2 = 34 rows; 2 + 2 x 32 = 66 columns
+    red, blue = frames[3][17, 17], frames[3][17, 49]  # centres of the two clips (lossy codec: near, not equal)
+    assert (red - torch.tensor([255.0, 0, 0])).abs().max() < 40 and (blue - torch.tensor([0, 0, 255.0])).abs().max() < 40
+
+
+def test_video_grid_output_is_checked_first_and_written_atomically(runs, tmp_path, capsys, monkeypatch):
+    d, _, _ = runs
+    calls = []
+    monkeypatch.setattr(mugen_cli, "sample_videos", lambda *a, **k: calls.append(1))
+    assert main(["generate", "--run", str(d / "gpt"), "a blue square moves up", "--output", str(tmp_path / "s.avi")]) == 2
+    assert "expected a path ending in .gif or .mp4, got '.avi'" in capsys.readouterr().err
+    assert calls == [] and not (tmp_path / "s.avi").exists()  # refused before any sampling
+    # a write that fails half-way leaves the earlier file as it was, and no temporary file
+    videos = torch.rand(1, 1, 3, 4, 8, 8)
+    gif = write_video_grid(videos, tmp_path / "s.gif")
+    before = gif.read_bytes()
+
+    def fail(self, fp, *a, **k):
+        with open(fp, "wb") as f:
+            f.write(b"GIF89a")  # the start of a file, then the disk fills
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Image.Image, "save", fail)
+    with pytest.raises(OSError, match="disk full"):
+        write_video_grid(torch.rand(1, 1, 3, 4, 8, 8), gif)
+    assert gif.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["s.gif"]
