@@ -3,6 +3,8 @@ and write them as an animated GIF or an MP4 grid (one row per prompt, ``--num-sa
 
 Sampling uses the KV cache (``polymodal.core.encoders.gpt_generate.generate``) with top-k / top-p /
 temperature from explicit keys (``--seed``); the VQ-VAE of the GPT run's ``--vqvae`` decodes the codes.
+``--rerank RUN`` orders each prompt's samples by a ``polymodal train videoclip`` run's text-video similarity,
+best first (MUGEN's and DALL-E's reranking of sampled candidates), and ``--keep K`` keeps the best K.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from ...core import random as pr
 from ...core.encoders.gpt_generate import generate
 from ...core.pytree import atomic_write
 
-__all__ = ["add_generate_parser", "generate_command", "sample_videos", "write_gif_grid", "write_mp4_grid",
+__all__ = ["add_generate_parser", "generate_command", "rerank", "sample_videos", "write_gif_grid", "write_mp4_grid",
            "write_video_grid"]
 
 
@@ -37,6 +39,9 @@ def add_generate_parser(sub) -> None:
     g.add_argument("--scale", type=int, default=3, help="pixel magnification in the grid (default: %(default)s)")
     g.add_argument("--output", default=None, help="a .gif (Pillow) or .mp4 (H.264, PyAV) path "
                                                   "(default: RUN/samples.gif)")
+    g.add_argument("--rerank", default=None, metavar="RUN",
+                   help="order each prompt's samples by this 'polymodal train videoclip' run's similarity, best first")
+    g.add_argument("--keep", type=int, default=None, help="with --rerank: keep each prompt's best K samples")
 
 
 @torch.no_grad()
@@ -71,6 +76,18 @@ def _grid(videos: Tensor, scale: int, pad: int, even: bool = False):
             y, x = pad + r * (hh + pad), pad + c * (ww + pad)
             canvas[:, :, y:y + hh, x:x + ww] = big[r, c].transpose(0, 1)
     return (canvas.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy()
+
+
+@torch.no_grad()
+def rerank(task, params, state, prompts: list[str], videos: Tensor) -> tuple[Tensor, Tensor]:
+    """Score ``videos (len(prompts), N, 3, T, H, W)`` in [0, 1] against their prompts with a VideoCLIP task's
+    model: the cosine similarities ``(len(prompts), N)`` of the text and video embeddings, and each row's
+    order, best first."""
+    p, n = videos.shape[:2]
+    text = task.model.encode_text(params, task.vocab.encode(prompts, task.options.text_length))  # (P, E)
+    video = task.model.encode_video(params, videos.flatten(0, 1), state=state).reshape(p, n, -1)  # (P, N, E)
+    scores = torch.einsum("pe,pne->pn", text, video)
+    return scores, scores.argsort(dim=1, descending=True, stable=True)
 
 
 def write_gif_grid(videos: Tensor, path: str | Path, *, scale: int = 3, pad: int = 2, duration_ms: int = 150) -> Path:
@@ -141,11 +158,24 @@ def _generate(args: argparse.Namespace) -> int:
     if args.num_samples < 1:
         raise ValueError(f"--num-samples: expected an int >= 1, got {args.num_samples}")
     output = Path(args.output or Path(args.run) / "samples.gif")
-    _video_suffix(output)  # a bad path fails before the sampling, not after it
+    _video_suffix(output)  # bad arguments fail before the sampling, not after it
+    judge = None if args.rerank is None else run_task(args.rerank)
+    if judge is not None and judge.run_config.get("family") != "videoclip":
+        raise ValueError(f"--rerank {args.rerank}: expected a 'videoclip' run, got {judge.run_config.get('family')!r}")
+    if args.keep is not None and (judge is None or not 1 <= args.keep <= args.num_samples):
+        raise ValueError(f"--keep: expected an int from 1 to --num-samples ({args.num_samples}) with --rerank, got "
+                         f"{args.keep}" + ("" if judge is not None else " without --rerank"))
     run = load_run(args.run)
     videos = sample_videos(task, run.params, args.prompts, num_samples=args.num_samples, key=pr.key(args.seed),
                            top_k=args.top_k, top_p=args.top_p, temperature=args.temperature)
+    if judge is not None:
+        vc = load_run(args.rerank)
+        scores, order = rerank(judge, vc.params, vc.state, args.prompts, videos)
+        order = order[:, :args.keep]
+        videos = videos[torch.arange(len(args.prompts))[:, None], order]
+        for prompt, row in zip(args.prompts, scores.gather(1, order).tolist()):
+            print(f"{prompt!r}: VideoCLIP similarity " + " ".join(f"{x:.3f}" for x in row))
     out = write_video_grid(videos, output, scale=args.scale)
-    print(f"wrote {len(args.prompts)} x {args.num_samples} sampled videos ({videos.shape[3]} frames of "
-          f"{videos.shape[4]}x{videos.shape[5]}) to {out}")
+    print(f"wrote {len(args.prompts)} x {videos.shape[1]} sampled videos ({videos.shape[3]} frames of "
+          f"{videos.shape[4]}x{videos.shape[5]}) to {out}" + (", best first" if judge is not None else ""))
     return 0

@@ -7,7 +7,7 @@ from PIL import Image
 from polymodal.cli import main
 from polymodal.core import random as pr
 from polymodal.models.mugen import cli as mugen_cli
-from polymodal.models.mugen.cli import sample_videos, write_video_grid
+from polymodal.models.mugen.cli import rerank, sample_videos, write_video_grid
 from polymodal.train import LoopConfig, make_task
 from polymodal.train.loop import train
 from polymodal.train.runs import load_run, run_task
@@ -109,3 +109,48 @@ def test_video_grid_output_is_checked_first_and_written_atomically(runs, tmp_pat
     with pytest.raises(OSError, match="disk full"):
         write_video_grid(torch.rand(1, 1, 3, 4, 8, 8), gif)
     assert gif.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["s.gif"]
+
+
+@pytest.fixture(scope="module")
+def videoclip_run(tmp_path_factory):
+    d = tmp_path_factory.mktemp("videoclip") / "vc"
+    cfg = LoopConfig(steps=2, batch_size=8, eval_every=0, save_every=0, out=str(d), progress=False)
+    train(make_task("videoclip", "tiny", {"train_size": 16, "eval_size": 8}, cfg), cfg)
+    return d
+
+
+def test_rerank_orders_each_prompts_samples_best_first(runs, videoclip_run, tmp_path, capsys):
+    d, _, _ = runs
+    prompts = ["a blue square moves up", "a red ring moves left"]
+    out = tmp_path / "ranked.gif"
+    assert main(["generate", "--run", str(d / "gpt"), *prompts, "--num-samples", "3", "--rerank", str(videoclip_run),
+                 "--keep", "2", "--output", str(out), "--scale", "1", "--seed", "3"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[-1].startswith("wrote 2 x 2 sampled videos") and printed[-1].endswith("best first")
+    assert Image.open(out).size == (2 * 34 + 2, 2 * 34 + 2)  # two rows of the two best
+    # by hand: the same samples (same seed), scored with the VideoCLIP run's embeddings, best two of each row
+    task, gpt = run_task(d / "gpt"), load_run(d / "gpt")
+    videos = sample_videos(task, gpt.params, prompts, num_samples=3, key=pr.key(3))
+    judge, vc = run_task(videoclip_run), load_run(videoclip_run)
+    text = judge.model.encode_text(vc.params, judge.vocab.encode(prompts, judge.options.text_length))
+    for i, prompt in enumerate(prompts):
+        sims = [float(text[i] @ judge.model.encode_video(vc.params, videos[i, j:j + 1], state=vc.state)[0])
+                for j in range(3)]
+        head, values = printed[i].split(" similarity ")
+        assert head == f"{prompt!r}: VideoCLIP"
+        assert [float(v) for v in values.split()] == pytest.approx(sorted(sims)[::-1][:2], abs=1.5e-3)
+    scores, order = rerank(judge, vc.params, vc.state, prompts, videos)
+    assert torch.equal(scores.gather(1, order), scores.sort(1, descending=True).values)
+
+
+def test_rerank_errors_name_what_was_expected(runs, videoclip_run, capsys):
+    d, _, _ = runs
+    gpt = str(d / "gpt")
+    assert main(["generate", "--run", gpt, "a blue square moves up", "--rerank", gpt]) == 2
+    assert "--rerank" in (err := capsys.readouterr().err) and "expected a 'videoclip' run, got 'video-gpt'" in err
+    assert main(["generate", "--run", gpt, "a blue square moves up", "--keep", "1"]) == 2
+    assert "--keep: expected an int from 1 to --num-samples (4) with --rerank, got 1 without --rerank" in \
+        capsys.readouterr().err
+    assert main(["generate", "--run", gpt, "a blue square moves up", "--num-samples", "2", "--keep", "3",
+                 "--rerank", str(videoclip_run)]) == 2
+    assert "--keep: expected an int from 1 to --num-samples (2) with --rerank, got 3" in capsys.readouterr().err
