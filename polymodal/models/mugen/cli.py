@@ -162,6 +162,12 @@ def _generate(args: argparse.Namespace) -> int:
     judge = None if args.rerank is None else run_task(args.rerank)
     if judge is not None and judge.run_config.get("family") != "videoclip":
         raise ValueError(f"--rerank {args.rerank}: expected a 'videoclip' run, got {judge.run_config.get('family')!r}")
+    if judge is not None:  # the sampled clips' shape against the VideoCLIP's video encoder
+        try:
+            judge.model.video.check_video(torch.empty(1, 3, task.frames, task.image_size, task.image_size,
+                                                      device="meta"))
+        except ValueError as e:
+            raise ValueError(f"--rerank {args.rerank}: {e}") from None
     if args.keep is not None and (judge is None or not 1 <= args.keep <= args.num_samples):
         raise ValueError(f"--keep: expected an int from 1 to --num-samples ({args.num_samples}) with --rerank, got "
                          f"{args.keep}" + ("" if judge is not None else " without --rerank"))

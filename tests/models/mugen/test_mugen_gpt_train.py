@@ -154,3 +154,21 @@ def test_rerank_errors_name_what_was_expected(runs, videoclip_run, capsys):
     assert main(["generate", "--run", gpt, "a blue square moves up", "--num-samples", "2", "--keep", "3",
                  "--rerank", str(videoclip_run)]) == 2
     assert "--keep: expected an int from 1 to --num-samples (2) with --rerank, got 3" in capsys.readouterr().err
+
+
+def test_rerank_checks_the_clip_shape_before_sampling(runs, videoclip_run, capsys, monkeypatch):
+    from polymodal.core.encoders.s3d import S3D
+
+    d, _, _ = runs
+    seen, calls = [], []
+
+    def too_small(self, video):  # the VideoCLIP task's own check at load passes; the GPT's clips then fail, as
+        seen.append(tuple(video.shape))  # against a VideoCLIP whose encoder needs longer clips than the GPT samples
+        if len(seen) > 1:
+            raise ValueError("S3D: video of 8 frames of 32x32 gives a (1, 1, 1) feature map, smaller than the pool")
+
+    monkeypatch.setattr(S3D, "check_video", too_small)
+    monkeypatch.setattr(mugen_cli, "sample_videos", lambda *a, **k: calls.append(1))
+    assert main(["generate", "--run", str(d / "gpt"), "a blue square moves up", "--rerank", str(videoclip_run)]) == 2
+    assert f"--rerank {videoclip_run}: S3D: video of 8 frames of 32x32" in capsys.readouterr().err
+    assert seen[-1] == (1, 3, 8, 32, 32) and calls == []  # the GPT's clip shape, checked before any sampling
