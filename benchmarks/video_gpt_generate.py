@@ -19,8 +19,8 @@ Configurations: ``tiny`` (``mugen_gpt_tiny``: d_model 96, 4 layers, 8 text token
 video codes) and ``mugen_L8`` (``mugen_gpt(video_latent_shape=(2, 8, 8))``: MUGEN's published GPT for
 8-frame clips, d_model 768, 12 layers, 128 text tokens -> 128 video codes); batch 4, sampling from
 the full distribution (no top-k / top-p). ``--prompts``: the batch holds 4 distinct captions (``distinct``),
-or one caption 4 times (``one``: 4 samples of it, as ``polymodal generate --num-samples 4`` and MUGEN's
-reranked sampling draw them; polymodal prefills a repeated prompt once, TorchMultimodal runs every row).
+or one caption 4 times (``one``: 4 samples of it, as ``polymodal generate --num-samples 4`` and DALL-E
+style reranking draw them; polymodal prefills a repeated prompt once, TorchMultimodal runs every row).
 The no-cache and compiled rows are measured on distinct prompts only, the no-cache row on ``tiny`` only.
 TorchMultimodal's model is composed as
 ``examples/mugen/generation/text_video_gpt.py`` builds it, with a code table in place of the VQ-VAE
@@ -106,7 +106,7 @@ def run(config: str, rounds: int, compiled: bool, prompts: str) -> tuple[list[st
     from polymodal.core.layers.linear_kernel import frozen_weights
 
     spec, params, ref, text = build(config)
-    if prompts == "one":  # 4 samples of one caption (polymodal generate --num-samples 4; MUGEN's reranked sampling)
+    if prompts == "one":  # 4 samples of one caption (polymodal generate --num-samples 4; reranking)
         text = text[:1].repeat_interleave(text.shape[0], 0)
     util = GenerationUtil(ref)
     n = spec.out_len

@@ -4,7 +4,7 @@ and write them as an animated GIF or an MP4 grid (one row per prompt, ``--num-sa
 Sampling uses the KV cache (``polymodal.core.encoders.gpt_generate.generate``) with top-k / top-p /
 temperature from explicit keys (``--seed``); the VQ-VAE of the GPT run's ``--vqvae`` decodes the codes.
 ``--rerank RUN`` orders each prompt's samples by a ``polymodal train videoclip`` run's text-video similarity,
-best first (MUGEN's and DALL-E's reranking of sampled candidates), and ``--keep K`` keeps the best K.
+best first (as DALL-E reranks its samples with CLIP), and ``--keep K`` keeps the best K.
 """
 
 from __future__ import annotations
