@@ -224,8 +224,8 @@ def _single_query_attention(kv: Tensor, n: int):
     Returns ``attend(q, k, v)`` over the whole buffers ``k``, ``v (B, H, S, Dh)``; chosen once per step."""
     _, b, h, _, dh = kv.shape
     lo, hi = GEMV_ATTENTION_ELEMENTS
-    fn = (_gemv_attention if kv.device.type == "cpu" and dh >= GEMV_ATTENTION_MIN_HEAD_DIM and lo <= b * h * n * dh <= hi
-          else F.scaled_dot_product_attention)
+    gemv = kv.device.type == "cpu" and dh >= GEMV_ATTENTION_MIN_HEAD_DIM and lo <= b * h * n * dh <= hi
+    fn = _gemv_attention if gemv else F.scaled_dot_product_attention
     return lambda q, k, v: fn(q, k[:, :, :n], v[:, :, :n])
 
 

@@ -129,7 +129,8 @@ def write_mp4_grid(videos: Tensor, path: str | Path, *, scale: int = 3, pad: int
 def _video_suffix(path: str | Path) -> str:
     suffix = Path(path).suffix.lower()
     if suffix not in VIDEO_SUFFIXES:
-        raise ValueError(f"--output {str(path)!r}: expected a path ending in .gif or .mp4, got {suffix or 'no suffix'!r}")
+        raise ValueError(f"--output {str(path)!r}: expected a path ending in .gif or .mp4, got "
+                         f"{suffix or 'no suffix'!r}")
     return suffix
 
 

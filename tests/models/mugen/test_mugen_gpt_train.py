@@ -85,14 +85,16 @@ def test_mp4_grid_holds_the_videos_and_even_sides(tmp_path):
         frames = [torch.from_numpy(f.to_ndarray(format="rgb24")).float() for f in container.decode(video=0)]
     assert len(frames) == 6 and frames[0].shape == (34, 66, 3)  # 2 + 30 + 2 = 34 rows; 2 + 2 x 32 = 66 columns
     red, blue = frames[3][17, 17], frames[3][17, 49]  # centres of the two clips (lossy codec: near, not equal)
-    assert (red - torch.tensor([255.0, 0, 0])).abs().max() < 40 and (blue - torch.tensor([0, 0, 255.0])).abs().max() < 40
+    assert (red - torch.tensor([255.0, 0, 0])).abs().max() < 40
+    assert (blue - torch.tensor([0, 0, 255.0])).abs().max() < 40
 
 
 def test_video_grid_output_is_checked_first_and_written_atomically(runs, tmp_path, capsys, monkeypatch):
     d, _, _ = runs
     calls = []
     monkeypatch.setattr(mugen_cli, "sample_videos", lambda *a, **k: calls.append(1))
-    assert main(["generate", "--run", str(d / "gpt"), "a blue square moves up", "--output", str(tmp_path / "s.avi")]) == 2
+    assert main(["generate", "--run", str(d / "gpt"), "a blue square moves up",
+                 "--output", str(tmp_path / "s.avi")]) == 2
     assert "expected a path ending in .gif or .mp4, got '.avi'" in capsys.readouterr().err
     assert calls == [] and not (tmp_path / "s.avi").exists()  # refused before any sampling
     # a write that fails half-way leaves the earlier file as it was, and no temporary file
